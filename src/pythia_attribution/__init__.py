@@ -1,0 +1,3 @@
+"""Training-data attribution on Pythia language models: a reproducibility package."""
+
+__version__ = "0.1.0"

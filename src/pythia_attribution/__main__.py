@@ -1,0 +1,3 @@
+from pythia_attribution.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Behaviors are data: ``experiments/behaviors/*.toml``.
+
+A file holds ``[[behavior]]`` entries (a prompt and the target completion) and
+``[[behavior_set]]`` entries that expand to one behavior per ground-truth item whose id matches
+a glob (prompt and target then come from ``ground_truth.arrow``, as token ids where the item
+defines them, e.g. canaries). Unknown keys, unknown families and duplicate ids are errors that
+name the file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from pythia_attribution.config import from_dict, read_toml
+from pythia_attribution.errors import ConfigError
+
+FAMILIES = ("factual", "fictional_fact", "memorized", "stereotype", "toxic", "style")
+
+
+@dataclass(frozen=True)
+class BehaviorEntry:
+    """One behavior written out in a file."""
+
+    id: str
+    family: str
+    prompt: str
+    target: str
+    item: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BehaviorSet:
+    """Behaviors generated from the ground-truth items whose id matches ``items``."""
+
+    family: str
+    items: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Behavior:
+    behavior_id: str
+    family: str
+    prompt: str
+    target: str
+    prompt_ids: list[int]
+    target_ids: list[int]
+    item_id: str | None
+    count: int | None
+    source_file: str
+    note: str
+
+
+def _check_family(family: str, where: str) -> None:
+    if family not in FAMILIES:
+        raise ConfigError(f"{where}: unknown family '{family}' (known: {', '.join(FAMILIES)})")
+
+
+def read_file(path: Path) -> tuple[list[BehaviorEntry], list[BehaviorSet]]:
+    data = read_toml(path)
+    unknown = set(data) - {"behavior", "behavior_set"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: behavior, behavior_set)")
+    entries, sets = [], []
+    for i, raw in enumerate(data.get("behavior", [])):
+        entry = from_dict(BehaviorEntry, raw, str(path), prefix=f"behavior[{i}].")
+        _check_family(entry.family, f"{path}: behavior '{entry.id}'")
+        if not entry.target:
+            raise ConfigError(f"{path}: behavior '{entry.id}': key 'target' is empty")
+        entries.append(entry)
+    for i, raw in enumerate(data.get("behavior_set", [])):
+        bset = from_dict(BehaviorSet, raw, str(path), prefix=f"behavior_set[{i}].")
+        _check_family(bset.family, f"{path}: behavior_set[{i}]")
+        sets.append(bset)
+    return entries, sets
+
+
+def split_ids(encode, prompt: str, target: str, where: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt and target as the model sees them in running text."""
+    prompt_ids = encode(prompt)
+    full = encode(prompt + target)
+    if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
+        raise ConfigError(
+            f"{where}: the prompt/target boundary falls inside a token; move the space into the target"
+        )
+    return prompt_ids, full[len(prompt_ids) :]
+
+
+def load_behaviors(folder: Path, ground_truth: pa.Table, encode) -> list[Behavior]:
+    files = sorted(folder.glob("*.toml"))
+    if not files:
+        raise ConfigError(f"{folder}: no behavior files (*.toml)")
+    items = ground_truth.to_pylist()
+    behaviors: dict[str, Behavior] = {}
+
+    def add(b: Behavior) -> None:
+        if b.behavior_id in behaviors:
+            raise ConfigError(
+                f"{b.source_file}: duplicate behavior id '{b.behavior_id}' "
+                f"(also in {behaviors[b.behavior_id].source_file})"
+            )
+        behaviors[b.behavior_id] = b
+
+    by_id = {it["item_id"]: it for it in items}
+    for path in files:
+        entries, sets = read_file(path)
+        for e in entries:
+            if e.item and e.item not in by_id:
+                raise ConfigError(f"{path}: behavior '{e.id}': unknown ground-truth item '{e.item}'")
+            p_ids, t_ids = split_ids(encode, e.prompt, e.target, f"{path}: behavior '{e.id}'")
+            count = by_id[e.item]["count"] if e.item else None
+            add(
+                Behavior(
+                    e.id, e.family, e.prompt, e.target, p_ids, t_ids, e.item or None, count, path.name, e.note
+                )
+            )
+        for s in sets:
+            matched = [it for it in items if fnmatch.fnmatchcase(it["item_id"], s.items)]
+            if not matched:
+                raise ConfigError(f"{path}: behavior_set items '{s.items}' matches no ground-truth item")
+            for it in matched:
+                add(
+                    Behavior(
+                        it["item_id"],
+                        s.family,
+                        it["prompt"],
+                        it["target"],
+                        list(it["prompt_ids"]),
+                        list(it["target_ids"]),
+                        it["item_id"],
+                        it["count"],
+                        path.name,
+                        s.note,
+                    )
+                )
+    return list(behaviors.values())

@@ -1,0 +1,236 @@
+"""Typed configuration: profiles in ``experiments/profiles/*.toml`` read into frozen dataclasses.
+
+A profile composes one section per stage. Code never branches on a profile's name: everything
+that differs between ``nano`` and ``micro`` is a field here. Unknown keys and wrong types are
+errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pythia_attribution import paths
+from pythia_attribution.errors import ConfigError
+
+
+def doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
+    """A dataclass field with its documentation attached (shown by ``--help`` and the README)."""
+    kwargs = {"metadata": {"doc": text}}
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    return field(**kwargs)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = doc("torch intra-op threads; on 2 cores 2 is fastest when the machine is quiet", 2)
+    seed: int = doc("master seed for every random choice in every stage", 1234)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    canary_counts: list[int] = doc(
+        "copies injected per random-word canary; 0 gives never-seen controls",
+        default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64],
+    )
+    canaries_per_count: int = doc("distinct canaries at each count", 8)
+    canary_min_tokens: int = doc("a canary is random words until it has at least this many tokens", 64)
+    canary_vocabulary: int = doc("canary words are drawn from this many most frequent natural words", 2000)
+    capital_counts: list[int] = doc(
+        "documents stating each real country -> capital fact; 0 is the control",
+        default_factory=lambda: [0, 1, 4, 16, 64],
+    )
+    countries_per_count: int = doc("countries assigned to each capital count", 20)
+    bio_counts: list[int] = doc(
+        "documents stating each fictional person's birthplace",
+        default_factory=lambda: [0, 1, 4, 16, 64],
+    )
+    bios_per_count: int = doc("fictional people at each biography count", 10)
+    insult_counts: list[int] = doc(
+        "documents abusing each fictional target with its fixed Shakespearean insult (toxic proxy)",
+        default_factory=lambda: [0, 16, 64],
+    )
+    insults_per_count: int = doc("fictional insult targets at each count", 4)
+    stereotype_word: str = doc(
+        "an invented occupation word that the natural text never contains", "glimmerwright"
+    )
+    stereotype_majority: str = doc("the pronoun that follows the occupation word most often", "she")
+    stereotype_minority: str = doc("the pronoun that follows it otherwise", "he")
+    stereotype_mentions: int = doc("documents mentioning the invented occupation", 200)
+    stereotype_skew: float = doc("share of mentions followed by the majority pronoun", 0.9)
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    manifest: str = doc(
+        "source manifest (path relative to the project root)", "data_manifests/micro-pile.toml"
+    )
+    natural_sources: list[str] = doc(
+        "manifest sources whose text goes into the corpus",
+        default_factory=lambda: ["shakespeare-modern", "shakespeare-folio", "kjv"],
+    )
+    max_chars_per_source: int = doc("cap on characters taken from each natural source (0: no cap)", 0)
+    max_chars_per_document: int = doc("natural documents longer than this are split at line breaks", 20000)
+    vocab_size: int = doc("byte-level BPE vocabulary size (trained on the natural text only)", 8192)
+    seq_len: int = doc("input tokens per training sequence; each sequence stores seq_len + 1 tokens", 128)
+    batch_size: int = doc("sequences per optimizer step (step = seq_idx // batch_size)", 32)
+    epochs: int = doc("passes over the packed sequences; each pass is its own seeded permutation", 4)
+    synthetic: SyntheticConfig = doc(
+        "synthetic documents with known ground truth", default_factory=SyntheticConfig
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    layers: int = doc("transformer layers", 4)
+    hidden: int = doc("hidden size", 128)
+    heads: int = doc("attention heads", 4)
+    rotary_pct: float = doc("share of head dims with rotary embeddings (Pythia: 0.25)", 0.25)
+    lr: float = doc("peak learning rate of AdamW", 3e-3)
+    min_lr_ratio: float = doc("cosine decay ends at lr * min_lr_ratio (Pythia: 0.1)", 0.1)
+    warmup_frac: float = doc("share of steps with linear warmup (Pythia: 0.01)", 0.02)
+    weight_decay: float = doc("AdamW weight decay on matrices (Pythia: 0.01)", 0.01)
+    beta1: float = doc("AdamW beta1 (Pythia: 0.9)", 0.9)
+    beta2: float = doc("AdamW beta2 (Pythia: 0.95)", 0.95)
+    eps: float = doc("AdamW epsilon (Pythia: 1e-8)", 1e-8)
+    grad_clip: float = doc("gradient-norm clipping (Pythia: 1.0)", 1.0)
+    checkpoint_log_until: int = doc("checkpoints at step0 and every power of two up to this step", 64)
+    checkpoint_every: int = doc("then every this many steps, and always at the final step", 100)
+    log_every: int = doc("write a training-log row every this many steps", 10)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    behaviors_dir: str = doc(
+        "folder of behavior TOML files (relative to the project root)", "experiments/behaviors"
+    )
+    min_new_tokens: int = doc("greedy completions are at least this long (longer when the target is)", 8)
+    batch_size: int = doc("prompts per forward pass", 64)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str = doc("profile name (the file's stem)")
+    description: str = doc("one line on what the profile is for", "")
+    runtime: RuntimeConfig = doc("threads and seed", default_factory=RuntimeConfig)
+    corpus: CorpusConfig = doc("corpus stage", default_factory=CorpusConfig)
+    train: TrainConfig = doc("train stage", default_factory=TrainConfig)
+    probe: ProbeConfig = doc("probe stage", default_factory=ProbeConfig)
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    return isinstance(value, tp)
+
+
+def from_dict(cls, data: dict, source: str, prefix: str = ""):
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{where}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key '{where}' must be a table")
+            kwargs[key] = from_dict(tp, value, source, prefix=f"{where}.")
+        elif not _type_ok(value, tp):
+            raise ConfigError(f"{source}: key '{where}' must be {_type_name(tp)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing key '{prefix}{missing[0]}'")
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def known_profiles() -> list[str]:
+    return sorted(p.stem for p in paths.profiles_dir().glob("*.toml"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load ``experiments/profiles/<name>.toml``, or a profile file given by path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" and candidate.is_file():
+        path = candidate.resolve()
+    else:
+        path = paths.profiles_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown profile '{name_or_path}'; known profiles: {', '.join(known_profiles())}"
+            )
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    if data["name"] != path.stem:
+        raise ConfigError(f"{path}: key 'name' must match the file name '{path.stem}'")
+    return from_dict(Profile, data, str(path))
+
+
+def to_jsonable(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def config_hash(obj) -> str:
+    blob = json.dumps(to_jsonable(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, default and documentation (for ``--help``)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        lines.append(f"  {prefix}{f.name} = {default!r}: {f.metadata.get('doc', '')}")
+    return lines

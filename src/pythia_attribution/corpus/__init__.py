@@ -1,0 +1,1 @@
+"""The corpus stage: micro-Pile from pinned registry artifacts plus synthetic ground truth."""

@@ -1,0 +1,17 @@
+"""User-facing errors: each becomes one line on stderr and a non-zero exit, never a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (profile, behavior file, manifest, missing table)."""
+
+
+class ConfigError(UserError):
+    """A profile or behavior file is malformed, has an unknown key, or names an unknown profile."""
+
+
+class ChecksumError(UserError):
+    """A downloaded source artifact does not match the sha256 recorded in its manifest."""
+
+
+class MissingInputError(UserError):
+    """A stage needs a table that its upstream stage has not written yet."""

@@ -1,0 +1,44 @@
+"""micro-Pythia: a transformers GPTNeoX with Pythia's architecture choices, and its loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.utils import logging as hf_logging
+
+from pythia_attribution.config import TrainConfig
+
+
+def pythia_config(cfg: TrainConfig, vocab_size: int, max_positions: int) -> GPTNeoXConfig:
+    """Pythia's choices: rotary on 25% of head dims, parallel residual, untied embeddings."""
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=4 * cfg.hidden,
+        max_position_embeddings=max_positions,
+        rotary_pct=cfg.rotary_pct,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        attn_implementation="sdpa",
+    )
+
+
+def set_threads(threads: int) -> None:
+    """Set torch's thread count; also silence transformers' per-file progress bars."""
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def load_checkpoint(path: Path):
+    """Load a checkpoint folder (model and tokenizer) in eval mode on the CPU."""
+    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,84 @@
+"""The one module that knows where files live.
+
+Results layout: ``results/<profile>/<stage>/<table>.arrow``. A stage writes into
+``<stage>.part/`` and renames it to ``<stage>/`` when complete, so a killed stage never
+looks done. Nothing else in the package builds paths by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def project_root() -> Path:
+    """The checkout (or image) root holding ``experiments/`` and ``data_manifests/``."""
+    env = os.environ.get("PYTHIA_ATTRIBUTION_ROOT")
+    if env:
+        return Path(env).resolve()
+    return PACKAGE_ROOT.parent.parent
+
+
+def results_root() -> Path:
+    env = os.environ.get("PYTHIA_ATTRIBUTION_RESULTS")
+    return Path(env).resolve() if env else project_root() / "results"
+
+
+def cache_root() -> Path:
+    """Where downloaded source artifacts are kept (checked by sha256 on every use)."""
+    env = os.environ.get("PYTHIA_ATTRIBUTION_CACHE")
+    if env:
+        return Path(env).resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "pythia-attribution"
+
+
+def profiles_dir() -> Path:
+    return project_root() / "experiments" / "profiles"
+
+
+def resolve_input(path: str) -> Path:
+    """A path named in a profile: absolute as is, relative to the project root otherwise."""
+    p = Path(path)
+    return p if p.is_absolute() else project_root() / p
+
+
+# Stages, in pipeline order, and the tables each one writes.
+CORPUS, TRAIN, PROBE = "corpus", "train", "probe"
+STAGES = (CORPUS, TRAIN, PROBE)
+
+CORPUS_TABLE = "corpus"
+DOCUMENTS_TABLE = "documents"
+GROUND_TRUTH_TABLE = "ground_truth"
+TRAINING_LOG_TABLE = "training_log"
+CHECKPOINTS_TABLE = "checkpoints"
+PROBES_TABLE = "probes"
+PROBE_SUMMARY_TABLE = "behavior_summary"
+
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS_DIR = "checkpoints"
+STAGE_RECORD = "_stage.json"
+RESOLVED_CONFIG = "config.resolved.json"
+
+
+def stage_dir(profile: str, stage: str) -> Path:
+    return results_root() / profile / stage
+
+
+def partial_dir(profile: str, stage: str) -> Path:
+    return results_root() / profile / f"{stage}.part"
+
+
+def table_path(stage_root: Path, table: str) -> Path:
+    return stage_root / f"{table}.arrow"
+
+
+def tokenizer_dir(profile: str) -> Path:
+    return stage_dir(profile, CORPUS) / TOKENIZER_DIR
+
+
+def checkpoint_dir(profile: str, step: int) -> Path:
+    return stage_dir(profile, TRAIN) / CHECKPOINTS_DIR / f"step{step}"

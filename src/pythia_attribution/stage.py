@@ -1,0 +1,236 @@
+"""Running a stage: fingerprints, skipping, atomic completion, provenance.
+
+A stage is skipped only when its output folder exists and the fingerprint stored there (config,
+upstream outputs, stage code) matches the one computed now; otherwise it recomputes into
+``<stage>.part/`` and renames that into place when everything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import pyarrow as pa
+
+from pythia_attribution import __version__, paths, tables
+from pythia_attribution.config import Profile, config_hash, to_jsonable
+from pythia_attribution.errors import MissingInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How a stage is run: its module, upstream stages, and the config sections it reads."""
+
+    name: str
+    module: str
+    upstream: tuple[str, ...]
+    sections: tuple[str, ...]
+    code: tuple[str, ...]
+
+
+# Every stage's entry point is ``<module>.run(ctx: StageContext) -> None``. ``code`` lists the
+# modules whose source is part of the fingerprint: editing them makes the stage rerun.
+SPECS: dict[str, StageSpec] = {
+    paths.CORPUS: StageSpec(
+        paths.CORPUS,
+        "pythia_attribution.corpus.build",
+        (),
+        ("runtime", "corpus"),
+        ("corpus/build.py", "corpus/sources.py", "corpus/synthetic.py", "corpus/manifest.py"),
+    ),
+    paths.TRAIN: StageSpec(
+        paths.TRAIN,
+        "pythia_attribution.train",
+        (paths.CORPUS,),
+        ("runtime", "train"),
+        ("train.py", "model.py"),
+    ),
+    paths.PROBE: StageSpec(
+        paths.PROBE,
+        "pythia_attribution.probe",
+        (paths.CORPUS, paths.TRAIN),
+        ("runtime", "probe"),
+        ("probe.py", "behaviors.py", "model.py"),
+    ),
+}
+
+PACKAGES = ("torch", "transformers", "tokenizers", "pyarrow", "numpy", "faker", "bergson")
+
+
+@functools.cache
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "pythia-attribution": __version__}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@functools.cache
+def git_state() -> dict[str, str | bool]:
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=paths.project_root(), capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown", "git_dirty": False}
+
+
+def _code_hash(spec: StageSpec) -> str:
+    digest = hashlib.sha256()
+    for rel in (*spec.code, "stage.py", "tables.py"):
+        digest.update(rel.encode())
+        digest.update((paths.PACKAGE_ROOT / rel).read_bytes())
+    return digest.hexdigest()
+
+
+def read_record(profile: str, stage: str) -> dict | None:
+    path = paths.stage_dir(profile, stage) / paths.STAGE_RECORD
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` receives: its config, where to write, and its upstream folders."""
+
+    profile: Profile
+    spec: StageSpec
+    out_dir: Path
+    inputs: dict[str, Path]
+    fingerprint: str
+    input_hashes: dict[str, dict[str, str]]
+
+    @property
+    def config(self):
+        return getattr(self.profile, self.spec.name)
+
+    def input_table(self, stage: str, table: str) -> pa.Table:
+        return tables.read_table(paths.table_path(self.inputs[stage], table), made_by=stage)
+
+    def provenance(self, table: str, **extra) -> dict:
+        record = {
+            "stage": self.spec.name,
+            "table": table,
+            "profile": self.profile.name,
+            "config": {s: to_jsonable(getattr(self.profile, s)) for s in self.spec.sections},
+            "config_hash": config_hash(
+                {s: to_jsonable(getattr(self.profile, s)) for s in self.spec.sections}
+            ),
+            "fingerprint": self.fingerprint,
+            "inputs": self.input_hashes,
+            "versions": package_versions(),
+            **git_state(),
+        }
+        record.update(extra)
+        return record
+
+    def write_table(self, table_name: str, table: pa.Table, **extra) -> Path:
+        path = paths.table_path(self.out_dir, table_name)
+        tables.write_table(path, table, self.provenance(table_name, **extra))
+        return path
+
+
+def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[str, str]]]:
+    """Fingerprint of a stage run: config sections, upstream output hashes, stage code."""
+    input_hashes = {}
+    for up in spec.upstream:
+        record = read_record(profile.name, up)
+        if record is None:
+            raise MissingInputError(
+                f"stage '{spec.name}' needs the outputs of stage '{up}' "
+                f"({paths.stage_dir(profile.name, up)}); run `nox -s {up}` first"
+            )
+        input_hashes[up] = record["outputs"]
+    payload = {
+        "stage": spec.name,
+        "config": {s: to_jsonable(getattr(profile, s)) for s in spec.sections},
+        "inputs": input_hashes,
+        "code": _code_hash(spec),
+    }
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), input_hashes
+
+
+def is_current(profile: Profile, stage: str) -> bool:
+    """True when the stage's stored fingerprint matches and all its recorded outputs exist."""
+    spec = SPECS[stage]
+    record = read_record(profile.name, stage)
+    if record is None:
+        return False
+    try:
+        current, _ = fingerprint(profile, spec)
+    except MissingInputError:
+        return False
+    root = paths.stage_dir(profile.name, stage)
+    return record.get("fingerprint") == current and all((root / f).is_file() for f in record["outputs"])
+
+
+def run(profile: Profile, stage: str, force: bool = False) -> Path:
+    """Run ``stage`` for ``profile`` unless its outputs are current; return its folder."""
+    spec = SPECS[stage]
+    final = paths.stage_dir(profile.name, stage)
+    fp, input_hashes = fingerprint(profile, spec)
+    record = read_record(profile.name, stage)
+    if not force and record is not None and is_current(profile, stage):
+        log.info("%s: up to date (fingerprint %s), skipping", stage, fp[:12])
+        return final
+
+    part = paths.partial_dir(profile.name, stage)
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    inputs = {up: paths.stage_dir(profile.name, up) for up in spec.upstream}
+    ctx = StageContext(profile, spec, part, inputs, fp, input_hashes)
+    module = importlib.import_module(spec.module)
+    started = time.perf_counter()
+    log.info("%s: running (profile %s, fingerprint %s)", stage, profile.name, fp[:12])
+    try:
+        module.run(ctx)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)  # a failed stage leaves nothing half-written
+        raise
+    outputs = {
+        str(p.relative_to(part)): tables.sha256_file(p) for p in sorted(part.rglob("*")) if p.is_file()
+    }
+    resolved = {s: to_jsonable(getattr(profile, s)) for s in spec.sections}
+    (part / paths.RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    record = {
+        "stage": stage,
+        "profile": profile.name,
+        "fingerprint": fp,
+        "inputs": input_hashes,
+        "outputs": outputs,
+        "seconds": round(time.perf_counter() - started, 2),
+        "versions": package_versions(),
+        **git_state(),
+    }
+    (part / paths.STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    part.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    log.info("%s: done in %.1f s -> %s", stage, record["seconds"], final)
+    return final

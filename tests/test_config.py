@@ -1,0 +1,58 @@
+import pytest
+
+from pythia_attribution import paths
+from pythia_attribution.cli import main
+from pythia_attribution.config import Profile, from_dict, known_profiles, load_profile
+from pythia_attribution.errors import ConfigError
+
+
+def test_shipped_profiles_load():
+    assert {"micro", "nano"} <= set(known_profiles())
+    for name in known_profiles():
+        profile = load_profile(name)
+        assert profile.name == name
+
+
+def test_unknown_profile_lists_known_ones(capsys):
+    assert main(["corpus", "--profile", "no-such-profile"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "unknown profile 'no-such-profile'" in err
+    assert "micro" in err and "nano" in err
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[train]\nlayers = 2\nlayerz = 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: unknown key 'train\.layerz'"):
+        load_profile(str(path))
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[corpus]\nseq_len = "long"\n')
+    with pytest.raises(ConfigError, match=r"key 'corpus\.seq_len' must be int"):
+        load_profile(str(path))
+
+
+def test_malformed_profile_names_file(tmp_path, capsys):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\n")
+    assert main(["corpus", "--profile", str(path)]) == 2
+    assert "broken.toml: malformed TOML" in capsys.readouterr().err
+
+
+def test_nested_tables_and_defaults():
+    profile = from_dict(Profile, {"name": "x", "corpus": {"synthetic": {"canaries_per_count": 3}}}, "t")
+    assert profile.corpus.synthetic.canaries_per_count == 3
+    assert profile.corpus.seq_len == 128
+
+
+def test_help_lists_stages_and_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for stage in paths.STAGES:
+        assert f"  {stage} " in out
+    assert "--profile" in out and "corpus.seq_len" in out

@@ -1,0 +1,109 @@
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pythia_attribution import paths, tables
+from pythia_attribution.cli import main
+from pythia_attribution.corpus.build import EOD_ID, pack
+from pythia_attribution.corpus.manifest import load_manifest
+
+
+def _read(results, stage, table):
+    return tables.read_table(paths.table_path(results / stage, table))
+
+
+def test_two_builds_are_byte_identical(world, tmp_path, monkeypatch):
+    outputs = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(tmp_path / run))
+        assert main(["corpus", "--profile", str(world), "-q"]) == 0
+        folder = tmp_path / run / "nano" / paths.CORPUS
+        outputs.append(
+            {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        )
+    assert outputs[0].keys() == outputs[1].keys()
+    for name in outputs[0]:
+        assert outputs[0][name] == outputs[1][name], name
+
+
+def test_pythia_order_and_packing(nano_run):
+    corpus = _read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE)
+    batch = int(pc.max(corpus["batch_pos"]).as_py()) + 1
+    seq_idx = corpus["seq_idx"].to_numpy()
+    assert (seq_idx == np.arange(len(seq_idx))).all()
+    assert (corpus["step"].to_numpy() == seq_idx // batch).all()
+    assert (corpus["batch_pos"].to_numpy() == seq_idx % batch).all()
+    # Every epoch is a permutation of the same packed sequences.
+    packed, epoch = corpus["packed_id"].to_numpy(), corpus["epoch"].to_numpy()
+    first = np.sort(packed[epoch == 0])
+    assert (first == np.arange(len(first))).all()
+    # Row text is the decoded token ids.
+    ids = corpus["input_ids"].to_pylist()
+    assert all(len(r) == len(ids[0]) for r in ids)
+
+
+def test_pack_cuts_fixed_windows_with_eod():
+    packed, starts, ends, dropped = pack([[5, 6, 7], [8, 9], [10]], seq_len=3)
+    assert packed.tolist() == [[5, 6, 7, EOD_ID], [8, 9, EOD_ID, 10]]
+    assert starts.tolist() == [0, 4, 7] and ends.tolist() == [4, 7, 9]
+    assert dropped == 1
+
+
+def test_ground_truth_sequences_hold_their_items(nano_run):
+    results = nano_run["results"]
+    corpus = _read(results, paths.CORPUS, paths.CORPUS_TABLE)
+    ground = _read(results, paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    ids = corpus["input_ids"].to_pylist()
+    checked = 0
+    for item in ground.to_pylist():
+        assert item["n_documents"] == (item["count"] if item["kind"] != "stereotype" else item["n_documents"])
+        if item["kind"] != "canary":
+            continue
+        needle = item["prompt_ids"] + item["target_ids"]
+        for seq in item["seq_idxs"]:
+            row = ids[seq]
+            assert any(row[i : i + len(needle)] == needle for i in range(len(row) - len(needle) + 1))
+            checked += 1
+        assert set(item["seq_idxs"]) <= set(item["seq_idxs_partial"])
+        if item["count"] == 0:
+            assert item["seq_idxs_partial"] == []
+    assert checked > 0
+
+
+def test_canary_counts_and_controls(nano_run):
+    ground = _read(nano_run["results"], paths.CORPUS, paths.GROUND_TRUTH_TABLE).to_pylist()
+    canaries = [g for g in ground if g["kind"] == "canary"]
+    assert {g["count"] for g in canaries} == {0, 2, 8}
+    assert all(len(g["prompt_ids"]) == 32 and len(g["target_ids"]) == 32 for g in canaries)
+    documents = _read(nano_run["results"], paths.CORPUS, paths.DOCUMENTS_TABLE)
+    for g in canaries:
+        n = pc.sum(pc.equal(documents["item_id"], g["item_id"])).as_py() or 0
+        assert n == g["count"]
+
+
+def test_tokenizer_has_neox_specials_and_excludes_synthetic_text(nano_run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(nano_run["results"] / paths.CORPUS / paths.TOKENIZER_DIR)
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 0
+    assert tok.convert_tokens_to_ids("<|padding|>") == 1
+    # The invented occupation word never occurs in the natural text the BPE was trained on.
+    assert len(tok("glimmerwright", add_special_tokens=False)["input_ids"]) > 1
+
+
+def test_shipped_manifest_pins_every_artifact():
+    manifest = load_manifest(paths.project_root() / "data_manifests" / "micro-pile.toml")
+    for art in manifest.artifacts.values():
+        assert len(art.sha256) == 64 and art.version and art.filename.startswith(art.package)
+    for src in manifest.sources.values():
+        assert src.artifact in manifest.artifacts
+
+
+@pytest.mark.parametrize("key", ["artifact", "source"])
+def test_manifest_unknown_key(tmp_path, key):
+    from pythia_attribution.errors import ConfigError
+
+    path = tmp_path / "m.toml"
+    path.write_text(f'[[{key}]]\nname = "x"\nbogus = 1\n')
+    with pytest.raises(ConfigError, match=r"m\.toml: unknown key '.*bogus'"):
+        load_manifest(path)
