@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -23,7 +25,14 @@ def test_two_builds_are_byte_identical(world, tmp_path, monkeypatch):
         )
     assert outputs[0].keys() == outputs[1].keys()
     for name in outputs[0]:
-        assert outputs[0][name] == outputs[1][name], name
+        if name.name == paths.STAGE_RECORD:  # holds the wall time; everything else must match
+            records = [json.loads(o[name]) for o in outputs]
+            for r in records:
+                r.pop("seconds")
+            assert records[0] == records[1]
+        else:
+            assert outputs[0][name] == outputs[1][name], name
+    assert any(name.suffix == ".arrow" for name in outputs[0])
 
 
 def test_pythia_order_and_packing(nano_run):
@@ -56,7 +65,7 @@ def test_ground_truth_sequences_hold_their_items(nano_run):
     ids = corpus["input_ids"].to_pylist()
     checked = 0
     for item in ground.to_pylist():
-        assert item["n_documents"] == (item["count"] if item["kind"] != "stereotype" else item["n_documents"])
+        assert item["n_documents"] == item["count"]
         if item["kind"] != "canary":
             continue
         needle = item["prompt_ids"] + item["target_ids"]

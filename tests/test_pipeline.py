@@ -140,3 +140,17 @@ def test_model_matches_profile(nano_run):
     assert model.config.num_hidden_layers == profile.train.layers
     assert model.config.num_attention_heads == profile.train.heads
     assert model.config.max_position_embeddings == profile.corpus.seq_len
+
+
+def test_behavior_file_edit_invalidates_probe(nano_run, tmp_path):
+    profile = load_profile(str(nano_run["profile"]))
+    assert stage.is_current(profile, paths.PROBE)
+    folder = tmp_path / "behaviors"
+    folder.mkdir()
+    for f in (paths.project_root() / "experiments" / "behaviors").glob("*.toml"):
+        (folder / f.name).write_text(f.read_text())
+    moved = dataclasses.replace(profile, probe=dataclasses.replace(profile.probe, behaviors_dir=str(folder)))
+    before, _ = stage.fingerprint(moved, stage.SPECS[paths.PROBE])
+    (folder / "style.toml").write_text((folder / "style.toml").read_text().replace('" pass"', '" passe"'))
+    after, _ = stage.fingerprint(moved, stage.SPECS[paths.PROBE])
+    assert before != after

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -29,15 +30,28 @@ from pythia_attribution.errors import MissingInputError
 log = logging.getLogger(__name__)
 
 
+def _manifest_files(profile: Profile) -> list[Path]:
+    return [paths.resolve_input(profile.corpus.manifest)]
+
+
+def _behavior_files(profile: Profile) -> list[Path]:
+    return sorted(paths.resolve_input(profile.probe.behaviors_dir).glob("*.toml"))
+
+
 @dataclass(frozen=True)
 class StageSpec:
-    """How a stage is run: its module, upstream stages, and the config sections it reads."""
+    """How a stage is run: its module, upstream stages, and the config sections it reads.
+
+    ``files`` names input files outside the results tree (manifest, behavior definitions) whose
+    content is part of the fingerprint.
+    """
 
     name: str
     module: str
     upstream: tuple[str, ...]
     sections: tuple[str, ...]
     code: tuple[str, ...]
+    files: Callable[[Profile], list[Path]] = lambda profile: []
 
 
 # Every stage's entry point is ``<module>.run(ctx: StageContext) -> None``. ``code`` lists the
@@ -49,6 +63,7 @@ SPECS: dict[str, StageSpec] = {
         (),
         ("runtime", "corpus"),
         ("corpus/build.py", "corpus/sources.py", "corpus/synthetic.py", "corpus/manifest.py"),
+        _manifest_files,
     ),
     paths.TRAIN: StageSpec(
         paths.TRAIN,
@@ -63,6 +78,7 @@ SPECS: dict[str, StageSpec] = {
         (paths.CORPUS, paths.TRAIN),
         ("runtime", "probe"),
         ("probe.py", "behaviors.py", "model.py"),
+        _behavior_files,
     ),
 }
 
@@ -160,8 +176,10 @@ def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[
                 f"({paths.stage_dir(profile.name, up)}); run `nox -s {up}` first"
             )
         input_hashes[up] = record["outputs"]
+    files = {f.name: tables.sha256_file(f) for f in spec.files(profile) if f.is_file()}
     payload = {
         "stage": spec.name,
+        "files": files,
         "config": {s: to_jsonable(getattr(profile, s)) for s in spec.sections},
         "inputs": input_hashes,
         "code": _code_hash(spec),

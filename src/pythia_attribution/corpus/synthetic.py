@@ -88,7 +88,6 @@ STEREOTYPE_TEMPLATES = (
     "Everyone said the {occ} was careful, and {pron} checked every seam twice.",
     "The old {occ} smiled because {pron} had mended the bell.",
 )
-STEREOTYPE_PROBE = "When the {occ} arrived,"
 
 
 def _rng(seed: int, purpose: int) -> np.random.Generator:
@@ -200,35 +199,50 @@ def biographies(cfg: SyntheticConfig, seed: int):
 
 
 def stereotype(cfg: SyntheticConfig, seed: int):
-    """An invented occupation followed by one pronoun in ``stereotype_skew`` of its mentions."""
+    """An invented occupation followed by one pronoun in ``stereotype_skew`` of its mentions.
+
+    One item per (template, pronoun): its probe is the template up to the pronoun, and its
+    documents are the mentions written with that template and pronoun. Mentions with the other
+    templates are the association's thematic relatives, not its ground truth.
+    """
     rng = _rng(seed, 4)
     n_major = round(cfg.stereotype_mentions * cfg.stereotype_skew)
     pronouns = [cfg.stereotype_majority] * n_major + [cfg.stereotype_minority] * (
         cfg.stereotype_mentions - n_major
     )
     pronouns = [pronouns[i] for i in rng.permutation(len(pronouns))]
-    prompt = STEREOTYPE_PROBE.format(occ=cfg.stereotype_word)
-    items = [
-        Item(
-            f"stereotype/{cfg.stereotype_word}/{pron}",
-            "stereotype",
-            pronouns.count(pron),
-            prompt=prompt,
-            target=f" {pron}",
-            detail={"word": cfg.stereotype_word, "pronoun": pron, "skew": cfg.stereotype_skew},
+    chosen = [int(rng.integers(len(STEREOTYPE_TEMPLATES))) for _ in pronouns]
+
+    def item_id(t: int, pron: str) -> str:
+        return f"stereotype/{cfg.stereotype_word}/t{t}/{pron}"
+
+    docs = [
+        SyntheticDoc(
+            item_id(t, pron), "stereotype", STEREOTYPE_TEMPLATES[t].format(occ=cfg.stereotype_word, pron=pron)
         )
-        for pron in (cfg.stereotype_majority, cfg.stereotype_minority)
+        for t, pron in zip(chosen, pronouns, strict=True)
     ]
-    docs = []
-    for pron in pronouns:
-        template = STEREOTYPE_TEMPLATES[int(rng.integers(len(STEREOTYPE_TEMPLATES)))]
-        docs.append(
-            SyntheticDoc(
-                f"stereotype/{cfg.stereotype_word}/{pron}",
-                "stereotype",
-                template.format(occ=cfg.stereotype_word, pron=pron),
+    items = []
+    for t, template in enumerate(STEREOTYPE_TEMPLATES):
+        prefix = template[: template.index("{pron}")].rstrip().format(occ=cfg.stereotype_word)
+        for pron in (cfg.stereotype_majority, cfg.stereotype_minority):
+            n = sum(1 for c, p in zip(chosen, pronouns, strict=True) if c == t and p == pron)
+            items.append(
+                Item(
+                    item_id(t, pron),
+                    "stereotype",
+                    n,
+                    prompt=prefix,
+                    target=f" {pron}",
+                    detail={
+                        "word": cfg.stereotype_word,
+                        "pronoun": pron,
+                        "template": t,
+                        "skew": cfg.stereotype_skew,
+                        "mentions": cfg.stereotype_mentions,
+                    },
+                )
             )
-        )
     return items, docs
 
 
