@@ -139,7 +139,7 @@ def test_model_matches_profile(nano_run):
     assert model.config.hidden_size == profile.train.hidden
     assert model.config.num_hidden_layers == profile.train.layers
     assert model.config.num_attention_heads == profile.train.heads
-    assert model.config.max_position_embeddings == profile.corpus.seq_len
+    assert model.config.max_position_embeddings == profile.train.max_positions >= profile.corpus.seq_len + 1
 
 
 def test_behavior_file_edit_invalidates_probe(nano_run, tmp_path):
@@ -154,3 +154,19 @@ def test_behavior_file_edit_invalidates_probe(nano_run, tmp_path):
     (folder / "style.toml").write_text((folder / "style.toml").read_text().replace('" pass"', '" passe"'))
     after, _ = stage.fingerprint(moved, stage.SPECS[paths.PROBE])
     assert before != after
+
+
+def test_bergson_reads_the_optimizer_state(nano_run):
+    """TrackStar's Adam correction: bergson finds a second moment for every linear module."""
+    from bergson.utils.load_from_optimizer import load_from_optimizer
+
+    ckpts = _read(nano_run["results"], paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    final = nano_run["results"] / paths.TRAIN / ckpts[-1]["path"]
+    model = GPTNeoXForCausalLM.from_pretrained(final)
+    normalizers = load_from_optimizer(model, str(final))
+    linear = {
+        n.removeprefix("gpt_neox.")
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("gpt_neox.")
+    }
+    assert linear and linear <= set(normalizers)

@@ -44,9 +44,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             torch.manual_seed(0)
-            model = GPTNeoXForCausalLM(
-                pythia_config(profile.train, max(vocab, profile.corpus.vocab_size), width - 1)
-            )
+            model = GPTNeoXForCausalLM(pythia_config(profile.train, max(vocab, profile.corpus.vocab_size)))
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             start = time.perf_counter()
             for step in range(args.steps):

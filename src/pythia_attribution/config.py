@@ -94,6 +94,11 @@ class TrainConfig:
     layers: int = doc("transformer layers", 4)
     hidden: int = doc("hidden size", 128)
     heads: int = doc("attention heads", 4)
+    max_positions: int = doc(
+        "max_position_embeddings recorded in the model config (Pythia: 2048); rotary, so no "
+        "parameters depend on it. Gradient tools batch up to this many tokens.",
+        2048,
+    )
     rotary_pct: float = doc("share of head dims with rotary embeddings (Pythia: 0.25)", 0.25)
     lr: float = doc("peak learning rate of AdamW", 3e-3)
     min_lr_ratio: float = doc("cosine decay ends at lr * min_lr_ratio (Pythia: 0.1)", 0.1)

@@ -11,7 +11,7 @@ from transformers.utils import logging as hf_logging
 from pythia_attribution.config import TrainConfig
 
 
-def pythia_config(cfg: TrainConfig, vocab_size: int, max_positions: int) -> GPTNeoXConfig:
+def pythia_config(cfg: TrainConfig, vocab_size: int) -> GPTNeoXConfig:
     """Pythia's choices: rotary on 25% of head dims, parallel residual, untied embeddings."""
     return GPTNeoXConfig(
         vocab_size=vocab_size,
@@ -19,7 +19,7 @@ def pythia_config(cfg: TrainConfig, vocab_size: int, max_positions: int) -> GPTN
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
         intermediate_size=4 * cfg.hidden,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=cfg.max_positions,
         rotary_pct=cfg.rotary_pct,
         use_parallel_residual=True,
         tie_word_embeddings=False,

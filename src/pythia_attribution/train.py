@@ -57,14 +57,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def optimizer_state_with_names(model, optimizer) -> dict:
-    """The optimizer's state dict with each entry's parameter name (bergson reads ``param_name``)."""
+def export_optimizer_state(model, optimizer) -> dict:
+    """The final AdamW state, re-indexed in ``model.named_parameters()`` order.
+
+    bergson maps ``optimizer.pt`` entries to parameters by that order when the file has one
+    parameter group, and prefers each entry's ``param_name``; both are provided. The training
+    run's two groups (weight decay on matrices only) are kept, by parameter name, under
+    ``param_groups_by_name``.
+    """
     state = optimizer.state_dict()
-    names = {id(p): n for n, p in model.named_parameters()}
     flat = [p for group in optimizer.param_groups for p in group["params"]]
-    for idx, entry in state["state"].items():
-        entry["param_name"] = names[id(flat[int(idx)])]
-    return state
+    position = {id(p): i for i, p in enumerate(flat)}
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    new_state = {}
+    for i, name in enumerate(names):
+        entry = dict(state["state"][position[id(params[name])]])
+        entry["param_name"] = name
+        new_state[i] = entry
+    groups = []
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        groups.append(
+            {**hyper, "param_names": [n for n in names if any(params[n] is p for p in group["params"])]}
+        )
+    first = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    return {
+        "state": new_state,
+        "param_groups": [{**first, "params": list(range(len(names)))}],
+        "param_groups_by_name": groups,
+    }
 
 
 def run(ctx) -> None:
@@ -80,7 +102,7 @@ def run(ctx) -> None:
     n_steps = len(tokens) // batch_size
     seq_len = width - 1
 
-    model = GPTNeoXForCausalLM(pythia_config(cfg, len(tokenizer), seq_len))
+    model = GPTNeoXForCausalLM(pythia_config(cfg, len(tokenizer)))
     model.train()
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
@@ -94,7 +116,7 @@ def run(ctx) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         if step == n_steps:
-            torch.save(optimizer_state_with_names(model, optimizer), folder / "optimizer.pt")
+            torch.save(export_optimizer_state(model, optimizer), folder / "optimizer.pt")
         ckpt_rows.append(
             {
                 "step": step,
