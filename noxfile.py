@@ -97,6 +97,18 @@ def probe(session: nox.Session) -> None:
 
 
 @nox.session(requires=["probe"])
+def attribute(session: nox.Session) -> None:
+    """Attribute exhibited behaviors to training sequences: bergson methods and baselines."""
+    _stage(session, "attribute")
+
+
+@nox.session(requires=["attribute"])
+def duplicates(session: nox.Session) -> None:
+    """Classify each retrieved sequence: exact, near-duplicate, thematic or unrelated."""
+    _stage(session, "duplicates")
+
+
+@nox.session(requires=["duplicates"])
 def all(session: nox.Session) -> None:  # noqa: A001 - the session's public name
     """Run every stage of the profile in order (default profile: micro)."""
     session.log("all stages are current for this profile")

@@ -6,6 +6,7 @@ import pytest
 
 from pythia_attribution import paths, tables
 from pythia_attribution.cli import main
+from pythia_attribution.config import load_profile
 from pythia_attribution.corpus.build import EOD_ID, pack
 from pythia_attribution.corpus.manifest import load_manifest
 
@@ -59,30 +60,47 @@ def test_pack_cuts_fixed_windows_with_eod():
 
 
 def test_ground_truth_sequences_hold_their_items(nano_run):
+    """Every sequence listed for an item holds, at the recorded offset, part of one of its documents."""
     results = nano_run["results"]
     corpus = _read(results, paths.CORPUS, paths.CORPUS_TABLE)
-    ground = _read(results, paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    docs = _read(results, paths.CORPUS, paths.DOCUMENTS_TABLE).to_pylist()
+    ground = _read(results, paths.CORPUS, paths.GROUND_TRUTH_TABLE).to_pylist()
     ids = corpus["input_ids"].to_pylist()
+    packed_of = corpus["packed_id"].to_pylist()
+    width = len(ids[0])
     checked = 0
-    for item in ground.to_pylist():
-        assert item["n_documents"] == item["count"]
+    for item in ground:
+        assert item["n_documents"] == item["count"] == len(item["doc_ids"])
+        assert set(item["seq_idxs"]) <= set(item["seq_idxs_partial"])
         if item["kind"] != "canary":
             continue
-        needle = item["prompt_ids"] + item["target_ids"]
-        for seq in item["seq_idxs"]:
+        canary = item["prompt_ids"] + item["target_ids"]
+        for seq in item["seq_idxs_partial"]:
+            p = packed_of[seq]
             row = ids[seq]
-            assert any(row[i : i + len(needle)] == needle for i in range(len(row) - len(needle) + 1))
+            found = False
+            for d in (docs[i] for i in item["doc_ids"]):
+                lo, hi = (
+                    max(d["stream_start"], p * width),
+                    min(d["stream_start"] + d["n_tokens"], (p + 1) * width),
+                )
+                if lo < hi:
+                    piece = row[lo - p * width : hi - p * width]
+                    offset = lo - d["stream_start"]
+                    # the first 64 tokens of the document are the canary's prompt + target
+                    expect = canary[offset : offset + len(piece)]
+                    assert piece[: len(expect)] == expect
+                    found = True
+            assert found
             checked += 1
-        assert set(item["seq_idxs"]) <= set(item["seq_idxs_partial"])
-        if item["count"] == 0:
-            assert item["seq_idxs_partial"] == []
     assert checked > 0
 
 
 def test_canary_counts_and_controls(nano_run):
     ground = _read(nano_run["results"], paths.CORPUS, paths.GROUND_TRUTH_TABLE).to_pylist()
     canaries = [g for g in ground if g["kind"] == "canary"]
-    assert {g["count"] for g in canaries} == {0, 2, 8}
+    profile = load_profile(str(nano_run["profile"]))
+    assert {g["count"] for g in canaries} == set(profile.corpus.synthetic.canary_counts)
     assert all(len(g["prompt_ids"]) == 32 and len(g["target_ids"]) == 32 for g in canaries)
     documents = _read(nano_run["results"], paths.CORPUS, paths.DOCUMENTS_TABLE)
     for g in canaries:

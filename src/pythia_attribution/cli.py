@@ -16,6 +16,8 @@ STAGE_HELP = {
     paths.CORPUS: "build micro-Pile: sources, synthetic ground truth, tokenizer, packing and order",
     paths.TRAIN: "train micro-Pythia on exactly the order in corpus.arrow; checkpoints and log",
     paths.PROBE: "probe every behavior at every checkpoint (greedy completion, log-prob, rank)",
+    paths.ATTRIBUTE: "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
+    paths.DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
 }
 
 

@@ -123,6 +123,31 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
+class AttributeConfig:
+    methods: list[str] = doc(
+        "methods to run, by name in methods_file",
+        default_factory=lambda: ["trackstar", "grad_cosine", "bm25", "activation", "random"],
+    )
+    methods_file: str = doc("method definitions (relative to the project root)", "experiments/methods.toml")
+    checkpoints: list[int] = doc("checkpoints to attribute at besides the final one", default_factory=list)
+    top_k: int = doc("top-ranked training sequences kept per (behavior, method)", 100)
+    projection_dim: int = doc("bergson random projection: p x p dims per module", 16)
+    token_batch_size: int = doc("tokens per bergson gradient batch (at most the model's max positions)", 2048)
+    faiss: bool = doc("top-k through an exact faiss index for methods without a Hessian", True)
+    bootstrap: int = doc("bootstrap resamples for the tracing metrics' intervals", 1000)
+
+
+@dataclass(frozen=True)
+class DuplicatesConfig:
+    exact_window: int = doc("a shared run this long (or the whole query verbatim) is an exact duplicate", 64)
+    substring_run: int = doc("a shared run this long is a near-duplicate (Lee et al. use 50 tokens)", 50)
+    near_jaccard: float = doc("MinHash Jaccard of token n-grams at or above this is a near-duplicate", 0.8)
+    thematic_tfidf: float = doc("TF-IDF cosine at or above this is thematic (our choice, not an anchor)", 0.3)
+    ngram: int = doc("token n-gram size for MinHash", 5)
+    num_perm: int = doc("MinHash permutations", 128)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = doc("profile name (the file's stem)")
     description: str = doc("one line on what the profile is for", "")
@@ -130,6 +155,8 @@ class Profile:
     corpus: CorpusConfig = doc("corpus stage", default_factory=CorpusConfig)
     train: TrainConfig = doc("train stage", default_factory=TrainConfig)
     probe: ProbeConfig = doc("probe stage", default_factory=ProbeConfig)
+    attribute: AttributeConfig = doc("attribute stage", default_factory=AttributeConfig)
+    duplicates: DuplicatesConfig = doc("duplicates stage", default_factory=DuplicatesConfig)
 
 
 def _type_ok(value, tp) -> bool:

@@ -47,8 +47,8 @@ def resolve_input(path: str) -> Path:
 
 
 # Stages, in pipeline order, and the tables each one writes.
-CORPUS, TRAIN, PROBE = "corpus", "train", "probe"
-STAGES = (CORPUS, TRAIN, PROBE)
+CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
+STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES)
 
 CORPUS_TABLE = "corpus"
 DOCUMENTS_TABLE = "documents"
@@ -57,6 +57,14 @@ TRAINING_LOG_TABLE = "training_log"
 CHECKPOINTS_TABLE = "checkpoints"
 PROBES_TABLE = "probes"
 PROBE_SUMMARY_TABLE = "behavior_summary"
+ATTRIBUTIONS_TABLE = "attributions"
+LAYER_SCORES_TABLE = "layer_scores"
+SCORE_SUMMARY_TABLE = "score_summary"
+SKIPPED_TABLE = "skipped"
+TRACING_TABLE = "tracing"
+TRACING_METRICS_TABLE = "tracing_metrics"
+DUPLICATES_TABLE = "duplicates"
+COMPOSITION_TABLE = "composition"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"

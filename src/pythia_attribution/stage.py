@@ -34,6 +34,10 @@ def _manifest_files(profile: Profile) -> list[Path]:
     return [paths.resolve_input(profile.corpus.manifest)]
 
 
+def _method_files(profile: Profile) -> list[Path]:
+    return [paths.resolve_input(profile.attribute.methods_file)]
+
+
 def _behavior_files(profile: Profile) -> list[Path]:
     return sorted(paths.resolve_input(profile.probe.behaviors_dir).glob("*.toml"))
 
@@ -80,6 +84,28 @@ SPECS: dict[str, StageSpec] = {
         ("probe.py", "behaviors.py", "model.py"),
         _behavior_files,
     ),
+    paths.ATTRIBUTE: StageSpec(
+        paths.ATTRIBUTE,
+        "pythia_attribution.attribute.stage",
+        (paths.CORPUS, paths.TRAIN, paths.PROBE),
+        ("runtime", "attribute"),
+        (
+            "attribute/stage.py",
+            "attribute/gradients.py",
+            "attribute/baselines.py",
+            "attribute/metrics.py",
+            "attribute/methods.py",
+            "model.py",
+        ),
+        _method_files,
+    ),
+    paths.DUPLICATES: StageSpec(
+        paths.DUPLICATES,
+        "pythia_attribution.duplicates",
+        (paths.CORPUS, paths.PROBE, paths.ATTRIBUTE),
+        ("runtime", "duplicates"),
+        ("duplicates.py", "attribute/stage.py"),
+    ),
 }
 
 PACKAGES = ("torch", "transformers", "tokenizers", "pyarrow", "numpy", "faker", "bergson")
@@ -111,7 +137,7 @@ def git_state() -> dict[str, str | bool]:
 
 def _code_hash(spec: StageSpec) -> str:
     digest = hashlib.sha256()
-    for rel in (*spec.code, "stage.py", "tables.py"):
+    for rel in spec.code:
         digest.update(rel.encode())
         digest.update((paths.PACKAGE_ROOT / rel).read_bytes())
     return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""The attribute stage: which training sequences are responsible for each exhibited behavior."""

@@ -1,0 +1,46 @@
+"""Attribution methods as named configs (``experiments/methods.toml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pythia_attribution.config import from_dict, read_toml
+from pythia_attribution.errors import ConfigError
+
+KINDS = ("gradient", "bm25", "activation", "random")
+HESSIANS = ("none", "autocorrelation")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attribution method."""
+
+    name: str
+    kind: str
+    description: str = ""
+    optimizer_normalize: bool = False
+    hessian: str = "none"
+    unit_norm: bool = True
+
+    @property
+    def index_name(self) -> str:
+        """Gradient methods with the same normalization share one bergson index."""
+        return "adam" if self.optimizer_normalize else "raw"
+
+
+def load_methods(path: Path, names: list[str]) -> list[Method]:
+    data = read_toml(path)
+    methods = []
+    for name in names:
+        if name not in data:
+            raise ConfigError(f"{path}: no method named '{name}' (known: {', '.join(data)})")
+        method = from_dict(Method, {"name": name, **data[name]}, str(path), prefix=f"{name}.")
+        if method.kind not in KINDS:
+            raise ConfigError(
+                f"{path}: method '{name}': unknown kind '{method.kind}' (known: {', '.join(KINDS)})"
+            )
+        if method.hessian not in HESSIANS:
+            raise ConfigError(f"{path}: method '{name}': unknown hessian '{method.hessian}'")
+        methods.append(method)
+    return methods

@@ -1,0 +1,327 @@
+"""Attribute stage: score every packed training sequence for every exhibited behavior.
+
+Candidates are the packed training sequences (``packed_id``); each row of the output also names
+the sequence's first position in the training stream (``seq_idx``). A behavior that the probe
+stage does not show as exhibited at a checkpoint is listed in ``skipped.arrow`` with the reason
+and never attributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from pythia_attribution import paths
+from pythia_attribution.attribute import baselines, gradients, metrics
+from pythia_attribution.attribute.methods import Method, load_methods
+from pythia_attribution.errors import ConfigError
+from pythia_attribution.model import load_checkpoint, set_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidates:
+    """The packed training sequences, in ``packed_id`` order."""
+
+    tokens: np.ndarray  # [n, seq_len + 1]
+    texts: list[str]
+    first_seq_idx: np.ndarray
+    seq_to_packed: np.ndarray  # seq_idx -> packed_id
+
+
+def load_candidates(corpus: pa.Table) -> Candidates:
+    packed = corpus["packed_id"].to_numpy()
+    seq_idx = corpus["seq_idx"].to_numpy()
+    n = int(packed.max()) + 1
+    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, packed, seq_idx)
+    width = corpus.schema.field("input_ids").type.list_size
+    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, width)
+    texts = corpus["text"].to_pylist()
+    return Candidates(tokens[first].astype(np.int64), [texts[i] for i in first], first, packed)
+
+
+def truth_sets(ground_truth: pa.Table, cands: Candidates) -> dict[str, np.ndarray]:
+    """Ground-truth packed sequences per item: those touching any document that carries it."""
+    out = {}
+    for item, seqs in zip(
+        ground_truth["item_id"].to_pylist(), ground_truth["seq_idxs_partial"].to_pylist(), strict=True
+    ):
+        if seqs:
+            out[item] = np.unique(cands.seq_to_packed[np.asarray(seqs)])
+    return out
+
+
+def layer_of(module: str) -> int:
+    match = re.search(r"layers\.(\d+)\.", module)
+    return int(match.group(1)) if match else -1
+
+
+def run(ctx) -> None:
+    cfg = ctx.config
+    seed = ctx.profile.runtime.seed
+    set_threads(ctx.profile.runtime.threads)
+    methods = load_methods(paths.resolve_input(cfg.methods_file), cfg.methods)
+    corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
+    cands = load_candidates(corpus)
+    truth = truth_sets(ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE), cands)
+    probes = ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+    ckpts = {c["step"]: c for c in ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()}
+    final = max(ckpts)
+    unknown = [c for c in cfg.checkpoints if c not in ckpts]
+    if unknown:
+        raise ConfigError(f"attribute.checkpoints: no checkpoint step{unknown[0]} (have: {sorted(ckpts)})")
+    steps = sorted({final, *cfg.checkpoints})
+    log.info("%d candidate sequences; methods %s; checkpoints %s", len(cands.texts), cfg.methods, steps)
+
+    tables: dict[str, list[dict]] = {
+        k: [] for k in ("attributions", "layers", "summary", "tracing", "skipped")
+    }
+    for step in steps:
+        attribute_checkpoint(ctx, step, ckpts[step], methods, cands, truth, probes, tables, seed)
+
+    ctx.write_table(
+        paths.ATTRIBUTIONS_TABLE, pa.Table.from_pylist(tables["attributions"], ATTRIBUTION_SCHEMA)
+    )
+    ctx.write_table(paths.LAYER_SCORES_TABLE, pa.Table.from_pylist(tables["layers"], LAYER_SCHEMA))
+    ctx.write_table(paths.SCORE_SUMMARY_TABLE, pa.Table.from_pylist(tables["summary"]))
+    ctx.write_table(paths.SKIPPED_TABLE, pa.Table.from_pylist(tables["skipped"], SKIPPED_SCHEMA))
+    per_behavior = pa.Table.from_pylist(tables["tracing"], TRACING_SCHEMA)
+    ctx.write_table(paths.TRACING_TABLE, per_behavior)
+    ctx.write_table(
+        paths.TRACING_METRICS_TABLE,
+        aggregate_tracing(per_behavior, seed, cfg.bootstrap),
+        bootstrap=f"percentile bootstrap over behaviors, {cfg.bootstrap} resamples, 95% interval",
+        truth="packed sequences touching any document that carries the behavior's ground-truth item",
+    )
+
+
+def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables, seed) -> None:
+    cfg = ctx.config
+    ckpt_dir = ctx.inputs[paths.TRAIN] / ckpt["path"]
+    here = [p for p in probes if p["checkpoint"] == step]
+    queries = [p for p in here if p["exhibited"]]
+    for p in here:
+        if not p["exhibited"]:
+            completion = p["completion"]
+            reason = f"not exhibited at step{step}: greedy completion {completion!r} lacks the target"
+            tables["skipped"].append(
+                {
+                    "behavior_id": p["behavior_id"],
+                    "family": p["family"],
+                    "checkpoint": step,
+                    "method": None,
+                    "reason": reason,
+                }
+            )
+    if not queries:
+        log.warning("step%d: no exhibited behavior; nothing to attribute", step)
+        return
+    q_rows = [p["prompt_ids"] + p["target_ids"] for p in queries]
+    work = ctx.out_dir / "indexes" / f"step{step}"
+    all_scores: dict[str, tuple[np.ndarray, dict[str, np.ndarray] | None]] = {}
+    opt_state = ckpt_dir / "optimizer.pt"
+    indexes: dict[str, tuple] = {}
+    for method in tqdm(methods, desc=f"attribute step{step}", unit="method"):
+        if method.kind == "gradient":
+            if method.optimizer_normalize and not opt_state.is_file():
+                tables["skipped"].append(
+                    {
+                        "behavior_id": None,
+                        "family": None,
+                        "checkpoint": step,
+                        "method": method.name,
+                        "reason": f"step{step} has no optimizer state (saved at the final checkpoint only)",
+                    }
+                )
+                continue
+            if method.index_name not in indexes:
+                indexes[method.index_name] = build_indexes(
+                    cfg,
+                    work / method.index_name,
+                    ckpt_dir,
+                    cands,
+                    queries,
+                    q_rows,
+                    opt_state if method.optimizer_normalize else None,
+                )
+            train_idx, query_idx = indexes[method.index_name]
+            hessian = None
+            if method.hessian == "autocorrelation":
+                hessian = work / method.index_name / "hessian"
+                if not hessian.exists():
+                    gradients.autocorrelation_hessian(train_idx, hessian)
+            all_scores[method.name] = gradients.score_all(
+                train_idx, query_idx, unit_norm=method.unit_norm, hessian_path=hessian
+            )
+            if cfg.faiss and hessian is None and method.unit_norm:
+                keys, q = gradients.unit_rows(train_idx), gradients.unit_rows(query_idx)
+                all_scores[method.name] += (baselines.faiss_topk(keys, q, cfg.top_k),)
+        elif method.kind == "bm25":
+            texts = [p["prompt"] + p["target"] for p in queries]
+            all_scores[method.name] = (baselines.bm25_scores(cands.texts, texts), None)
+        elif method.kind == "activation":
+            model, _ = load_checkpoint(ckpt_dir)
+            layer = baselines.middle_layer(model.config.num_hidden_layers)
+            keys = baselines.mean_activations(model, cands.tokens[:, :-1].tolist(), layer)
+            q = baselines.mean_activations(model, q_rows, layer)
+            all_scores[method.name] = (q @ keys.T, None)
+            if cfg.faiss:
+                all_scores[method.name] += (baselines.faiss_topk(keys, q, cfg.top_k),)
+        elif method.kind == "random":
+            all_scores[method.name] = (
+                baselines.random_scores(len(queries), len(cands.texts), seed + step),
+                None,
+            )
+    for method in methods:
+        if method.name in all_scores:
+            record(tables, step, method, queries, all_scores[method.name], cands, truth, cfg.top_k)
+
+
+def build_indexes(cfg, folder, ckpt_dir, cands, queries, q_rows, opt_state):
+    folder.mkdir(parents=True, exist_ok=True)
+    common = {
+        "optimizer_state": opt_state,
+        "projection_dim": cfg.projection_dim,
+        "token_batch_size": cfg.token_batch_size,
+    }
+    log.info("bergson index over %d training sequences (%s)", len(cands.texts), folder.name)
+    train_idx = gradients.build_index(
+        folder / "train", ckpt_dir, cands.tokens.tolist(), labels=None, **common
+    )
+    labels = [[-100] * len(p["prompt_ids"]) + p["target_ids"] for p in queries]
+    query_idx = gradients.build_index(folder / "queries", ckpt_dir, q_rows, labels=labels, **common)
+    return train_idx, query_idx
+
+
+def record(tables, step, method: Method, queries, scored, cands, truth, top_k) -> None:
+    total, per_module = scored[0], scored[1]
+    order, top_scores = baselines.topk(total, top_k)
+    if len(scored) > 2:  # faiss top-k for a method without a Hessian; the exact pass checks it
+        f_ids, f_scores = scored[2]
+        if not np.allclose(np.sort(f_scores, axis=1), np.sort(top_scores, axis=1), atol=1e-4):
+            log.warning("%s: faiss and exact top-k scores differ", method.name)
+        order, top_scores = f_ids, f_scores
+    for qi, p in enumerate(queries):
+        base = {
+            "behavior_id": p["behavior_id"],
+            "family": p["family"],
+            "method": method.name,
+            "checkpoint": step,
+        }
+        for rank, (pid, score) in enumerate(zip(order[qi], top_scores[qi], strict=True), start=1):
+            tables["attributions"].append(
+                {
+                    **base,
+                    "rank": rank,
+                    "packed_id": int(pid),
+                    "seq_idx": int(cands.first_seq_idx[pid]),
+                    "score": float(score),
+                }
+            )
+            if per_module is not None:
+                for module, block in per_module.items():
+                    tables["layers"].append(
+                        {
+                            **base,
+                            "rank": rank,
+                            "packed_id": int(pid),
+                            "module": module,
+                            "layer": layer_of(module),
+                            "score": float(block[qi, pid]),
+                        }
+                    )
+        tables["summary"].append({**base, **metrics.concentration(total[qi])})
+        item = p["item_id"]
+        if item in truth:
+            tables["tracing"].append(
+                {**base, "item_id": item, "count": p["count"], **metrics.tracing(total[qi], truth[item])}
+            )
+
+
+def aggregate_tracing(per_behavior: pa.Table, seed: int, n_boot: int) -> pa.Table:
+    rows = []
+    df = per_behavior.to_pandas()
+    if df.empty:
+        return pa.Table.from_pylist([], TRACING_METRICS_SCHEMA)
+    df = df.assign(top1_hit=df["top1_hit"].astype(float))
+    groups = [("all", df)] + list(df.groupby("family"))
+    for family, sub in groups:
+        for (method, step), g in sub.groupby(["method", "checkpoint"]):
+            row = {"method": method, "family": family, "checkpoint": int(step), "n_behaviors": len(g)}
+            for metric in ("mrr", "recall_at_10", "precision_at_10", "top1_hit"):
+                lo, hi = metrics.bootstrap_ci(g[metric].to_numpy(), seed, n_boot)
+                row.update({metric: float(g[metric].mean()), f"{metric}_lo": lo, f"{metric}_hi": hi})
+            rows.append(row)
+    return pa.Table.from_pylist(rows, TRACING_METRICS_SCHEMA)
+
+
+ATTRIBUTION_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("rank", pa.int32()),
+        ("packed_id", pa.int32()),
+        ("seq_idx", pa.int64()),
+        ("score", pa.float64()),
+    ]
+)
+LAYER_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("rank", pa.int32()),
+        ("packed_id", pa.int32()),
+        ("module", pa.string()),
+        ("layer", pa.int32()),
+        ("score", pa.float64()),
+    ]
+)
+SKIPPED_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("method", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+TRACING_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("item_id", pa.string()),
+        ("count", pa.int32()),
+        ("mrr", pa.float64()),
+        ("first_hit_rank", pa.int64()),
+        ("recall_at_10", pa.float64()),
+        ("precision_at_10", pa.float64()),
+        ("top1_hit", pa.bool_()),
+        ("n_truth", pa.int64()),
+    ]
+)
+TRACING_METRICS_SCHEMA = pa.schema(
+    [
+        ("method", pa.string()),
+        ("family", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("n_behaviors", pa.int64()),
+    ]
+    + [
+        (f"{m}{suffix}", pa.float64())
+        for m in ("mrr", "recall_at_10", "precision_at_10", "top1_hit")
+        for suffix in ("", "_lo", "_hi")
+    ]
+)

@@ -1,0 +1,186 @@
+"""Duplicates stage: what kind of text does attribution retrieve?
+
+For every (behavior, method, top-k sequence): the longest token run shared with the query
+(prompt + target), whether the query occurs verbatim, the MinHash Jaccard of token 5-grams
+(datasketch), the TF-IDF cosine of the texts (scikit-learn), and for synthetic behaviors
+whether the sequence is one of the item's ground-truth sequences. Each row gets a category:
+
+- ``exact``: the query occurs verbatim, or a ``exact_window``-token window is shared;
+- ``near_duplicate``: MinHash Jaccard >= ``near_jaccard`` or a shared run >= ``substring_run``;
+- ``thematic``: TF-IDF cosine >= ``thematic_tfidf``;
+- ``unrelated``: none of these.
+
+The pair features live in ``pair_features`` so that other stages (memorization) reuse them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from pythia_attribution import paths
+from pythia_attribution.attribute.stage import load_candidates, truth_sets
+from pythia_attribution.config import DuplicatesConfig
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("exact", "near_duplicate", "thematic", "unrelated")
+
+
+class MinHasher:
+    """MinHash signatures of token n-gram sets, cached by key."""
+
+    def __init__(self, cfg: DuplicatesConfig, seed: int):
+        from datasketch import MinHash
+
+        self._minhash = MinHash
+        self.cfg = cfg
+        self.seed = seed
+        self.cache: dict = {}
+
+    def signature(self, key, tokens: list[int]):
+        if key not in self.cache:
+            n = self.cfg.ngram
+            grams = {" ".join(map(str, tokens[i : i + n])).encode() for i in range(len(tokens) - n + 1)}
+            mh = self._minhash(num_perm=self.cfg.num_perm, seed=self.seed)
+            if grams:
+                mh.update_batch(sorted(grams))
+            self.cache[key] = (mh, bool(grams))
+        return self.cache[key]
+
+    def jaccard(self, a, b) -> float:
+        (ma, ok_a), (mb, ok_b) = a, b
+        return float(ma.jaccard(mb)) if ok_a and ok_b else 0.0
+
+
+def longest_run(query: list[int], cand: list[int]) -> int:
+    match = difflib.SequenceMatcher(None, query, cand, autojunk=False).find_longest_match(
+        0, len(query), 0, len(cand)
+    )
+    return match.size
+
+
+def categorize(cfg: DuplicatesConfig, run: int, query_len: int, jaccard: float, tfidf: float) -> str:
+    if run >= query_len or run >= cfg.exact_window:
+        return "exact"
+    if jaccard >= cfg.near_jaccard or run >= cfg.substring_run:
+        return "near_duplicate"
+    if tfidf >= cfg.thematic_tfidf:
+        return "thematic"
+    return "unrelated"
+
+
+def tfidf_matrix(candidate_texts: list[str], query_texts: list[str]) -> np.ndarray:
+    """TF-IDF cosine of every query text against every candidate text (idf from the candidates)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(lowercase=True)
+    keys = vectorizer.fit_transform(candidate_texts)
+    queries = vectorizer.transform(query_texts)
+    return (queries @ keys.T).toarray()
+
+
+def pair_features(cfg, hasher, query_key, query_tokens, cand_key, cand_tokens, tfidf) -> dict:
+    run = longest_run(query_tokens, cand_tokens)
+    jac = hasher.jaccard(hasher.signature(query_key, query_tokens), hasher.signature(cand_key, cand_tokens))
+    return {
+        "longest_run": run,
+        "verbatim": run >= len(query_tokens),
+        "minhash_jaccard": jac,
+        "tfidf_cosine": float(tfidf),
+        "category": categorize(cfg, run, len(query_tokens), jac, tfidf),
+    }
+
+
+def run(ctx) -> None:
+    cfg: DuplicatesConfig = ctx.config
+    cands = load_candidates(ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE))
+    truth = truth_sets(ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE), cands)
+    attributions = ctx.input_table(paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pylist()
+    probes = {
+        (p["behavior_id"], p["checkpoint"]): p
+        for p in ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+        if p["exhibited"]
+    }
+    keys = sorted({(a["behavior_id"], a["checkpoint"]) for a in attributions})
+    query_index = {k: i for i, k in enumerate(keys)}
+    tfidf = tfidf_matrix(cands.texts, [probes[k]["prompt"] + probes[k]["target"] for k in keys])
+    hasher = MinHasher(cfg, ctx.profile.runtime.seed)
+    rows = []
+    for a in tqdm(attributions, desc="duplicates", unit="pair", mininterval=5):
+        key = (a["behavior_id"], a["checkpoint"])
+        probe = probes[key]
+        q_tokens = probe["prompt_ids"] + probe["target_ids"]
+        pid = a["packed_id"]
+        feats = pair_features(
+            cfg, hasher, ("q", *key), q_tokens, pid, cands.tokens[pid].tolist(), tfidf[query_index[key], pid]
+        )
+        item = probe["item_id"]
+        rows.append(
+            {
+                **a,
+                "item_id": item,
+                "count": probe["count"],
+                **feats,
+                "in_ground_truth": bool(np.isin(pid, truth[item])) if item in truth else None,
+            }
+        )
+    table = pa.Table.from_pylist(rows, SCHEMA)
+    thresholds = {k: v for k, v in asdict(cfg).items()}
+    ctx.write_table(paths.DUPLICATES_TABLE, table, thresholds=thresholds)
+    ctx.write_table(paths.COMPOSITION_TABLE, composition(table), thresholds=thresholds)
+    comp = composition(table).to_pandas()
+    for (family, method), g in comp.groupby(["family", "method"]):
+        shares = ", ".join(f"{r.category} {r.share:.2f}" for r in g.itertuples())
+        log.info("%-15s %-12s %s", family, method, shares)
+
+
+def composition(table: pa.Table) -> pa.Table:
+    """Share of each category in the top-k, per (family, method, checkpoint)."""
+    df = table.to_pandas()
+    out = []
+    for (family, method, step), g in df.groupby(["family", "method", "checkpoint"]):
+        gt = g["in_ground_truth"].dropna()
+        for category in CATEGORIES:
+            n = int((g["category"] == category).sum())
+            out.append(
+                {
+                    "family": family,
+                    "method": method,
+                    "checkpoint": int(step),
+                    "category": category,
+                    "n": n,
+                    "share": n / len(g),
+                    "n_rows": len(g),
+                    "n_behaviors": g["behavior_id"].nunique(),
+                    "ground_truth_share": float(gt.mean()) if len(gt) else None,
+                }
+            )
+    return pa.Table.from_pylist(out)
+
+
+SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("rank", pa.int32()),
+        ("packed_id", pa.int32()),
+        ("seq_idx", pa.int64()),
+        ("score", pa.float64()),
+        ("item_id", pa.string()),
+        ("count", pa.int32()),
+        ("longest_run", pa.int32()),
+        ("verbatim", pa.bool_()),
+        ("minhash_jaccard", pa.float64()),
+        ("tfidf_cosine", pa.float64()),
+        ("category", pa.string()),
+        ("in_ground_truth", pa.bool_()),
+    ]
+)

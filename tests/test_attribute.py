@@ -1,0 +1,134 @@
+"""Attribution on the nano pipeline: index layout, planted copies, skipped behaviors, metrics."""
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pythia_attribution import paths, tables
+from pythia_attribution.attribute import baselines, gradients, metrics
+from pythia_attribution.attribute.stage import load_candidates
+
+
+def _read(results, stage_name, table):
+    return tables.read_table(paths.table_path(results / stage_name, table))
+
+
+@pytest.fixture(scope="module")
+def final_checkpoint(nano_run):
+    ckpts = _read(nano_run["results"], paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    return nano_run["results"] / paths.TRAIN / ckpts[-1]["path"], ckpts[-1]["step"]
+
+
+def test_index_row_is_packed_sequence(nano_run, final_checkpoint, tmp_path):
+    """Row p of the training index is the gradient of packed sequence p."""
+    ckpt, step = final_checkpoint
+    index = nano_run["results"] / paths.ATTRIBUTE / "indexes" / f"step{step}" / "raw" / "train"
+    grads, _ = gradients.module_blocks(index)
+    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
+    assert len(grads) == len(cands.tokens)
+    for p in (0, len(cands.tokens) // 2, len(cands.tokens) - 1):
+        alone = gradients.build_index(
+            tmp_path / f"one{p}",
+            ckpt,
+            [cands.tokens[p].tolist()],
+            labels=None,
+            optimizer_state=None,
+            projection_dim=4,
+            token_batch_size=1024,
+        )
+        row, _ = gradients.module_blocks(alone)
+        np.testing.assert_allclose(row[0], grads[p], rtol=1e-3, atol=1e-5)
+
+
+def test_candidates_map_stream_positions_to_packed_rows(nano_run):
+    corpus = _read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE)
+    cands = load_candidates(corpus)
+    ids = np.asarray(corpus["input_ids"].to_pylist())
+    for seq_idx in (0, 7, len(ids) - 1):
+        assert (cands.tokens[cands.seq_to_packed[seq_idx]] == ids[seq_idx]).all()
+    assert (cands.first_seq_idx < len(cands.tokens)).all()  # every packed sequence occurs in epoch 0
+
+
+def test_planted_verbatim_copy_ranks_first(nano_run, final_checkpoint, tmp_path):
+    """A training sequence that is a verbatim copy of the query comes first for every gradient
+    method and for BM25."""
+    ckpt, _ = final_checkpoint
+    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
+    probes = _read(nano_run["results"], paths.PROBE, paths.PROBES_TABLE).to_pylist()
+    # The never-injected control canaries: the planted row is the only copy in the candidates.
+    picked = {p["behavior_id"]: p for p in probes if p["family"] == "memorized" and p["count"] == 0}
+    queries = list(picked.values())
+    assert queries
+    q_rows = [q["prompt_ids"] + q["target_ids"] for q in queries]
+    rows = cands.tokens.tolist() + q_rows  # the copies are the last rows
+    planted = np.arange(len(cands.tokens), len(rows))
+    labels = [[-100] * len(q["prompt_ids"]) + q["target_ids"] for q in queries]
+    for name, opt in (("raw", None), ("adam", ckpt)):
+        common = {"optimizer_state": opt, "projection_dim": 4, "token_batch_size": 1024}
+        train = gradients.build_index(tmp_path / name / "train", ckpt, rows, labels=None, **common)
+        query = gradients.build_index(tmp_path / name / "queries", ckpt, q_rows, labels=labels, **common)
+        hessian = gradients.autocorrelation_hessian(train, tmp_path / name / "hessian")
+        for h in (None, hessian):
+            total, _ = gradients.score_all(train, query, unit_norm=True, hessian_path=h)
+            assert (total.argmax(axis=1) == planted).all(), (name, h)
+    texts = cands.texts + [q["prompt"] + q["target"] for q in queries]
+    bm25 = baselines.bm25_scores(texts, [q["prompt"] + q["target"] for q in queries])
+    assert (bm25.argmax(axis=1) == planted).all()
+
+
+def test_non_exhibited_behaviors_are_skipped(nano_run, final_checkpoint):
+    _, step = final_checkpoint
+    results = nano_run["results"]
+    probes = _read(results, paths.PROBE, paths.PROBES_TABLE)
+    final = probes.filter(pc.equal(probes["checkpoint"], step))
+    shown = set(final.filter(final["exhibited"])["behavior_id"].to_pylist())
+    hidden = set(final.filter(pc.invert(final["exhibited"]))["behavior_id"].to_pylist())
+    assert shown and hidden
+    attributions = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)
+    assert set(attributions["behavior_id"].to_pylist()) == shown
+    skipped = _read(results, paths.ATTRIBUTE, paths.SKIPPED_TABLE).to_pylist()
+    assert {s["behavior_id"] for s in skipped if s["method"] is None} == hidden
+    assert all("not exhibited" in s["reason"] for s in skipped if s["method"] is None)
+
+
+def test_every_method_and_table_is_present(nano_run):
+    results = nano_run["results"]
+    attributions = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)
+    methods = set(attributions["method"].to_pylist())
+    assert methods == {"trackstar", "grad_cosine", "bm25", "activation", "random"}
+    layers = _read(results, paths.ATTRIBUTE, paths.LAYER_SCORES_TABLE)
+    assert set(layers["method"].to_pylist()) == {"trackstar", "grad_cosine"}
+    # Per-module scores add up to the total score of each top-k row.
+    df = layers.to_pandas().groupby(["behavior_id", "method", "rank"])["score"].sum().reset_index()
+    top = attributions.to_pandas().merge(df, on=["behavior_id", "method", "rank"], suffixes=("", "_sum"))
+    np.testing.assert_allclose(top["score"], top["score_sum"], rtol=1e-4, atol=1e-5)
+    summary = _read(results, paths.ATTRIBUTE, paths.SCORE_SUMMARY_TABLE)
+    assert {"top1pct_share", "top10pct_share", "tail_exponent", "q0500"} <= set(summary.column_names)
+    tm = _read(results, paths.ATTRIBUTE, paths.TRACING_METRICS_TABLE)
+    assert set(tm["method"].to_pylist()) == methods
+    row = tm.to_pylist()[0]
+    assert row["mrr_lo"] <= row["mrr"] <= row["mrr_hi"]
+
+
+def test_tracing_metrics_on_a_hand_example():
+    scores = np.array([0.1, 0.9, 0.5, 0.7, 0.2])
+    out = metrics.tracing(scores, np.array([3, 4]))
+    assert out["first_hit_rank"] == 2 and out["mrr"] == 0.5
+    assert out["recall_at_10"] == 1.0 and out["precision_at_10"] == 0.2 and not out["top1_hit"]
+
+
+def test_concentration_of_a_flat_and_a_peaked_distribution():
+    flat = metrics.concentration(np.ones(1000))
+    assert flat["top1pct_share"] == pytest.approx(0.01) and flat["top10pct_share"] == pytest.approx(0.1)
+    peaked = metrics.concentration(np.r_[100.0, np.full(999, 0.01)])
+    assert peaked["top1pct_share"] > 0.9
+
+
+def test_faiss_and_exact_topk_agree():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(500, 16)).astype(np.float32)
+    queries = rng.normal(size=(4, 16)).astype(np.float32)
+    ids, scores = baselines.faiss_topk(keys, queries, 10)
+    exact_ids, exact_scores = baselines.topk(queries @ keys.T, 10)
+    assert (ids == exact_ids).all()
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
