@@ -238,6 +238,15 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
         log.info("%s: up to date (fingerprint %s), skipping", stage, fp[:12])
         return final
 
+    for up in spec.upstream:
+        if not is_current(profile, up):
+            log.warning(
+                "%s: upstream stage '%s' is out of date for this profile (config or code changed); "
+                "using its existing outputs. Run `nox -s %s` to refresh everything.",
+                stage,
+                up,
+                stage,
+            )
     part = paths.partial_dir(profile.name, stage)
     if part.exists():
         shutil.rmtree(part)
