@@ -109,6 +109,12 @@ def duplicates(session: nox.Session) -> None:
 
 
 @nox.session(requires=["duplicates"])
+def memorization(session: nox.Session) -> None:
+    """Memorization at every checkpoint, against duplication, and what drives memorized sequences."""
+    _stage(session, "memorization")
+
+
+@nox.session(requires=["memorization"])
 def all(session: nox.Session) -> None:  # noqa: A001 - the session's public name
     """Run every stage of the profile in order (default profile: micro)."""
     session.log("all stages are current for this profile")

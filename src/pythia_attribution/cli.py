@@ -18,6 +18,7 @@ STAGE_HELP = {
     paths.PROBE: "probe every behavior at every checkpoint (greedy completion, log-prob, rank)",
     paths.ATTRIBUTE: "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
     paths.DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
+    paths.MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
 }
 
 

@@ -148,6 +148,25 @@ class DuplicatesConfig:
 
 
 @dataclass(frozen=True)
+class MemorizationConfig:
+    context: int = doc("tokens of context (Biderman et al. 2023: 32)", 32)
+    continuation: int = doc("tokens that must be reproduced greedily (32)", 32)
+    batch_size: int = doc("windows per forward pass", 256)
+    methods: list[str] = doc(
+        "attribution methods for memorized sequences (trackstar, grad_cosine, bm25)",
+        default_factory=lambda: ["trackstar", "grad_cosine", "bm25"],
+    )
+    top_k: int = doc("top-ranked training sequences kept per memorized sequence", 20)
+    max_queries: int = doc("memorized sequences attributed at most (seeded sample; 0: all)", 100)
+    early_until: int = doc("memorized first at or before this step: early; after it: late", 300)
+    restricted: bool = doc(
+        "also attribute each memorized sequence at the checkpoint where it was first memorized, "
+        "over the sequences trained before that checkpoint only",
+        True,
+    )
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str = doc("profile name (the file's stem)")
     description: str = doc("one line on what the profile is for", "")
@@ -157,6 +176,7 @@ class Profile:
     probe: ProbeConfig = doc("probe stage", default_factory=ProbeConfig)
     attribute: AttributeConfig = doc("attribute stage", default_factory=AttributeConfig)
     duplicates: DuplicatesConfig = doc("duplicates stage", default_factory=DuplicatesConfig)
+    memorization: MemorizationConfig = doc("memorization stage", default_factory=MemorizationConfig)
 
 
 def _type_ok(value, tp) -> bool:

@@ -24,7 +24,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute.stage import load_candidates, truth_sets
+from pythia_attribution.attribute.stage import ATTRIBUTION_SCHEMA, load_candidates, truth_sets
 from pythia_attribution.config import DuplicatesConfig
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,7 @@ def composition(table: pa.Table) -> pa.Table:
 
 SCHEMA = pa.schema(
     [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
-        ("rank", pa.int32()),
-        ("packed_id", pa.int32()),
-        ("seq_idx", pa.int64()),
-        ("score", pa.float64()),
+        *ATTRIBUTION_SCHEMA,
         ("item_id", pa.string()),
         ("count", pa.int32()),
         ("longest_run", pa.int32()),

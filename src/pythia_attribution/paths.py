@@ -48,7 +48,8 @@ def resolve_input(path: str) -> Path:
 
 # Stages, in pipeline order, and the tables each one writes.
 CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
-STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES)
+MEMORIZATION = "memorization"
+STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION)
 
 CORPUS_TABLE = "corpus"
 DOCUMENTS_TABLE = "documents"
@@ -65,6 +66,12 @@ TRACING_TABLE = "tracing"
 TRACING_METRICS_TABLE = "tracing_metrics"
 DUPLICATES_TABLE = "duplicates"
 COMPOSITION_TABLE = "composition"
+MEMORIZATION_TABLE = "memorization"
+MEMORIZATION_SUMMARY_TABLE = "memorization_summary"
+MEMORIZATION_BY_DUP_TABLE = "memorization_by_dup"
+DUPLICATION_TABLE = "duplication"
+MEMORIZED_ATTRIBUTION_TABLE = "memorized_attribution"
+MEMORIZED_COMPOSITION_TABLE = "memorized_composition"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"

@@ -106,6 +106,13 @@ SPECS: dict[str, StageSpec] = {
         ("runtime", "duplicates"),
         ("duplicates.py", "attribute/stage.py"),
     ),
+    paths.MEMORIZATION: StageSpec(
+        paths.MEMORIZATION,
+        "pythia_attribution.memorization",
+        (paths.CORPUS, paths.TRAIN, paths.ATTRIBUTE),
+        ("runtime", "memorization", "duplicates", "attribute"),
+        ("memorization.py", "duplicates.py", "attribute/gradients.py", "attribute/baselines.py", "model.py"),
+    ),
 }
 
 PACKAGES = ("torch", "transformers", "tokenizers", "pyarrow", "numpy", "faker", "bergson")

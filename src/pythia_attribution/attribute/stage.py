@@ -262,46 +262,22 @@ def aggregate_tracing(per_behavior: pa.Table, seed: int, n_boot: int) -> pa.Tabl
     return pa.Table.from_pylist(rows, TRACING_METRICS_SCHEMA)
 
 
-ATTRIBUTION_SCHEMA = pa.schema(
-    [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
-        ("rank", pa.int32()),
-        ("packed_id", pa.int32()),
-        ("seq_idx", pa.int64()),
-        ("score", pa.float64()),
-    ]
-)
+# Every per-query table starts with these columns; a top-k row adds its rank and sequence.
+QUERY_KEY = [
+    ("behavior_id", pa.string()),
+    ("family", pa.string()),
+    ("method", pa.string()),
+    ("checkpoint", pa.int64()),
+]
+TOP_K_ROW = [*QUERY_KEY, ("rank", pa.int32()), ("packed_id", pa.int32())]
+ATTRIBUTION_SCHEMA = pa.schema([*TOP_K_ROW, ("seq_idx", pa.int64()), ("score", pa.float64())])
 LAYER_SCHEMA = pa.schema(
-    [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
-        ("rank", pa.int32()),
-        ("packed_id", pa.int32()),
-        ("module", pa.string()),
-        ("layer", pa.int32()),
-        ("score", pa.float64()),
-    ]
+    [*TOP_K_ROW, ("module", pa.string()), ("layer", pa.int32()), ("score", pa.float64())]
 )
-SKIPPED_SCHEMA = pa.schema(
-    [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("checkpoint", pa.int64()),
-        ("method", pa.string()),
-        ("reason", pa.string()),
-    ]
-)
+SKIPPED_SCHEMA = pa.schema([*QUERY_KEY, ("reason", pa.string())])
 TRACING_SCHEMA = pa.schema(
     [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
+        *QUERY_KEY,
         ("item_id", pa.string()),
         ("count", pa.int32()),
         ("mrr", pa.float64()),

@@ -1,0 +1,326 @@
+"""Memorization stage (Biderman et al. 2023): which training sequences are memorized, how often
+they are duplicated, and what attribution says drives them.
+
+The test on a sequence's first 64 tokens: ``memorized`` when the greedy continuation of the first
+32 tokens reproduces tokens 32-63 exactly. One teacher-forced forward pass decides it: if the
+argmax at every target position is the true next token, greedy decoding follows the true prefix
+all the way. The per-position agreement of that pass is reported as ``tf_accuracy`` (it is not
+the generation-based memorization score, which diverges once greedy decoding leaves the text).
+
+Checkpoint ``stepN`` has trained on the rows with ``seq_idx < N * batch_size``; a sequence is
+tested only at checkpoints that have trained on it. Every epoch trains on the same packed
+sequences, so the test runs once per (packed sequence, checkpoint) and is expanded to stream
+positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from pythia_attribution import paths
+from pythia_attribution.attribute import baselines, gradients
+from pythia_attribution.attribute.stage import load_candidates, truth_sets
+from pythia_attribution.duplicates import MinHasher, pair_features, tfidf_matrix
+from pythia_attribution.model import load_checkpoint, set_threads
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def memorization_test(
+    model, windows: np.ndarray, context: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact-match flags and teacher-forced accuracy for windows of ``context`` + continuation tokens."""
+    memorized = np.zeros(len(windows), dtype=bool)
+    accuracy = np.zeros(len(windows), dtype=np.float32)
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start : start + batch_size])
+        logits = model(input_ids=batch[:, :-1]).logits[:, context - 1 :]
+        hits = logits.argmax(-1) == batch[:, context:]
+        memorized[start : start + len(batch)] = hits.all(dim=1).numpy()
+        accuracy[start : start + len(batch)] = hits.float().mean(dim=1).numpy()
+    return memorized, accuracy
+
+
+def window_counts(tokens: np.ndarray, width: int) -> Counter:
+    """Occurrences of every ``width``-token window in the packed stream (packed sequences joined)."""
+    # Packed sequence p is stream[p * (seq_len + 1) : (p + 1) * (seq_len + 1)]: joined, they are the stream.
+    flat = np.ascontiguousarray(tokens.reshape(-1).astype(np.uint16))
+    view = np.lib.stride_tricks.sliding_window_view(flat, width)
+    return Counter(row.tobytes() for row in view)
+
+
+def near_duplicate_counts(windows: np.ndarray, cfg, seed: int) -> np.ndarray:
+    """For every window, how many other windows have MinHash Jaccard (token 5-grams) >= threshold."""
+    from datasketch import MinHashLSH
+
+    hasher = MinHasher(cfg, seed)
+    lsh = MinHashLSH(threshold=cfg.near_jaccard, num_perm=cfg.num_perm)
+    sigs = [hasher.signature(i, w.tolist())[0] for i, w in enumerate(windows)]
+    for i, sig in enumerate(sigs):
+        lsh.insert(i, sig)
+    out = np.zeros(len(windows), dtype=np.int32)
+    for i, sig in enumerate(sigs):
+        out[i] = sum(1 for j in lsh.query(sig) if j != i and sigs[j].jaccard(sig) >= cfg.near_jaccard)
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def dup_bin(count: int) -> str:
+    """Log2 bins: 1, 2, 3-4, 5-8, 9-16, ..."""
+    if count <= 2:
+        return str(max(count, 1))
+    upper = 2 ** math.ceil(math.log2(count))
+    return f"{upper // 2 + 1}-{upper}"
+
+
+def run(ctx) -> None:
+    cfg = ctx.config
+    seed = ctx.profile.runtime.seed
+    set_threads(ctx.profile.runtime.threads)
+    corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
+    cands = load_candidates(corpus)
+    batch = int(corpus["batch_pos"].to_numpy().max()) + 1
+    seq_packed = cands.seq_to_packed
+    n_seq = len(seq_packed)
+    width = cfg.context + cfg.continuation
+    windows = cands.tokens[:, :width].astype(np.int64)
+    ckpts = sorted(ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist(), key=lambda c: c["step"])
+
+    # 1. The test at every checkpoint, on every packed sequence that checkpoint has trained on.
+    results = {}
+    for ckpt in tqdm(ckpts, desc="memorization", unit="ckpt"):
+        trained = seq_packed[: min(n_seq, ckpt["step"] * batch)]
+        packed = np.unique(trained)
+        if len(packed) == 0:
+            continue
+        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
+        mem, acc = memorization_test(model, windows[packed], cfg.context, cfg.batch_size)
+        results[ckpt["step"]] = (packed, mem, acc)
+    rows = {"seq_idx": [], "packed_id": [], "checkpoint": [], "memorized": [], "tf_accuracy": []}
+    for step, (packed, mem, acc) in results.items():
+        lookup_m = dict(zip(packed.tolist(), mem.tolist(), strict=True))
+        lookup_a = dict(zip(packed.tolist(), acc.tolist(), strict=True))
+        seqs = np.arange(min(n_seq, step * batch))
+        rows["seq_idx"].extend(seqs.tolist())
+        rows["packed_id"].extend(seq_packed[seqs].tolist())
+        rows["checkpoint"].extend([step] * len(seqs))
+        rows["memorized"].extend(lookup_m[p] for p in seq_packed[seqs].tolist())
+        rows["tf_accuracy"].extend(lookup_a[p] for p in seq_packed[seqs].tolist())
+    memorization = pa.table(rows)
+    ctx.write_table(
+        paths.MEMORIZATION_TABLE, memorization, context=cfg.context, continuation=cfg.continuation
+    )
+
+    # 2. Per stream position: when trained, first memorized, forgotten.
+    steps = sorted(results)
+    per_packed = {s: dict(zip(results[s][0].tolist(), results[s][1].tolist(), strict=True)) for s in steps}
+    summary = []
+    for seq in range(n_seq):
+        p = int(seq_packed[seq])
+        seen = [s for s in steps if s * batch > seq]
+        flags = [per_packed[s][p] for s in seen]
+        first = next((s for s, f in zip(seen, flags, strict=True) if f), None)
+        summary.append(
+            {
+                "seq_idx": seq,
+                "packed_id": p,
+                "trained_step": seq // batch,
+                "first_memorized": first,
+                "memorized_final": bool(flags[-1]) if flags else False,
+                "forgotten": bool(first is not None and not flags[-1]),
+            }
+        )
+    summary_table = pa.Table.from_pylist(summary)
+    ctx.write_table(paths.MEMORIZATION_SUMMARY_TABLE, summary_table)
+
+    # 3. Duplication of each packed sequence's window, and memorized fraction against it.
+    counts = window_counts(cands.tokens, width)
+    exact = np.array([counts[w.astype(np.uint16).tobytes()] for w in windows], dtype=np.int32)
+    near = near_duplicate_counts(windows, ctx.profile.duplicates, seed)
+    final_step = steps[-1]
+    final_mem = np.zeros(len(windows), dtype=bool)
+    final_mem[results[final_step][0]] = results[final_step][1]
+    ground = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    injected = np.zeros(len(windows), dtype=np.int32)
+    canary_truth = truth_sets(ground.filter(pa.compute.equal(ground["kind"], "canary")), cands)
+    counts_by_item = dict(zip(ground["item_id"].to_pylist(), ground["count"].to_pylist(), strict=True))
+    for item, packed in canary_truth.items():
+        injected[packed] = np.maximum(injected[packed], counts_by_item[item])
+    dup_rows = []
+    for kind, values in (("exact_window", exact), ("near_duplicate", near + 1)):
+        bins: dict[str, list[int]] = {}
+        for v, m in zip(values.tolist(), final_mem.tolist(), strict=True):
+            bins.setdefault(dup_bin(v), []).append(m)
+        for b, ms in sorted(bins.items(), key=lambda kv: int(kv[0].split("-")[-1])):
+            lo, hi = wilson(sum(ms), len(ms))
+            dup_rows.append(
+                {
+                    "duplication": kind,
+                    "bin": b,
+                    "n": len(ms),
+                    "n_memorized": sum(ms),
+                    "fraction": sum(ms) / len(ms),
+                    "ci_lo": lo,
+                    "ci_hi": hi,
+                }
+            )
+    ctx.write_table(
+        paths.MEMORIZATION_BY_DUP_TABLE,
+        pa.Table.from_pylist(dup_rows),
+        note="per packed sequence at the final checkpoint; near_duplicate counts include the sequence; "
+        "95% Wilson intervals",
+    )
+    ctx.write_table(
+        paths.DUPLICATION_TABLE,
+        pa.table(
+            {
+                "packed_id": np.arange(len(windows)),
+                "exact_window_count": exact,
+                "near_duplicate_count": near,
+                "injected_canary_count": injected,
+                "memorized_final": final_mem,
+            }
+        ),
+    )
+    attribute_memorized(ctx, cands, windows, summary_table, exact, final_step, batch)
+
+
+def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) -> None:
+    """Attribute memorized sequences (query: 64-token window, loss on its last 32 tokens)."""
+    cfg = ctx.config
+    mem = summary.to_pandas()
+    mem = mem[mem["memorized_final"]].drop_duplicates("packed_id")
+    if cfg.max_queries and len(mem) > cfg.max_queries:
+        mem = mem.sample(n=cfg.max_queries, random_state=ctx.profile.runtime.seed)
+    mem = mem.sort_values("packed_id")
+    log.info("%d memorized packed sequences at step%d to attribute", len(mem), final_step)
+    rows = []
+    hasher = MinHasher(ctx.profile.duplicates, ctx.profile.runtime.seed)
+    early_late = {
+        int(r.packed_id): ("early" if r.first_memorized <= cfg.early_until else "late")
+        for r in mem.itertuples()
+    }
+    attribute_at(ctx, cands, windows, mem, final_step, None, rows, hasher, exact, early_late, "final")
+    if cfg.restricted:
+        for step, g in mem.groupby("first_memorized"):
+            allowed = np.where(cands.first_seq_idx < int(step) * batch)[0]
+            if len(allowed) == len(cands.tokens):
+                allowed = None  # every sequence was trained before: the unrestricted index serves
+            attribute_at(
+                ctx, cands, windows, g, int(step), allowed, rows, hasher, exact, early_late, "first_memorized"
+            )
+    table = pa.Table.from_pylist(rows)
+    ctx.write_table(paths.MEMORIZED_ATTRIBUTION_TABLE, table)
+    df = table.to_pandas()
+    comp = []
+    if not df.empty:
+        for (setting, group, method), g in df.groupby(["setting", "group", "method"]):
+            for category in ("self", *CATEGORIES_DUP):
+                n = int((g["category"] == category).sum())
+                comp.append(
+                    {
+                        "setting": setting,
+                        "group": group,
+                        "method": method,
+                        "category": category,
+                        "n": n,
+                        "share": n / len(g),
+                        "n_queries": g["packed_query"].nunique(),
+                    }
+                )
+    ctx.write_table(paths.MEMORIZED_COMPOSITION_TABLE, pa.Table.from_pylist(comp))
+
+
+CATEGORIES_DUP = ("exact", "near_duplicate", "thematic", "unrelated")
+
+
+def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, early_late, setting) -> None:
+    cfg = ctx.config
+    ckpt_dir = ctx.inputs[paths.TRAIN] / f"checkpoints/step{step}"
+    if not len(mem):
+        return
+    q_ids = mem["packed_id"].to_numpy()
+    q_rows = windows[q_ids].tolist()
+    labels = [[-100] * cfg.context + w[cfg.context :] for w in q_rows]
+    keys = np.arange(len(cands.tokens)) if allowed is None else allowed
+    work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
+    work.mkdir(parents=True, exist_ok=True)
+    scores = {}
+    opt = ckpt_dir / "optimizer.pt"
+    for method in cfg.methods:
+        if method == "bm25":
+            texts = [cands.texts[i] for i in keys]
+            scores[method] = baselines.bm25_scores(texts, [cands.texts[q] for q in q_ids])
+            continue
+        normalize = method == "trackstar"
+        if normalize and not opt.is_file():
+            continue
+        common = {
+            "optimizer_state": opt if normalize else None,
+            "projection_dim": ctx.profile.attribute.projection_dim,
+            "token_batch_size": ctx.profile.attribute.token_batch_size,
+        }
+        name = "adam" if normalize else "raw"
+        # At the final checkpoint over all candidates, the attribute stage's index is this index.
+        shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name / "train"
+        train = shared if allowed is None and shared.exists() else work / f"{name}-train"
+        if not train.exists():
+            gradients.build_index(train, ckpt_dir, cands.tokens[keys].tolist(), labels=None, **common)
+        query = gradients.build_index(
+            work / f"{name}-queries-{method}", ckpt_dir, q_rows, labels=labels, **common
+        )
+        hessian = None
+        if normalize:
+            hessian = work / f"{name}-hessian"
+            if not hessian.exists():
+                gradients.autocorrelation_hessian(train, hessian)
+        scores[method], _ = gradients.score_all(train, query, unit_norm=True, hessian_path=hessian)
+    tfidf = tfidf_matrix([cands.texts[i] for i in keys], [cands.texts[q] for q in q_ids])
+    for method, s in scores.items():
+        order, top = baselines.topk(s, cfg.top_k)
+        for qi, q in enumerate(q_ids):
+            for rank, (col, score) in enumerate(zip(order[qi], top[qi], strict=True), start=1):
+                pid = int(keys[col])
+                feats = pair_features(
+                    ctx.profile.duplicates,
+                    hasher,
+                    ("w", int(q)),
+                    q_rows[qi],
+                    pid,
+                    cands.tokens[pid].tolist(),
+                    tfidf[qi, col],
+                )
+                category = "self" if pid == q else feats["category"]
+                rows.append(
+                    {
+                        "setting": setting,
+                        "checkpoint": step,
+                        "group": early_late[int(q)],
+                        "method": method,
+                        "packed_query": int(q),
+                        "rank": rank,
+                        "packed_id": pid,
+                        "score": float(score),
+                        "category": category,
+                        "query_exact_count": int(exact[q]),
+                        **{k: v for k, v in feats.items() if k != "category"},
+                    }
+                )
