@@ -240,11 +240,6 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     spec = SPECS[stage]
     final = paths.stage_dir(profile.name, stage)
     fp, input_hashes = fingerprint(profile, spec)
-    record = read_record(profile.name, stage)
-    if not force and record is not None and is_current(profile, stage):
-        log.info("%s: up to date (fingerprint %s), skipping", stage, fp[:12])
-        return final
-
     for up in spec.upstream:
         if not is_current(profile, up):
             log.warning(
@@ -254,6 +249,11 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
                 up,
                 stage,
             )
+    record = read_record(profile.name, stage)
+    if not force and record is not None and is_current(profile, stage):
+        log.info("%s: up to date (fingerprint %s), skipping", stage, fp[:12])
+        return final
+
     part = paths.partial_dir(profile.name, stage)
     if part.exists():
         shutil.rmtree(part)
