@@ -92,3 +92,18 @@ def test_bins_and_intervals():
     lo, hi = wilson(5, 10)
     assert lo < 0.5 < hi
     assert wilson(0, 20)[0] == 0.0
+
+
+def test_canary_memorization_agrees_with_the_probe(nano_run):
+    """The memorization test on each canary's 64 tokens decides what the probe's greedy
+    generation decided for the same canary at the same checkpoint."""
+    results = nano_run["results"]
+    table = _read(results, paths.MEMORIZATION, paths.CANARY_MEMORIZATION_TABLE).to_pandas()
+    probes = _read(results, paths.PROBE, paths.PROBES_TABLE).to_pandas()
+    canary = probes[probes["behavior_id"].str.startswith("canary/")]
+    by_probe = canary.groupby(["checkpoint", "count"])["exhibited"].sum()
+    for row in table.itertuples():
+        assert row.n_memorized == by_probe[(row.checkpoint, row.injected_count)]
+    attributed = _read(results, paths.MEMORIZATION, paths.CANARY_ATTRIBUTION_TABLE).to_pandas()
+    final = table[table["checkpoint"] == table["checkpoint"].max()]
+    assert len(attributed) == final["n_memorized"].sum() * 3  # trackstar, grad_cosine, bm25

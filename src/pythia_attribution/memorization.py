@@ -200,7 +200,109 @@ def run(ctx) -> None:
             }
         ),
     )
+    canaries(ctx, cands, ckpts, ground, final_step)
     attribute_memorized(ctx, cands, windows, summary_table, exact, final_step, batch)
+
+
+def canaries(ctx, cands, ckpts, ground, final_step) -> None:
+    """Canaries by injected count: memorized share at every checkpoint (the same test on each
+    canary's own 64 tokens), and whether attribution's top-1 for a memorized canary is one of its
+    own copies (query: the canary's 64 tokens, loss on the last 32)."""
+    cfg = ctx.config
+    items = ground.filter(pa.compute.equal(ground["kind"], "canary")).to_pylist()
+    windows = np.array([it["prompt_ids"] + it["target_ids"] for it in items], dtype=np.int64)
+    truth = truth_sets(ground, cands)
+    rows, final_mem = [], None
+    for ckpt in ckpts:
+        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
+        mem, _ = memorization_test(model, windows, cfg.context, cfg.batch_size)
+        if ckpt["step"] == final_step:
+            final_mem = mem
+        for count in sorted({it["count"] for it in items}):
+            sel = [i for i, it in enumerate(items) if it["count"] == count]
+            k = int(mem[sel].sum())
+            lo, hi = wilson(k, len(sel))
+            rows.append(
+                {
+                    "checkpoint": ckpt["step"],
+                    "injected_count": count,
+                    "n": len(sel),
+                    "n_memorized": k,
+                    "fraction": k / len(sel),
+                    "ci_lo": lo,
+                    "ci_hi": hi,
+                }
+            )
+    ctx.write_table(paths.CANARY_MEMORIZATION_TABLE, pa.Table.from_pylist(rows), note="95% Wilson intervals")
+
+    chosen = [i for i in range(len(items)) if final_mem[i] and items[i]["item_id"] in truth]
+    out = []
+    if chosen:
+        q_rows = windows[chosen].tolist()
+        q_texts = [items[i]["prompt"] + items[i]["target"] for i in chosen]
+        scores = score_windows(ctx, cands, q_rows, q_texts, final_step)
+        for method, s in scores.items():
+            order = np.argsort(-s, axis=1, kind="stable")
+            for qi, i in enumerate(chosen):
+                own = np.isin(order[qi], truth[items[i]["item_id"]])
+                out.append(
+                    {
+                        "item_id": items[i]["item_id"],
+                        "injected_count": items[i]["count"],
+                        "method": method,
+                        "checkpoint": final_step,
+                        "top1_packed_id": int(order[qi, 0]),
+                        "top1_is_own_copy": bool(own[0]),
+                        "first_own_copy_rank": int(np.argmax(own)) + 1,
+                    }
+                )
+    ctx.write_table(paths.CANARY_ATTRIBUTION_TABLE, pa.Table.from_pylist(out, CANARY_ATTRIBUTION_SCHEMA))
+    for method in cfg.methods:
+        hits = [r["top1_is_own_copy"] for r in out if r["method"] == method]
+        if hits:
+            log.info("memorized canaries: %s top-1 is an own copy for %d/%d", method, sum(hits), len(hits))
+
+
+CANARY_ATTRIBUTION_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("injected_count", pa.int32()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("top1_packed_id", pa.int64()),
+        ("top1_is_own_copy", pa.bool_()),
+        ("first_own_copy_rank", pa.int64()),
+    ]
+)
+
+
+def score_windows(
+    ctx, cands, q_rows: list[list[int]], q_texts: list[str], step: int
+) -> dict[str, np.ndarray]:
+    """Scores of 64-token windows (loss on the continuation) against every packed sequence at
+    the final checkpoint, reusing the attribute stage's indexes."""
+    cfg = ctx.config
+    ckpt_dir = ctx.inputs[paths.TRAIN] / f"checkpoints/step{step}"
+    labels = [[-100] * cfg.context + w[cfg.context :] for w in q_rows]
+    work = ctx.out_dir / "indexes" / f"canaries-step{step}"
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for method in cfg.methods:
+        if method == "bm25":
+            out[method] = baselines.bm25_scores(cands.texts, q_texts)
+            continue
+        normalize = method == "trackstar"
+        name = "adam" if normalize else "raw"
+        shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name
+        common = {
+            "optimizer_state": ckpt_dir if normalize else None,
+            "projection_dim": ctx.profile.attribute.projection_dim,
+            "token_batch_size": ctx.profile.attribute.token_batch_size,
+        }
+        query = gradients.build_index(work / f"{method}-queries", ckpt_dir, q_rows, labels=labels, **common)
+        hessian = shared / "hessian" if normalize else None
+        out[method], _ = gradients.score_all(shared / "train", query, unit_norm=True, hessian_path=hessian)
+    return out
 
 
 def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) -> None:

@@ -72,6 +72,8 @@ MEMORIZATION_BY_DUP_TABLE = "memorization_by_dup"
 DUPLICATION_TABLE = "duplication"
 MEMORIZED_ATTRIBUTION_TABLE = "memorized_attribution"
 MEMORIZED_COMPOSITION_TABLE = "memorized_composition"
+CANARY_MEMORIZATION_TABLE = "canary_memorization"
+CANARY_ATTRIBUTION_TABLE = "canary_attribution"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
