@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
@@ -361,6 +362,8 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
         return
     q_ids = mem["packed_id"].to_numpy()
     q_rows = windows[q_ids].tolist()
+    tokenizer = AutoTokenizer.from_pretrained(ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR)
+    q_texts = tokenizer.batch_decode(q_rows)  # the 64-token windows, as BM25 and TF-IDF see them
     labels = [[-100] * cfg.context + w[cfg.context :] for w in q_rows]
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
     work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
@@ -370,10 +373,11 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
     for method in cfg.methods:
         if method == "bm25":
             texts = [cands.texts[i] for i in keys]
-            scores[method] = baselines.bm25_scores(texts, [cands.texts[q] for q in q_ids])
+            scores[method] = baselines.bm25_scores(texts, q_texts)
             continue
         normalize = method == "trackstar"
         if normalize and not opt.is_file():
+            log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method, step)
             continue
         common = {
             "optimizer_state": opt if normalize else None,
@@ -395,7 +399,7 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
             if not hessian.exists():
                 gradients.autocorrelation_hessian(train, hessian)
         scores[method], _ = gradients.score_all(train, query, unit_norm=True, hessian_path=hessian)
-    tfidf = tfidf_matrix([cands.texts[i] for i in keys], [cands.texts[q] for q in q_ids])
+    tfidf = tfidf_matrix([cands.texts[i] for i in keys], q_texts)
     for method, s in scores.items():
         order, top = baselines.topk(s, cfg.top_k)
         for qi, q in enumerate(q_ids):
