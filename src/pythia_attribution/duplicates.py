@@ -131,11 +131,11 @@ def run(ctx) -> None:
             }
         )
     table = pa.Table.from_pylist(rows, SCHEMA)
-    thresholds = {k: v for k, v in asdict(cfg).items()}
+    thresholds = asdict(cfg)
+    comp = composition(table)
     ctx.write_table(paths.DUPLICATES_TABLE, table, thresholds=thresholds)
-    ctx.write_table(paths.COMPOSITION_TABLE, composition(table), thresholds=thresholds)
-    comp = composition(table).to_pandas()
-    for (family, method), g in comp.groupby(["family", "method"]):
+    ctx.write_table(paths.COMPOSITION_TABLE, comp, thresholds=thresholds)
+    for (family, method), g in comp.to_pandas().groupby(["family", "method"]):
         shares = ", ".join(f"{r.category} {r.share:.2f}" for r in g.itertuples())
         log.info("%-15s %-12s %s", family, method, shares)
 

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
 from pythia_attribution.attribute.stage import load_candidates, truth_sets
-from pythia_attribution.duplicates import MinHasher, pair_features, tfidf_matrix
+from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
 from pythia_attribution.model import load_checkpoint, set_threads
 
 log = logging.getLogger(__name__)
@@ -105,39 +105,48 @@ def run(ctx) -> None:
     windows = cands.tokens[:, :width].astype(np.int64)
     ckpts = sorted(ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist(), key=lambda c: c["step"])
 
-    # 1. The test at every checkpoint, on every packed sequence that checkpoint has trained on.
-    results = {}
+    ground = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    canary_items = ground.filter(pa.compute.equal(ground["kind"], "canary")).to_pylist()
+    canary_windows = np.array([it["prompt_ids"] + it["target_ids"] for it in canary_items], dtype=np.int64)
+
+    # 1. The test at every checkpoint, on every packed sequence that checkpoint has trained on (and
+    # on each canary's own 64 tokens), one model load per checkpoint. Per step: flags indexed by
+    # packed id, meaningful for the packed ids that step has trained on.
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    canary_mem: dict[int, np.ndarray] = {}
     for ckpt in tqdm(ckpts, desc="memorization", unit="ckpt"):
-        trained = seq_packed[: min(n_seq, ckpt["step"] * batch)]
-        packed = np.unique(trained)
+        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
+        canary_mem[ckpt["step"]], _ = memorization_test(model, canary_windows, cfg.context, cfg.batch_size)
+        packed = np.unique(seq_packed[: min(n_seq, ckpt["step"] * batch)])
         if len(packed) == 0:
             continue
-        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
-        mem, acc = memorization_test(model, windows[packed], cfg.context, cfg.batch_size)
-        results[ckpt["step"]] = (packed, mem, acc)
-    rows = {"seq_idx": [], "packed_id": [], "checkpoint": [], "memorized": [], "tf_accuracy": []}
-    for step, (packed, mem, acc) in results.items():
-        lookup_m = dict(zip(packed.tolist(), mem.tolist(), strict=True))
-        lookup_a = dict(zip(packed.tolist(), acc.tolist(), strict=True))
-        seqs = np.arange(min(n_seq, step * batch))
-        rows["seq_idx"].extend(seqs.tolist())
-        rows["packed_id"].extend(seq_packed[seqs].tolist())
-        rows["checkpoint"].extend([step] * len(seqs))
-        rows["memorized"].extend(lookup_m[p] for p in seq_packed[seqs].tolist())
-        rows["tf_accuracy"].extend(lookup_a[p] for p in seq_packed[seqs].tolist())
-    memorization = pa.table(rows)
+        mem, acc = np.zeros(len(windows), dtype=bool), np.zeros(len(windows), dtype=np.float32)
+        mem[packed], acc[packed] = memorization_test(model, windows[packed], cfg.context, cfg.batch_size)
+        results[ckpt["step"]] = (mem, acc)
+    steps = sorted(results)
+    seq_idx = np.concatenate([np.arange(min(n_seq, s * batch)) for s in steps])
+    step_of = np.concatenate([np.full(min(n_seq, s * batch), s) for s in steps])
+    memorization = pa.table(
+        {
+            "seq_idx": seq_idx,
+            "packed_id": seq_packed[seq_idx].astype(np.int64),
+            "checkpoint": step_of,
+            "memorized": np.concatenate([results[s][0][seq_packed[: min(n_seq, s * batch)]] for s in steps]),
+            "tf_accuracy": np.concatenate(
+                [results[s][1][seq_packed[: min(n_seq, s * batch)]] for s in steps]
+            ).astype(np.float64),
+        }
+    )
     ctx.write_table(
         paths.MEMORIZATION_TABLE, memorization, context=cfg.context, continuation=cfg.continuation
     )
 
     # 2. Per stream position: when trained, first memorized, forgotten.
-    steps = sorted(results)
-    per_packed = {s: dict(zip(results[s][0].tolist(), results[s][1].tolist(), strict=True)) for s in steps}
     summary = []
     for seq in range(n_seq):
         p = int(seq_packed[seq])
         seen = [s for s in steps if s * batch > seq]
-        flags = [per_packed[s][p] for s in seen]
+        flags = [bool(results[s][0][p]) for s in seen]
         first = next((s for s, f in zip(seen, flags, strict=True) if f), None)
         summary.append(
             {
@@ -157,9 +166,7 @@ def run(ctx) -> None:
     exact = np.array([counts[w.astype(np.uint16).tobytes()] for w in windows], dtype=np.int32)
     near = near_duplicate_counts(windows, ctx.profile.duplicates, seed)
     final_step = steps[-1]
-    final_mem = np.zeros(len(windows), dtype=bool)
-    final_mem[results[final_step][0]] = results[final_step][1]
-    ground = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    final_mem = results[final_step][0]
     injected = np.zeros(len(windows), dtype=np.int32)
     canary_truth = truth_sets(ground.filter(pa.compute.equal(ground["kind"], "canary")), cands)
     counts_by_item = dict(zip(ground["item_id"].to_pylist(), ground["count"].to_pylist(), strict=True))
@@ -201,31 +208,24 @@ def run(ctx) -> None:
             }
         ),
     )
-    canaries(ctx, cands, ckpts, ground, final_step)
+    canaries(ctx, cands, ground, canary_items, canary_windows, canary_mem, final_step)
     attribute_memorized(ctx, cands, windows, summary_table, exact, final_step, batch)
 
 
-def canaries(ctx, cands, ckpts, ground, final_step) -> None:
+def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None:
     """Canaries by injected count: memorized share at every checkpoint (the same test on each
     canary's own 64 tokens), and whether attribution's top-1 for a memorized canary is one of its
     own copies (query: the canary's 64 tokens, loss on the last 32)."""
-    cfg = ctx.config
-    items = ground.filter(pa.compute.equal(ground["kind"], "canary")).to_pylist()
-    windows = np.array([it["prompt_ids"] + it["target_ids"] for it in items], dtype=np.int64)
     truth = truth_sets(ground, cands)
-    rows, final_mem = [], None
-    for ckpt in ckpts:
-        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
-        mem, _ = memorization_test(model, windows, cfg.context, cfg.batch_size)
-        if ckpt["step"] == final_step:
-            final_mem = mem
+    rows = []
+    for step, mem in canary_mem.items():
         for count in sorted({it["count"] for it in items}):
             sel = [i for i, it in enumerate(items) if it["count"] == count]
             k = int(mem[sel].sum())
             lo, hi = wilson(k, len(sel))
             rows.append(
                 {
-                    "checkpoint": ckpt["step"],
+                    "checkpoint": step,
                     "injected_count": count,
                     "n": len(sel),
                     "n_memorized": k,
@@ -236,12 +236,13 @@ def canaries(ctx, cands, ckpts, ground, final_step) -> None:
             )
     ctx.write_table(paths.CANARY_MEMORIZATION_TABLE, pa.Table.from_pylist(rows), note="95% Wilson intervals")
 
+    final_mem = canary_mem[final_step]
     chosen = [i for i in range(len(items)) if final_mem[i] and items[i]["item_id"] in truth]
     out = []
     if chosen:
         q_rows = windows[chosen].tolist()
         q_texts = [items[i]["prompt"] + items[i]["target"] for i in chosen]
-        scores = score_windows(ctx, cands, q_rows, q_texts, final_step)
+        scores = window_scores(ctx, cands, final_step, None, q_rows, q_texts, "canaries")
         for method, s in scores.items():
             order = np.argsort(-s, axis=1, kind="stable")
             for qi, i in enumerate(chosen):
@@ -258,7 +259,7 @@ def canaries(ctx, cands, ckpts, ground, final_step) -> None:
                     }
                 )
     ctx.write_table(paths.CANARY_ATTRIBUTION_TABLE, pa.Table.from_pylist(out, CANARY_ATTRIBUTION_SCHEMA))
-    for method in cfg.methods:
+    for method in ctx.config.methods:
         hits = [r["top1_is_own_copy"] for r in out if r["method"] == method]
         if hits:
             log.info("memorized canaries: %s top-1 is an own copy for %d/%d", method, sum(hits), len(hits))
@@ -277,33 +278,52 @@ CANARY_ATTRIBUTION_SCHEMA = pa.schema(
 )
 
 
-def score_windows(
-    ctx, cands, q_rows: list[list[int]], q_texts: list[str], step: int
-) -> dict[str, np.ndarray]:
-    """Scores of 64-token windows (loss on the continuation) against every packed sequence at
-    the final checkpoint, reusing the attribute stage's indexes."""
+def window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting) -> dict[str, np.ndarray]:
+    """Scores of 64-token windows (loss on the last ``continuation`` tokens) against the packed
+    sequences in ``allowed`` (all when None), by every configured method, at checkpoint ``step``.
+
+    Over all candidates, the attribute stage's training index and Hessian at that checkpoint are
+    reused when it has them; otherwise the index is built here.
+    """
     cfg = ctx.config
     ckpt_dir = ctx.inputs[paths.TRAIN] / f"checkpoints/step{step}"
     labels = [[-100] * cfg.context + w[cfg.context :] for w in q_rows]
-    work = ctx.out_dir / "indexes" / f"canaries-step{step}"
+    keys = np.arange(len(cands.tokens)) if allowed is None else allowed
+    work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
     work.mkdir(parents=True, exist_ok=True)
-    out = {}
+    opt = ckpt_dir / "optimizer.pt"
+    scores = {}
     for method in cfg.methods:
         if method == "bm25":
-            out[method] = baselines.bm25_scores(cands.texts, q_texts)
+            scores[method] = baselines.bm25_scores([cands.texts[i] for i in keys], q_texts)
             continue
         normalize = method == "trackstar"
-        name = "adam" if normalize else "raw"
-        shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name
+        if normalize and not opt.is_file():
+            log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method, step)
+            continue
         common = {
-            "optimizer_state": ckpt_dir if normalize else None,
+            "optimizer_state": opt if normalize else None,
             "projection_dim": ctx.profile.attribute.projection_dim,
             "token_batch_size": ctx.profile.attribute.token_batch_size,
         }
-        query = gradients.build_index(work / f"{method}-queries", ckpt_dir, q_rows, labels=labels, **common)
-        hessian = shared / "hessian" if normalize else None
-        out[method], _ = gradients.score_all(shared / "train", query, unit_norm=True, hessian_path=hessian)
-    return out
+        name = "adam" if normalize else "raw"
+        shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name
+        own = allowed is not None or not (shared / "train").exists()
+        train = work / f"{name}-train" if own else shared / "train"
+        if not train.exists():
+            gradients.build_index(train, ckpt_dir, cands.tokens[keys].tolist(), labels=None, **common)
+        query = gradients.build_index(
+            work / f"{name}-queries-{method}", ckpt_dir, q_rows, labels=labels, **common
+        )
+        hessian = None
+        if normalize:
+            hessian = shared / "hessian"
+            if own or not hessian.exists():  # never write into the attribute stage's outputs
+                hessian = work / f"{name}-hessian"
+                if not hessian.exists():
+                    gradients.autocorrelation_hessian(train, hessian)
+        scores[method], _ = gradients.score_all(train, query, unit_norm=True, hessian_path=hessian)
+    return scores
 
 
 def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) -> None:
@@ -336,7 +356,7 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) 
     comp = []
     if not df.empty:
         for (setting, group, method), g in df.groupby(["setting", "group", "method"]):
-            for category in ("self", *CATEGORIES_DUP):
+            for category in ("self", *CATEGORIES):
                 n = int((g["category"] == category).sum())
                 comp.append(
                     {
@@ -352,53 +372,16 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) 
     ctx.write_table(paths.MEMORIZED_COMPOSITION_TABLE, pa.Table.from_pylist(comp))
 
 
-CATEGORIES_DUP = ("exact", "near_duplicate", "thematic", "unrelated")
-
-
 def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, early_late, setting) -> None:
     cfg = ctx.config
-    ckpt_dir = ctx.inputs[paths.TRAIN] / f"checkpoints/step{step}"
     if not len(mem):
         return
     q_ids = mem["packed_id"].to_numpy()
     q_rows = windows[q_ids].tolist()
     tokenizer = AutoTokenizer.from_pretrained(ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR)
     q_texts = tokenizer.batch_decode(q_rows)  # the 64-token windows, as BM25 and TF-IDF see them
-    labels = [[-100] * cfg.context + w[cfg.context :] for w in q_rows]
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
-    work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
-    work.mkdir(parents=True, exist_ok=True)
-    scores = {}
-    opt = ckpt_dir / "optimizer.pt"
-    for method in cfg.methods:
-        if method == "bm25":
-            texts = [cands.texts[i] for i in keys]
-            scores[method] = baselines.bm25_scores(texts, q_texts)
-            continue
-        normalize = method == "trackstar"
-        if normalize and not opt.is_file():
-            log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method, step)
-            continue
-        common = {
-            "optimizer_state": opt if normalize else None,
-            "projection_dim": ctx.profile.attribute.projection_dim,
-            "token_batch_size": ctx.profile.attribute.token_batch_size,
-        }
-        name = "adam" if normalize else "raw"
-        # At the final checkpoint over all candidates, the attribute stage's index is this index.
-        shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name / "train"
-        train = shared if allowed is None and shared.exists() else work / f"{name}-train"
-        if not train.exists():
-            gradients.build_index(train, ckpt_dir, cands.tokens[keys].tolist(), labels=None, **common)
-        query = gradients.build_index(
-            work / f"{name}-queries-{method}", ckpt_dir, q_rows, labels=labels, **common
-        )
-        hessian = None
-        if normalize:
-            hessian = work / f"{name}-hessian"
-            if not hessian.exists():
-                gradients.autocorrelation_hessian(train, hessian)
-        scores[method], _ = gradients.score_all(train, query, unit_norm=True, hessian_path=hessian)
+    scores = window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting)
     tfidf = tfidf_matrix([cands.texts[i] for i in keys], q_texts)
     for method, s in scores.items():
         order, top = baselines.topk(s, cfg.top_k)
