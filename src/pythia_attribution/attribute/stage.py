@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +57,15 @@ def truth_sets(ground_truth: pa.Table, cands: Candidates) -> dict[str, np.ndarra
         if seqs:
             out[item] = np.unique(cands.seq_to_packed[np.asarray(seqs)])
     return out
+
+
+class Scored(NamedTuple):
+    """One method's scores for every query: all candidates in total, per module (gradient
+    methods), and the faiss top-k where faiss was used."""
+
+    total: np.ndarray
+    per_module: dict[str, np.ndarray] | None = None
+    faiss: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def layer_of(module: str) -> int:
@@ -125,7 +135,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
         return
     q_rows = [p["prompt_ids"] + p["target_ids"] for p in queries]
     work = ctx.out_dir / "indexes" / f"step{step}"
-    all_scores: dict[str, tuple[np.ndarray, dict[str, np.ndarray] | None]] = {}
+    all_scores: dict[str, Scored] = {}
     opt_state = ckpt_dir / "optimizer.pt"
     indexes: dict[str, tuple] = {}
     for method in tqdm(methods, desc=f"attribute step{step}", unit="method"):
@@ -157,27 +167,27 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
                 hessian = work / method.index_name / "hessian"
                 if not hessian.exists():
                     gradients.autocorrelation_hessian(train_idx, hessian)
-            all_scores[method.name] = gradients.score_all(
+            total, per_module = gradients.score_all(
                 train_idx, query_idx, unit_norm=method.unit_norm, hessian_path=hessian
             )
+            found = None
             if cfg.faiss and hessian is None and method.unit_norm:
                 keys, q = gradients.unit_rows(train_idx), gradients.unit_rows(query_idx)
-                all_scores[method.name] += (baselines.faiss_topk(keys, q, cfg.top_k),)
+                found = baselines.faiss_topk(keys, q, cfg.top_k)
+            all_scores[method.name] = Scored(total, per_module, found)
         elif method.kind == "bm25":
             texts = [p["prompt"] + p["target"] for p in queries]
-            all_scores[method.name] = (baselines.bm25_scores(cands.texts, texts), None)
+            all_scores[method.name] = Scored(baselines.bm25_scores(cands.texts, texts))
         elif method.kind == "activation":
             model, _ = load_checkpoint(ckpt_dir)
             layer = baselines.middle_layer(model.config.num_hidden_layers)
             keys = baselines.mean_activations(model, cands.tokens[:, :-1].tolist(), layer)
             q = baselines.mean_activations(model, q_rows, layer)
-            all_scores[method.name] = (q @ keys.T, None)
-            if cfg.faiss:
-                all_scores[method.name] += (baselines.faiss_topk(keys, q, cfg.top_k),)
+            found = baselines.faiss_topk(keys, q, cfg.top_k) if cfg.faiss else None
+            all_scores[method.name] = Scored(q @ keys.T, faiss=found)
         elif method.kind == "random":
-            all_scores[method.name] = (
-                baselines.random_scores(len(queries), len(cands.texts), seed + step),
-                None,
+            all_scores[method.name] = Scored(
+                baselines.random_scores(len(queries), len(cands.texts), seed + step)
             )
     for method in methods:
         if method.name in all_scores:
@@ -200,11 +210,11 @@ def build_indexes(cfg, folder, ckpt_dir, cands, queries, q_rows, opt_state):
     return train_idx, query_idx
 
 
-def record(tables, step, method: Method, queries, scored, cands, truth, top_k) -> None:
-    total, per_module = scored[0], scored[1]
+def record(tables, step, method: Method, queries, scored: Scored, cands, truth, top_k) -> None:
+    total, per_module = scored.total, scored.per_module
     order, top_scores = baselines.topk(total, top_k)
-    if len(scored) > 2:  # faiss top-k for a method without a Hessian; the exact pass checks it
-        f_ids, f_scores = scored[2]
+    if scored.faiss is not None:  # faiss top-k for a method without a Hessian; the exact pass checks it
+        f_ids, f_scores = scored.faiss
         if not np.allclose(np.sort(f_scores, axis=1), np.sort(top_scores, axis=1), atol=1e-4):
             log.warning("%s: faiss and exact top-k scores differ", method.name)
         order, top_scores = f_ids, f_scores
