@@ -121,6 +121,32 @@ def all(session: nox.Session) -> None:  # noqa: A001 - the session's public name
 
 
 @nox.session
+def paper(session: nox.Session) -> None:
+    """Render paper/ to HTML and PDF from the profile's tables: Quarto if on PATH, else pandoc + typst.
+
+    Reads the tables only (run `nox -s all` first; a missing table names the session that makes it).
+    """
+    args = list(session.posargs)
+    profile = "micro"
+    for i, a in enumerate(args):
+        if a == "--profile" and i + 1 < len(args):
+            profile = args[i + 1]
+        elif a.startswith("--profile="):
+            profile = a.split("=", 1)[1]
+    python = _python(session)
+    quarto = shutil.which("quarto")
+    if quarto:
+        env = {
+            "PYTHIA_ATTRIBUTION_PROFILE": profile,
+            "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        session.run(quarto, "render", str(ROOT / "paper"), env=env, external=True)
+    else:
+        session.log("quarto is not on PATH: rendering the pandoc 3 + typst preview")
+        session.run(python, "-m", "pythia_attribution.paper", "preview", "--profile", profile, external=True)
+
+
+@nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite offline (includes the nano pipeline end to end)."""
     session.run(_python(session), "-m", "pytest", *session.posargs, external=True)

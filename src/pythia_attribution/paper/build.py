@@ -1,0 +1,232 @@
+"""Build the manuscript: assets from the tables (Quarto's pre-render), and the pandoc/typst preview.
+
+``assets`` writes, inside the paper folder, ``_generated/figures/*.{png,svg}``,
+``_generated/tables/*.md`` and ``_variables.yml`` (every number the prose quotes). ``preview``
+renders ``index.qmd`` to ``_output/index.html`` and ``_output/index.pdf`` without Quarto: the
+``{{< var >}}`` / ``{{< include >}}`` shortcodes are expanded here (an unknown variable or a
+missing include is an error naming the line), then pandoc 3 (pypandoc-binary) runs the
+cross-reference filter and citeproc with ``--fail-if-warnings`` (a dangling ``@fig-``/``@tbl-``/
+``@sec-`` reference or an unknown citation fails), and typst (the ``typst`` Python package)
+compiles the PDF on A4.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from pythia_attribution import paths
+from pythia_attribution.errors import UserError
+from pythia_attribution.paper import figures, mdtables, variables
+from pythia_attribution.paper.data import Study
+
+log = logging.getLogger(__name__)
+
+GENERATED = "_generated"
+VARIABLES = "_variables.yml"
+OUTPUT = "_output"
+MANUSCRIPT = "index.qmd"
+BIBLIOGRAPHY = "references.bib"
+ANCHORS = "anchors.yml"  # published numbers, hand-curated with their sources
+
+SHORTCODE = re.compile(r"\{\{<\s*(\w+)\s*([^>]*?)\s*>\}\}")
+
+
+class PaperError(UserError):
+    """The manuscript cannot be built: unknown variable, missing include, pandoc or typst failure."""
+
+
+def default_paper_dir() -> Path:
+    return paths.project_root() / "paper"
+
+
+def build_info(profile: str) -> dict:
+    from pythia_attribution.stage import git_state
+
+    state = git_state()
+    commit = state["git_commit"]
+    return {
+        "profile": profile,
+        "commit": commit[:10] + ("+dirty" if state["git_dirty"] else ""),
+        "commit_full": commit,
+    }
+
+
+def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
+    """Write figures, tables and variables for ``profile`` into ``paper_dir``; return the variables."""
+    started = time.perf_counter()
+    study = Study(results or paths.results_root() / profile, profile)
+    study.check_all()
+    paper_dir = Path(paper_dir)
+    part = paper_dir / (GENERATED + ".part")
+    if part.exists():
+        shutil.rmtree(part)
+    (part / "figures").mkdir(parents=True)
+    (part / "tables").mkdir()
+    try:
+        values = variables.compute(study, build_info(profile))
+        anchors = paper_dir / ANCHORS
+        if anchors.is_file():
+            values["anchors"] = yaml.safe_load(anchors.read_text())
+        log.info("drawing %d figures", len(figures.FIGURES))
+        figures.write_all(study, part / "figures")
+        mdtables.write_all(study, part / "tables")
+        tmp_vars = paper_dir / (VARIABLES + ".tmp")
+        tmp_vars.write_text(
+            "# Written by `python -m pythia_attribution.paper assets` from the tables of profile "
+            f"{profile!r}; do not edit.\n" + yaml.safe_dump(values, sort_keys=True, allow_unicode=True)
+        )
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    final = paper_dir / GENERATED
+    if final.exists():
+        shutil.rmtree(final)
+    part.rename(final)
+    tmp_vars.replace(paper_dir / VARIABLES)
+    log.info("paper assets for profile %s written in %.1f s", profile, time.perf_counter() - started)
+    return values
+
+
+def expand(text: str, values: dict[str, str], base: Path, source: str, depth: int = 0) -> str:
+    """Expand Quarto's ``var``, ``meta``-free ``include`` and ``pagebreak`` shortcodes."""
+    if depth > 8:
+        raise PaperError(f"{source}: includes nested deeper than 8 levels")
+
+    def one(match: re.Match) -> str:
+        name, arg = match.group(1), match.group(2).strip()
+        line = text.count("\n", 0, match.start()) + 1
+        where = f"{source}:{line}"
+        if name == "var":
+            if arg not in values:
+                raise PaperError(f"{where}: unknown variable {arg!r} (not in {VARIABLES})")
+            return values[arg]
+        if name == "include":
+            path = base / arg
+            if not path.is_file():
+                raise PaperError(f"{where}: included file {arg} does not exist (run the assets step)")
+            return expand(path.read_text(), values, path.parent, arg, depth + 1)
+        if name == "pagebreak":
+            return "\n\\newpage\n"
+        raise PaperError(f"{where}: shortcode {name!r} is not supported by the preview")
+
+    return SHORTCODE.sub(one, text)
+
+
+def _pandoc() -> str:
+    try:
+        import pypandoc
+    except ImportError as exc:  # pragma: no cover - in the lock
+        raise PaperError("pypandoc-binary is not installed; `nox -s paper` installs it") from exc
+    return pypandoc.get_pandoc_path()
+
+
+def _run_pandoc(args: list[str], cwd: Path) -> None:
+    proc = subprocess.run([_pandoc(), *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PaperError(f"pandoc failed ({' '.join(args[-2:])}):\n{proc.stderr.strip()}")
+
+
+def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
+    """Render ``index.qmd`` to HTML and PDF (typst) in ``paper_dir/_output``; return both paths."""
+    import typst
+
+    paper_dir = Path(paper_dir).resolve()
+    if values is None:
+        var_file = paper_dir / VARIABLES
+        if not var_file.is_file():
+            raise PaperError(f"{var_file} is missing; run `python -m pythia_attribution.paper assets` first")
+        values = yaml.safe_load(var_file.read_text())
+    flat = variables.flatten(values)
+    text = expand((paper_dir / MANUSCRIPT).read_text(), flat, paper_dir, MANUSCRIPT)
+    out = paper_dir / OUTPUT
+    work = paper_dir / (OUTPUT + ".part")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        source = work / "index.md"
+        source.write_text(text)
+        pkg = resources.files("pythia_attribution.paper")
+        lua, css, header = (Path(str(pkg / name)) for name in ("crossref.lua", "preview.css", "header.typ"))
+        common = [
+            str(source),
+            "--from=markdown",
+            "--lua-filter",
+            str(lua),
+            "--citeproc",
+            "--bibliography",
+            str(paper_dir / BIBLIOGRAPHY),
+            "--number-sections",
+            "--standalone",
+            "--fail-if-warnings",
+            "--resource-path",
+            str(paper_dir),
+        ]
+        _run_pandoc(
+            [
+                *common,
+                "--toc",
+                "--embed-resources",
+                "--css",
+                str(css),
+                "--to=html5",
+                "-o",
+                str(work / "index.html"),
+            ],
+            paper_dir,
+        )
+        typ = paper_dir / ".index.preview.typ"
+        _run_pandoc(
+            [*common, "--to=typst", "-V", "papersize=a4", "--include-in-header", str(header), "-o", str(typ)],
+            paper_dir,
+        )
+        try:
+            typst.compile(str(typ), output=str(work / "index.pdf"), root=str(paper_dir))
+        except Exception as exc:  # typst raises its own error type with the diagnostics
+            raise PaperError(f"typst failed on {typ}:\n{exc}") from exc
+        shutil.move(typ, work / "index.typ")
+        source.unlink()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        (paper_dir / ".index.preview.typ").unlink(missing_ok=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return out / "index.html", out / "index.pdf"
+
+
+# Digits that may appear in the manuscript's own prose: names, not results.
+ALLOWED_NUMERALS = frozenset({"BM25", "top-1"})
+_NOT_PROSE = [
+    re.compile(r"<!--.*?-->", re.S),  # comments
+    SHORTCODE,  # {{< var x >}}, {{< include f >}}
+    re.compile(r"\{[#.][^}]*\}"),  # attributes: {#fig-x}, {.unnumbered}
+    re.compile(r"\]\([^)]*\)"),  # link and image targets
+    re.compile(r"(?<![\w@])@[\w:.\-]*\w"),  # citations and cross-references: @key, @fig-x
+]
+
+
+def typed_numbers(text: str) -> list[tuple[int, str]]:
+    """(line, word) for every word of prose that holds a digit and is not on the allow-list.
+
+    Variables, includes, attributes, link targets, citations and cross-references are removed
+    first (their text is replaced by spaces so that line numbers stay true).
+    """
+    for pattern in _NOT_PROSE:
+        text = pattern.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    found = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        for word in re.findall(r"\S*\d\S*", line):
+            token = word.strip(".,;:()[]\"'*`").removesuffix("'s")
+            if token not in ALLOWED_NUMERALS:
+                found.append((lineno, word))
+    return found

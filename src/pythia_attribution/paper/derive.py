@@ -1,0 +1,220 @@
+"""Aggregations shared by the figures, the tables and the variables (polars only)."""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+
+from pythia_attribution import paths
+from pythia_attribution.paper import style
+from pythia_attribution.paper.data import Study
+
+CATEGORY_ORDER = list(style.CATEGORIES)
+
+
+def final_checkpoint(study: Study) -> int:
+    return int(study.frame(paths.CHECKPOINTS_TABLE)["step"].max())
+
+
+def ordered_methods(methods) -> list[str]:
+    """Methods in the style's order (an unknown method is an error naming style.py)."""
+    for m in methods:
+        style.method_label(m)
+    return [m for m in style.METHODS if m in set(methods)]
+
+
+def learning_curves(study: Study) -> pl.DataFrame:
+    """Share of behaviors exhibited per (family, injected count, checkpoint); count null = natural."""
+    return (
+        study.frame(paths.PROBE_SUMMARY_TABLE)
+        .with_columns(pl.col("n_exhibited").cast(pl.Int64))
+        .sort("family", "count", "checkpoint", nulls_last=True)
+    )
+
+
+# families whose behaviors carry a designed injection count (the ladders of corpus.synthetic)
+DOSE_LADDERS = {
+    "factual": "capital_counts",
+    "fictional_fact": "bio_counts",
+    "memorized": "canary_counts",
+    "toxic": "insult_counts",
+}
+POOLED = "pooled"
+NATURAL = "natural text"
+
+
+def dose_curves(study: Study) -> pl.DataFrame:
+    """Learning curves with a ``dose`` label: the injected count for families with a designed
+    ladder, "natural text" for behaviors taken from the natural sources, and one pooled curve for
+    the other families (whose ``count`` is a mention count, not a designed dose)."""
+    curves = learning_curves(study)
+    synthetic = study.config(paths.CORPUS_TABLE, "corpus")["synthetic"]
+    laddered = curves.filter(pl.col("family").is_in(list(DOSE_LADDERS)))
+    ladders = pl.DataFrame(
+        [(f, c) for f, key in DOSE_LADDERS.items() for c in synthetic.get(key, [])],
+        schema={"family": pl.Utf8, "count": pl.Int32},
+        orient="row",
+    )
+    designed = laddered.join(ladders, on=["family", "count"], how="semi").with_columns(
+        pl.col("count").cast(pl.Utf8).alias("dose")
+    )
+    natural = laddered.filter(pl.col("count").is_null()).with_columns(pl.lit(NATURAL).alias("dose"))
+    pooled = (
+        curves.filter(~pl.col("family").is_in(list(DOSE_LADDERS)))
+        .group_by("family", "checkpoint")
+        .agg(pl.col("n").sum(), pl.col("n_exhibited").sum())
+        .with_columns(
+            (pl.col("n_exhibited") / pl.col("n")).alias("fraction_exhibited"), pl.lit(POOLED).alias("dose")
+        )
+    )
+    cols = ["family", "checkpoint", "dose", "n", "n_exhibited", "fraction_exhibited"]
+    return pl.concat([designed.select(cols), natural.select(cols), pooled.select(cols)]).sort(
+        "family", "dose", "checkpoint"
+    )
+
+
+def dose_order(curves: pl.DataFrame) -> list[str]:
+    doses = set(curves["dose"].to_list())
+    counts = sorted(int(d) for d in doses if d.isdigit())
+    return [str(c) for c in counts] + [d for d in (NATURAL, POOLED) if d in doses]
+
+
+def dose_colours(curves: pl.DataFrame) -> dict[str, str]:
+    """A sequential ramp over injected counts; natural and pooled curves in fixed colours."""
+    order = dose_order(curves)
+    counts = [d for d in order if d.isdigit()]
+    ramp = style.ramp(len(counts))
+    colours = dict(zip(counts, ramp, strict=True))
+    colours.update({NATURAL: style.NATURAL_COLOUR, POOLED: style.POOLED_COLOUR})
+    return {d: colours[d] for d in order}
+
+
+def first_step_reaching(curves: pl.DataFrame, family: str, count: int, level: float) -> int | None:
+    """First checkpoint at which a (family, count) group's exhibited share reaches ``level``."""
+    rows = curves.filter(
+        (pl.col("family") == family) & (pl.col("count") == count) & (pl.col("fraction_exhibited") >= level)
+    )
+    return None if rows.is_empty() else int(rows["checkpoint"].min())
+
+
+def attributed(study: Study) -> pl.DataFrame:
+    """Per (behavior, method): the top-k rows with their duplicate category (duplicates.arrow)."""
+    return study.frame(paths.DUPLICATES_TABLE)
+
+
+def pooled_composition(study: Study) -> pl.DataFrame:
+    """Share of each category in the top-k of each method, pooled over every behavior."""
+    comp = study.frame(paths.COMPOSITION_TABLE)
+    return (
+        comp.group_by("method", "category")
+        .agg(pl.col("n").sum())
+        .with_columns((pl.col("n") / pl.col("n").sum().over("method")).alias("share"))
+    )
+
+
+def layer_shares(study: Study) -> pl.DataFrame:
+    """Share of each layer in the summed per-module score of each method's top-1 sequences.
+
+    For every attributed behavior the per-module scores of the rank-1 sequence are summed per
+    layer; shares are taken of the absolute values (modules can disagree in sign) and averaged
+    over behaviors.
+    """
+    ls = study.frame(paths.LAYER_SCORES_TABLE).filter(pl.col("rank") == 1)
+    per_layer = ls.group_by("behavior_id", "family", "method", "layer").agg(pl.col("score").abs().sum())
+    per_layer = per_layer.with_columns(
+        (pl.col("score") / pl.col("score").sum().over("behavior_id", "method")).alias("share")
+    )
+    return per_layer.group_by("method", "layer").agg(
+        pl.col("share").mean().alias("share"), pl.col("behavior_id").n_unique().alias("n_behaviors")
+    )
+
+
+def module_kind(module: str) -> str:
+    if "attention" in module:
+        return "attention"
+    if "mlp" in module:
+        return "MLP"
+    return "other"
+
+
+def packed_text(study: Study) -> dict[int, str]:
+    """Packed sequence id -> its decoded text (every stream copy of a packed sequence is identical)."""
+    corpus = study.frame(paths.CORPUS_TABLE, ("packed_id", "text"))
+    first = corpus.unique(subset="packed_id", keep="first", maintain_order=True)
+    return dict(zip(first["packed_id"].to_list(), first["text"].to_list(), strict=True))
+
+
+def packed_sources(study: Study) -> dict[int, list[str]]:
+    corpus = study.frame(paths.CORPUS_TABLE, ("packed_id", "sources"))
+    first = corpus.unique(subset="packed_id", keep="first", maintain_order=True)
+    return dict(zip(first["packed_id"].to_list(), first["sources"].to_list(), strict=True))
+
+
+GRADIENT_PREFERENCE = ("trackstar", "grad_cosine", "ekfac")
+
+
+def surprising_case(study: Study) -> dict | None:
+    """The rank-1 sequence of a gradient method with the least lexical overlap with its query.
+
+    Rule, fixed in advance: among behaviors attributed by a gradient method (TrackStar first),
+    take the top-ranked retrieved sequences (rank 1, widening to rank 3 and 10 if none qualifies)
+    that are outside the behavior's ground truth and classed "unrelated"; pick the lowest TF-IDF
+    cosine to the query, ties broken by the higher score and then the behavior id.
+    """
+    dup = attributed(study)
+    methods = [m for m in GRADIENT_PREFERENCE if m in set(dup["method"].unique().to_list())]
+    for method in methods:
+        for max_rank in (1, 3, 10):
+            cand = dup.filter(
+                (pl.col("method") == method)
+                & (pl.col("rank") <= max_rank)
+                & (pl.col("category") == "unrelated")
+                & ~pl.col("in_ground_truth")
+            )
+            if cand.is_empty():
+                continue
+            best = cand.sort(["tfidf_cosine", "score", "behavior_id"], descending=[False, True, False]).row(
+                0, named=True
+            )
+            best["max_rank"] = max_rank
+            return best
+    return None
+
+
+def early_late(study: Study) -> pl.DataFrame:
+    """Top-k composition of memorized sequences' attributions, by setting, group and method."""
+    return study.frame(paths.MEMORIZED_COMPOSITION_TABLE)
+
+
+def self_top1(study: Study) -> pl.DataFrame:
+    """Share of memorized queries whose own sequence is each method's top-1 (per setting, group)."""
+    ma = study.frame(paths.MEMORIZED_ATTRIBUTION_TABLE)
+    top = ma.filter(pl.col("rank") == 1)
+    return top.group_by("setting", "group", "method").agg(
+        (pl.col("category") == "self").mean().alias("share"), pl.len().alias("n")
+    )
+
+
+def bin_lower(label: str) -> int:
+    """Lower bound of a duplication bin label such as '1', '3-4' or '65+'."""
+    m = re.match(r"(\d+)", label)
+    if not m:
+        raise ValueError(f"unexpected duplication bin label {label!r} in memorization_by_dup.arrow")
+    return int(m.group(1))
+
+
+def share_level(column: str) -> str:
+    """'1%' for the score-summary column 'top1pct_share'."""
+    m = re.fullmatch(r"top(\d+)pct_share", column)
+    if not m:
+        raise ValueError(f"unexpected concentration column {column!r}")
+    return f"{m.group(1)}%"
+
+
+def interval_level(note: str, what: str) -> str:
+    """The interval level (e.g. '95%') stated in a table's provenance note."""
+    m = re.search(r"(\d+(?:\.\d+)?)% ", note or "")
+    if not m:
+        raise ValueError(f"the {what} table's provenance does not state its interval level: {note!r}")
+    return f"{m.group(1)}%"

@@ -1,0 +1,343 @@
+"""The paper's figures, drawn with plotnine from the tables (PNG for quick looks, SVG for print).
+
+Each figure function takes a :class:`Study` and returns a ggplot and its size in inches; colours
+and labels come from :mod:`style`, so a method has one colour in every figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from plotnine import (
+    aes,
+    coord_flip,
+    element_blank,
+    element_text,
+    facet_grid,
+    facet_wrap,
+    geom_boxplot,
+    geom_col,
+    geom_jitter,
+    geom_line,
+    geom_point,
+    geom_pointrange,
+    ggplot,
+    guide_legend,
+    guides,
+    labs,
+    position_dodge,
+    scale_color_cmap_d,
+    scale_color_manual,
+    scale_fill_manual,
+    scale_x_discrete,
+    scale_x_sqrt,
+    scale_y_continuous,
+    theme,
+    theme_bw,
+)
+
+from pythia_attribution import paths
+from pythia_attribution.paper import derive, style
+from pythia_attribution.paper.data import Study
+
+
+def _theme():
+    return theme_bw(base_size=style.FONT_SIZE) + theme(
+        legend_position="bottom",
+        legend_title=element_text(size=style.FONT_SIZE),
+        panel_grid_minor=element_blank(),
+        strip_text=element_text(size=style.FONT_SIZE - 1),
+    )
+
+
+def _percent(values):
+    return [f"{100 * v:.0f}%" for v in values]
+
+
+def _method_scales(methods: list[str], fill: bool = False):
+    labels = {m: style.method_label(m) for m in methods}
+    colours = {m: style.method_colour(m) for m in methods}
+    scale = scale_fill_manual if fill else scale_color_manual
+    return scale(values=colours, labels=labels, breaks=methods, name="Method")
+
+
+def _category_fill(categories: list[str]):
+    order = [c for c in style.CATEGORIES if c in set(categories)]
+    return scale_fill_manual(
+        values={c: style.CATEGORIES[c][1] for c in order},
+        labels={c: style.category_label(c) for c in order},
+        breaks=order,
+        name="Retrieved sequence is",
+    )
+
+
+def _family_order(families) -> list[str]:
+    for f in families:
+        style.family_label(f)
+    return [style.family_label(f) for f in style.FAMILIES if f in set(families)]
+
+
+def learning(study: Study):
+    """Share of behaviors exhibited at each checkpoint, per family and injected count."""
+    curves = derive.dose_curves(study)
+    data = curves.with_columns(
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
+    ).to_pandas()
+    data["dose"] = data["dose"].astype("category").cat.set_categories(derive.dose_order(curves), ordered=True)
+    data["family_label"] = (
+        data["family_label"].astype("category").cat.set_categories(_family_order(curves["family"]))
+    )
+    plot = (
+        ggplot(data, aes("checkpoint", "fraction_exhibited", colour="dose", group="dose"))
+        + geom_line(size=0.6)
+        + geom_point(size=0.9)
+        + facet_wrap("family_label", ncol=3)
+        + scale_x_sqrt()
+        + scale_y_continuous(labels=_percent, limits=(0, 1))
+        + scale_color_manual(values=derive.dose_colours(curves), name="Injected copies / documents")
+        + labs(x="Training step (checkpoint, square-root scale)", y="Behaviors exhibited")
+        + _theme()
+        + guides(colour=guide_legend(nrow=2))
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 4.2)
+
+
+def tracing(study: Study):
+    """Ground-truth tracing: MRR and recall@10 per family and method, with bootstrap intervals."""
+    tm = study.frame(paths.TRACING_METRICS_TABLE)
+    long = pl.concat(
+        [
+            tm.select(
+                "method",
+                "family",
+                pl.lit(label).alias("metric"),
+                pl.col(col).alias("value"),
+                pl.col(f"{col}_lo").alias("lo"),
+                pl.col(f"{col}_hi").alias("hi"),
+            )
+            for col, label in [("mrr", "Mean reciprocal rank"), ("recall_at_10", "Recall@10")]
+        ]
+    )
+    methods = derive.ordered_methods(tm["method"].unique())
+    data = long.with_columns(
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
+    ).to_pandas()
+    order = _family_order(tm["family"].unique())
+    data["family_label"] = data["family_label"].astype("category").cat.set_categories(order[::-1])
+    data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    dodge = position_dodge(width=0.7)
+    plot = (
+        ggplot(data, aes("family_label", "value", ymin="lo", ymax="hi", colour="method"))
+        + geom_pointrange(position=dodge, size=0.3, fatten=1.5)
+        + facet_wrap("metric", scales="free_x")
+        + coord_flip()
+        + _method_scales(methods)
+        + labs(x="", y="")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 4.4)
+
+
+def composition(study: Study):
+    """What each method retrieves in its top-k, by behavior family."""
+    comp = study.frame(paths.COMPOSITION_TABLE)
+    pooled = derive.pooled_composition(study).with_columns(pl.lit("all").alias("family"))
+    data = pl.concat(
+        [
+            comp.select("family", "method", "category", "share"),
+            pooled.select("family", "method", "category", "share"),
+        ]
+    )
+    methods = derive.ordered_methods(data["method"].unique())
+    pdf = data.with_columns(
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label"),
+        pl.col("method").map_elements(style.method_label, return_dtype=pl.Utf8).alias("method_label"),
+    ).to_pandas()
+    pdf["family_label"] = (
+        pdf["family_label"].astype("category").cat.set_categories(_family_order(data["family"].unique()))
+    )
+    pdf["method_label"] = (
+        pdf["method_label"]
+        .astype("category")
+        .cat.set_categories([style.method_label(m) for m in methods][::-1])
+    )
+    categories = [c for c in style.CATEGORIES if c in set(data["category"])]
+    pdf["category"] = pdf["category"].astype("category").cat.set_categories(categories[::-1])
+    plot = (
+        ggplot(pdf, aes("method_label", "share", fill="category"))
+        + geom_col(width=0.75)
+        + facet_wrap("family_label", ncol=2)
+        + coord_flip()
+        + scale_y_continuous(labels=_percent)
+        + _category_fill(categories)
+        + labs(x="", y="Share of the top-k retrieved sequences")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 5.4)
+
+
+def layers(study: Study):
+    """How the top-1 sequence's score splits over layers, per gradient method."""
+    shares = derive.layer_shares(study)
+    methods = derive.ordered_methods(shares["method"].unique())
+    plot = (
+        ggplot(shares.to_pandas(), aes("layer", "share", colour="method", group="method"))
+        + geom_line()
+        + geom_point(size=1.5)
+        + scale_y_continuous(labels=_percent, limits=(0, None))
+        + _method_scales(methods)
+        + labs(x="Layer", y="Share of the top-1 sequence's score")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN * 0.6, 3.0)
+
+
+CONCENTRATION_METRICS = [
+    ("top1pct_share", "Share of the positive score in the top 1%"),
+    ("tail_exponent", "Hill tail exponent (smaller: heavier tail)"),
+]
+
+
+def concentration(study: Study):
+    """Influence concentration per query: top-1% share and the Hill tail exponent."""
+    ss = study.frame(paths.SCORE_SUMMARY_TABLE)
+    methods = derive.ordered_methods(ss["method"].unique())
+    long = pl.concat(
+        [
+            ss.select("method", "behavior_id", pl.lit(label).alias("metric"), pl.col(col).alias("value"))
+            for col, label in CONCENTRATION_METRICS
+        ]
+    ).drop_nulls("value")
+    data = long.to_pandas()
+    data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    data["metric"] = (
+        data["metric"].astype("category").cat.set_categories([m[1] for m in CONCENTRATION_METRICS])
+    )
+    plot = (
+        ggplot(data, aes("method", "value", colour="method"))
+        + geom_jitter(width=0.2, height=0, size=0.5, alpha=0.4)
+        + geom_boxplot(outlier_shape="", fill="none", width=0.5, colour="black", size=0.4)
+        + facet_wrap("metric", scales="free_x")
+        + coord_flip()
+        + _method_scales(methods)
+        + scale_x_discrete(labels=lambda ms: [style.method_label(m) for m in ms])
+        + labs(x="", y="")
+        + _theme()
+        + theme(legend_position="none")
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 2.8)
+
+
+def memorization_by_duplication(study: Study):
+    """Share of sequences memorized at the final checkpoint against how often their text recurs."""
+    dup = study.frame(paths.MEMORIZATION_BY_DUP_TABLE).with_columns(
+        pl.col("bin").map_elements(derive.bin_lower, return_dtype=pl.Int64).alias("lower"),
+        pl.col("duplication")
+        .replace_strict(
+            {"exact_window": "Exact copies of a window", "near_duplicate": "Near-duplicates (MinHash)"},
+            default=pl.col("duplication"),
+        )
+        .alias("kind"),
+    )
+    data = dup.sort("lower").to_pandas()
+    data["bin"] = (
+        data["bin"]
+        .astype("category")
+        .cat.set_categories(list(dict.fromkeys(dup.sort("lower")["bin"].to_list())))
+    )
+    plot = (
+        ggplot(data, aes("bin", "fraction", ymin="ci_lo", ymax="ci_hi"))
+        + geom_pointrange(size=0.3)
+        + facet_wrap("kind", scales="free_x")
+        + scale_y_continuous(labels=_percent, limits=(0, 1))
+        + labs(x="Occurrences in the training corpus", y="Memorized at the final checkpoint")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 2.8)
+
+
+def canary_memorization(study: Study):
+    """Canaries memorized over training, by how many copies were injected."""
+    cm = study.frame(paths.CANARY_MEMORIZATION_TABLE).with_columns(
+        pl.col("injected_count").cast(pl.Utf8).alias("copies")
+    )
+    counts = [str(c) for c in sorted(set(cm["injected_count"].to_list()))]
+    data = cm.to_pandas()
+    data["copies"] = data["copies"].astype("category").cat.set_categories(counts, ordered=True)
+    plot = (
+        ggplot(data, aes("checkpoint", "fraction", colour="copies", group="copies"))
+        + geom_line()
+        + geom_point(size=0.9)
+        + scale_x_sqrt()
+        + scale_y_continuous(labels=_percent, limits=(0, 1))
+        + scale_color_cmap_d("viridis", name="Injected copies")
+        + labs(x="Training step (checkpoint, square-root scale)", y="Canaries memorized")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN * 0.75, 3.0)
+
+
+def early_late(study: Study):
+    """Top-k composition of memorized sequences' attributions: early- versus late-memorized."""
+    el = derive.early_late(study)
+    methods = derive.ordered_methods(el["method"].unique())
+    pdf = el.with_columns(
+        pl.col("group").replace_strict(style.MEMORIZATION_GROUPS, default=pl.col("group")).alias("grp"),
+        pl.col("setting").replace_strict(style.SETTINGS, default=pl.col("setting")).alias("set"),
+        pl.col("n_queries").cast(pl.Utf8).alias("nq"),
+        pl.col("method").map_elements(style.method_label, return_dtype=pl.Utf8).alias("method_label"),
+    ).to_pandas()
+    pdf["method_label"] = (
+        pdf["method_label"]
+        .astype("category")
+        .cat.set_categories([style.method_label(m) for m in methods][::-1])
+    )
+    categories = [c for c in style.CATEGORIES if c in set(el["category"])]
+    pdf["category"] = pdf["category"].astype("category").cat.set_categories(categories[::-1])
+    plot = (
+        ggplot(pdf, aes("method_label", "share", fill="category"))
+        + geom_col(width=0.75)
+        + facet_grid("grp ~ set")
+        + coord_flip()
+        + scale_y_continuous(labels=_percent)
+        + _category_fill(categories)
+        + labs(x="", y="Share of the top-k retrieved sequences")
+        + _theme()
+        + guides(fill=guide_legend(nrow=2))
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 3.8)
+
+
+FIGURES = {
+    "learning": learning,
+    "tracing": tracing,
+    "composition": composition,
+    "layers": layers,
+    "concentration": concentration,
+    "memorization": memorization_by_duplication,
+    "canaries": canary_memorization,
+    "early-late": early_late,
+}
+
+
+def write_all(study: Study, folder: Path) -> list[Path]:
+    """Draw every figure into ``folder`` as ``<name>.png`` and ``<name>.svg``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "pythia-attribution"  # stable ids: same tables, same SVG
+    matplotlib.rcParams["svg.fonttype"] = "path"
+    written = []
+    for name, draw in FIGURES.items():
+        plot, (width, height) = draw(study)
+        for ext in ("png", "svg"):
+            out = folder / f"{name}.{ext}"
+            plot.save(out, width=width, height=height, dpi=style.DPI, verbose=False, metadata=_metadata(ext))
+            written.append(out)
+    return written
+
+
+def _metadata(ext: str) -> dict:
+    # no creation dates or software versions in the files: identical tables give identical bytes
+    return {"Software": None} if ext == "png" else {"Date": None, "Creator": None}

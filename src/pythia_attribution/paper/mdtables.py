@@ -1,0 +1,226 @@
+"""The paper's tables as pandoc/Quarto markdown: a pipe table and a ``: caption {#tbl-id}`` line.
+
+Cells holding corpus text are escaped (every ASCII punctuation mark backslash-escaped), so a
+training sequence can never become markup, a citation or a shortcode.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import polars as pl
+
+from pythia_attribution import paths
+from pythia_attribution.paper import derive, fmt, style
+from pythia_attribution.paper.data import Study
+
+_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def escape(text: str, limit: int | None = None) -> str:
+    """Corpus text as one safe markdown table cell (whitespace collapsed, optionally shortened)."""
+    text = " ".join(str(text).split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return _PUNCT.sub(r"\\\1", text)
+
+
+def pipe_table(
+    header: list[str],
+    rows: list[list[str]],
+    caption: str,
+    ident: str,
+    align: str = "",
+    widths: list[int] | None = None,
+) -> str:
+    """A pipe table; ``align`` is l/r/c per column (default: first left, others right).
+
+    ``widths`` are relative column widths: pandoc takes them from the length of the separator
+    dashes when a row is too long for one line, which is when they matter.
+    """
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = widths or [1] * len(header)
+    sep = [
+        (":" if a in "lc" else "-") + "-" * (4 * w) + (":" if a in "rc" else "-")
+        for a, w in zip(align, widths, strict=True)
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(sep) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + f"\n\n: {caption} {{#{ident}}}\n"
+
+
+def corpus(study: Study) -> str:
+    docs = study.frame(paths.DOCUMENTS_TABLE, ("source", "n_tokens"))
+    by = docs.group_by("source").agg(pl.len().alias("docs"), pl.col("n_tokens").sum().alias("tokens"))
+    total = by["tokens"].sum()
+    by = by.with_columns(pl.col("source").str.starts_with("synthetic").alias("synthetic")).sort(
+        "synthetic", "tokens", descending=[False, True]
+    )
+    rows = [
+        [
+            f"`{r['source']}`",
+            "synthetic" if r["synthetic"] else "natural",
+            fmt.count(r["docs"]),
+            fmt.count(r["tokens"]),
+            fmt.pct(r["tokens"] / total),
+        ]
+        for r in by.iter_rows(named=True)
+    ]
+    rows.append(["**total**", "", fmt.count(by["docs"].sum()), fmt.count(total), "100%"])
+    return pipe_table(
+        ["Source", "Kind", "Documents", "Tokens", "Share"],
+        rows,
+        "The training corpus by source (tokens of the documents before packing; one epoch).",
+        "tbl-corpus",
+        "llrrr",
+    )
+
+
+def behaviors(study: Study) -> str:
+    final = derive.final_checkpoint(study)
+    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    attributed = set(study.frame(paths.ATTRIBUTIONS_TABLE, ("behavior_id",))["behavior_id"].to_list())
+    rows = []
+    for family in [f for f in style.FAMILIES if f in set(probes["family"])]:
+        g = probes.filter(pl.col("family") == family)
+        example = g.sort("behavior_id").row(0, named=True)
+        rows.append(
+            [
+                style.family_label(family),
+                str(g.height),
+                str(int(g["exhibited"].sum())),
+                str(len(attributed & set(g["behavior_id"].to_list()))),
+                escape(example["prompt"], 48) + " → " + escape(example["target"], 24),
+            ]
+        )
+    return pipe_table(
+        ["Family", "Behaviors", f"Exhibited at step {final}", "Attributed", "Example (prompt → target)"],
+        rows,
+        f"Behavior families probed at every checkpoint; exhibited means the greedy completion at "
+        f"step {final} starts with the target. Only exhibited behaviors are attributed.",
+        "tbl-behaviors",
+        "lrrrl",
+        [4, 2, 3, 2, 8],
+    )
+
+
+def tracing(study: Study) -> str:
+    tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
+    prov = study.provenance(paths.TRACING_METRICS_TABLE)
+    level = derive.interval_level(prov.get("bootstrap", ""), "tracing_metrics")
+    rows = []
+    for m in derive.ordered_methods(tm["method"].unique()):
+        r = tm.filter(pl.col("method") == m).row(0, named=True)
+        rows.append(
+            [style.method_label(m), str(r["n_behaviors"])]
+            + [
+                f"{fmt.dec(r[c])} {fmt.interval(r[c + '_lo'], r[c + '_hi'])}"
+                for c in ("mrr", "recall_at_10", "precision_at_10", "top1_hit")
+            ]
+        )
+    k = study.config(paths.TRACING_METRICS_TABLE, "attribute")["top_k"]
+    return pipe_table(
+        ["Method", "Behaviors", "MRR", "Recall@10", "Precision@10", "Top-1 is ground truth"],
+        rows,
+        f"Ground-truth tracing over all attributed behaviors (top {k} of every method), with {level} "
+        f"percentile-bootstrap intervals over behaviors. The ground truth of a behavior is every "
+        f"packed training sequence touching a document that states its item.",
+        "tbl-tracing",
+        "lrrrrr",
+        [4, 2, 4, 4, 4, 4],
+    )
+
+
+def surprise(study: Study) -> str:
+    case = derive.surprising_case(study)
+    if case is None:
+        return (
+            "*No retrieved sequence met the rule: every top-ranked gradient-method result "
+            "overlaps its query.*\n"
+        )
+    final = derive.final_checkpoint(study)
+    probe = (
+        study.frame(paths.PROBES_TABLE)
+        .filter((pl.col("behavior_id") == case["behavior_id"]) & (pl.col("checkpoint") == final))
+        .row(0, named=True)
+    )
+    text = derive.packed_text(study)[case["packed_id"]]
+    sources = ", ".join(sorted(set(derive.packed_sources(study)[case["packed_id"]])))
+    rows = [
+        ["Behavior", f"{escape(case['behavior_id'])} ({style.family_label(case['family'])})"],
+        ["Prompt → target", escape(probe["prompt"]) + " → " + escape(probe["target"])],
+        ["Model's completion", escape(probe["completion"])],
+        ["Method, rank", f"{style.method_label(case['method'])}, rank {case['rank']}"],
+        ["Retrieved sequence", f"packed sequence {case['packed_id']} (sources: {escape(sources)})"],
+        ["Retrieved text", escape(text, 400)],
+        [
+            "TF-IDF cosine / MinHash Jaccard",
+            f"{fmt.dec(case['tfidf_cosine'], 2)} / {fmt.dec(case['minhash_jaccard'], 2)}",
+        ],
+        ["Longest common run (tokens)", str(case["longest_run"])],
+    ]
+    return pipe_table(
+        ["", ""],
+        rows,
+        "The automatically chosen surprising case: a top-ranked gradient-method result with the least "
+        "lexical overlap with its query, outside the behavior's ground truth.",
+        "tbl-surprise",
+        "ll",
+        [2, 7],
+    )
+
+
+def top_examples(study: Study, per_behavior: int = 2, method: str = "trackstar") -> str:
+    dup = derive.attributed(study)
+    methods = set(dup["method"].unique().to_list())
+    if method not in methods:
+        method = derive.ordered_methods(methods)[0]
+    final = derive.final_checkpoint(study)
+    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    prompts = {
+        r["behavior_id"]: r for r in probes.select("behavior_id", "prompt", "target").iter_rows(named=True)
+    }
+    texts = derive.packed_text(study)
+    top = dup.filter((pl.col("method") == method) & (pl.col("rank") <= per_behavior)).sort(
+        "family", "behavior_id", "rank"
+    )
+    rows = []
+    for r in top.iter_rows(named=True):
+        p = prompts[r["behavior_id"]]
+        first = r["rank"] == 1
+        rows.append(
+            [
+                escape(p["prompt"] + " → " + p["target"], 60) if first else "",
+                str(r["rank"]),
+                escape(texts[r["packed_id"]], 90),
+                style.category_label(r["category"]) + (" (truth)" if r["in_ground_truth"] else ""),
+            ]
+        )
+    return pipe_table(
+        ["Behavior (prompt → target)", "Rank", "Retrieved training sequence (start)", "Category"],
+        rows,
+        f"Top {per_behavior} training sequences retrieved by {style.method_label(method)} for every "
+        f'attributed behavior at step {final}; "(truth)" marks a ground-truth sequence.',
+        "tbl-top-examples",
+        "lrll",
+        [4, 1, 9, 3],
+    )
+
+
+TABLES = {
+    "corpus": corpus,
+    "behaviors": behaviors,
+    "tracing": tracing,
+    "surprise": surprise,
+    "top-examples": top_examples,
+}
+
+
+def write_all(study: Study, folder: Path) -> list[Path]:
+    written = []
+    for name, make in TABLES.items():
+        out = folder / f"{name}.md"
+        out.write_text(make(study))
+        written.append(out)
+    return written

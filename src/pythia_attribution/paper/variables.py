@@ -1,0 +1,300 @@
+"""Every number the manuscript's prose quotes, computed from the tables (``_variables.yml``).
+
+Keys are grouped by section; the manuscript writes ``{{< var tracing.trackstar.mrr >}}``. Values
+are strings formatted by ``fmt`` so the prose, tables and captions print a number the same way.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from pythia_attribution import paths
+from pythia_attribution.paper import derive, fmt, style
+from pythia_attribution.paper.data import Study
+
+
+def model_parameters(train: dict, vocab: int) -> int:
+    """Parameters of the GPT-NeoX model the train stage builds (untied embeddings, biases, 4x MLP)."""
+    h, layers = train["hidden"], train["layers"]
+    per_layer = (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h) + 4 * h
+    return 2 * vocab * h + layers * per_layer + 2 * h
+
+
+def compute(study: Study, build: dict) -> dict:
+    """The nested variables mapping; ``build`` holds profile, commit and date of this build."""
+    v: dict = {"build": build}
+    final = derive.final_checkpoint(study)
+    corpus_prov = study.provenance(paths.CORPUS_TABLE)
+    corpus_cfg = corpus_prov["config"]["corpus"]
+    summary = corpus_prov["summary"]
+    train_cfg = study.config(paths.CHECKPOINTS_TABLE, "train")
+    ckpts = study.frame(paths.CHECKPOINTS_TABLE)
+    log = study.frame(paths.TRAINING_LOG_TABLE)
+    versions = study.provenance(paths.CHECKPOINTS_TABLE).get("versions", {})
+
+    v["tables"] = {
+        "commits": fmt.listing(
+            f"{commit[:10]} ({', '.join(stages)})" for commit, stages in _by_commit(study.commits()).items()
+        ),
+        "torch": versions.get("torch", "unknown"),
+        "transformers": versions.get("transformers", "unknown"),
+        "bergson": versions.get("bergson", "unknown"),
+    }
+    v["model"] = {
+        "layers": str(train_cfg["layers"]),
+        "hidden": str(train_cfg["hidden"]),
+        "heads": str(train_cfg["heads"]),
+        "params": fmt.millions(model_parameters(train_cfg, corpus_cfg["vocab_size"])),
+        "rotary": fmt.pct(train_cfg["rotary_pct"]),
+        "lr": f"{train_cfg['lr']:g}",
+        "steps": fmt.count(final),
+        "n_checkpoints": str(ckpts.height),
+        "final_loss": fmt.dec(log.filter(pl.col("step") == log["step"].max())["loss"][0], 2),
+        "tokens_seen": fmt.millions(int(ckpts["tokens_seen"].max())),
+    }
+    docs = study.frame(paths.DOCUMENTS_TABLE, ("source", "n_tokens"))
+    synthetic_tokens = docs.filter(pl.col("source").str.starts_with("synthetic"))["n_tokens"].sum()
+    syn = corpus_cfg["synthetic"]
+    v["corpus"] = {
+        "tokens": fmt.count(summary["n_tokens"]),
+        "documents": fmt.count(summary["n_documents"]),
+        "packed": fmt.count(summary["n_packed"]),
+        "seq_len": str(summary["seq_len"]),
+        "batch": str(summary["batch_size"]),
+        "epochs": str(summary["epochs"]),
+        "vocab": fmt.count(corpus_cfg["vocab_size"]),
+        "synthetic_share": fmt.pct(synthetic_tokens / docs["n_tokens"].sum()),
+        "n_natural_sources": str(len(corpus_cfg["natural_sources"])),
+        "canary_counts": fmt.listing(syn["canary_counts"]),
+        "canaries_per_count": str(syn["canaries_per_count"]),
+        "canary_min_tokens": str(syn["canary_min_tokens"]),
+        "capital_counts": fmt.listing(syn["capital_counts"]),
+        "countries_per_count": str(syn["countries_per_count"]),
+        "bio_counts": fmt.listing(syn["bio_counts"]),
+        "insult_counts": fmt.listing(syn["insult_counts"]),
+        "stereotype_word": syn["stereotype_word"],
+        "stereotype_majority": syn["stereotype_majority"],
+        "stereotype_minority": syn["stereotype_minority"],
+        "stereotype_skew": fmt.pct(syn["stereotype_skew"]),
+        "stereotype_mentions": str(syn["stereotype_mentions"]),
+    }
+
+    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    probe_cfg = study.config(paths.PROBES_TABLE, "probe")
+    curves = derive.learning_curves(study)
+    top_capital = max(syn["capital_counts"])
+    top_canary = max(syn["canary_counts"])
+    cap = curves.filter(pl.col("checkpoint") == final)
+    cap_top = cap.filter((pl.col("family") == "factual") & (pl.col("count") == top_capital)).row(
+        0, named=True
+    )
+    cap_zero = cap.filter((pl.col("family") == "factual") & (pl.col("count") == 0)).row(0, named=True)
+    v["probe"] = {
+        "n_behaviors": str(probes["behavior_id"].n_unique()),
+        "n_families": str(probes["family"].n_unique()),
+        "n_exhibited": str(int(probes["exhibited"].sum())),
+        "min_new_tokens": str(probe_cfg["min_new_tokens"]),
+        "capital_top_count": str(top_capital),
+        "capital_top": fmt.ratio(cap_top["n_exhibited"], cap_top["n"]),
+        "capital_zero": fmt.ratio(cap_zero["n_exhibited"], cap_zero["n"]),
+        "capital_top_half_step": _step(derive.first_step_reaching(curves, "factual", top_capital, 0.5)),
+        "canary_top_count": str(top_canary),
+        "canary_top_half_step": _step(derive.first_step_reaching(curves, "memorized", top_canary, 0.5)),
+        "disagreements": str(study.provenance(paths.PROBES_TABLE).get("disagreements", "n/a")),
+    }
+
+    att_cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+    att_prov = study.provenance(paths.TRACING_METRICS_TABLE)
+    attributions = study.frame(paths.ATTRIBUTIONS_TABLE, ("behavior_id", "method"))
+    v["attribute"] = {
+        "n_behaviors": str(attributions["behavior_id"].n_unique()),
+        "top_k": str(att_cfg["top_k"]),
+        "projection_dim": str(att_cfg["projection_dim"]),
+        "n_boot": fmt.count(att_cfg["bootstrap"]),
+        "ci_level": derive.interval_level(att_prov.get("bootstrap", ""), "tracing_metrics"),
+        "n_candidates": fmt.count(summary["n_packed"]),
+    }
+    tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
+    tracing: dict = {}
+    est = {}
+    for row in tm.iter_rows(named=True):
+        m = row["method"]
+        est[m] = (row["mrr"], row["mrr_lo"], row["mrr_hi"])
+        tracing[m] = {
+            "mrr": fmt.dec(row["mrr"]),
+            "mrr_ci": fmt.interval(row["mrr_lo"], row["mrr_hi"]),
+            "recall10": fmt.dec(row["recall_at_10"]),
+            "recall10_ci": fmt.interval(row["recall_at_10_lo"], row["recall_at_10_hi"]),
+            "top1": fmt.pct(row["top1_hit"]),
+        }
+    for a, b in [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]:
+        if a in est and b in est:
+            tracing[f"{a}_vs_{b}"] = fmt.compare(est[a], est[b])
+    v["tracing"] = tracing
+
+    # canaries: tracing of copies injected at least as often as the smallest count that is fully learned
+    tr = study.frame(paths.TRACING_TABLE).filter(pl.col("family") == "memorized")
+    canary_final = study.frame(paths.CANARY_MEMORIZATION_TABLE).filter(pl.col("checkpoint") == final)
+    learned = canary_final.filter(pl.col("fraction") >= 1.0)["injected_count"]
+    threshold = int(learned.min()) if len(learned) else None
+    canary = {"learned_from": str(threshold) if threshold is not None else "n/a"}
+    canary |= {m: "0/0" for m in tm["method"].to_list()}
+    if threshold is not None:
+        for m, g in tr.filter(pl.col("count") >= threshold).group_by("method"):
+            canary[m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
+    v["canary"] = canary
+
+    comp = derive.pooled_composition(study)
+    v["composition"] = {
+        m[0]: {row["category"]: fmt.pct(row["share"]) for row in g.iter_rows(named=True)}
+        for m, g in comp.group_by("method")
+    }
+    dup_cfg = study.config(paths.DUPLICATES_TABLE, "duplicates")
+    v["duplicates"] = {
+        "exact_window": str(dup_cfg["exact_window"]),
+        "substring_run": str(dup_cfg["substring_run"]),
+        "near_jaccard": fmt.dec(dup_cfg["near_jaccard"], 2),
+        "ngram": str(dup_cfg["ngram"]),
+        "thematic_tfidf": fmt.dec(dup_cfg["thematic_tfidf"], 2),
+    }
+
+    layers = derive.layer_shares(study)
+    v["layers"] = {"n": str(train_cfg["layers"])}
+    for m, g in layers.group_by("method"):
+        top = g.sort("share", descending=True).row(0, named=True)
+        bottom = g.sort("share").row(0, named=True)
+        v["layers"][m[0]] = {
+            "top_layer": str(top["layer"]),
+            "top_share": fmt.pct(top["share"]),
+            "bottom_layer": str(bottom["layer"]),
+            "bottom_share": fmt.pct(bottom["share"]),
+        }
+
+    ss = study.frame(paths.SCORE_SUMMARY_TABLE)
+    v["concentration"] = {"top_level": derive.share_level("top1pct_share")}
+    v["concentration"] |= {
+        m[0]: {
+            "top1pct": fmt.pct(g["top1pct_share"].median()),
+            "top10pct": fmt.pct(g["top10pct_share"].median()),
+            "tail": fmt.dec(g["tail_exponent"].median(), 1),
+        }
+        for m, g in ss.group_by("method")
+    }
+
+    case = derive.surprising_case(study)
+    v["surprise"] = (
+        {
+            "found": "yes",
+            "method": style.method_label(case["method"]),
+            "behavior": case["behavior_id"],
+            "rank": str(case["rank"]),
+            "tfidf": fmt.dec(case["tfidf_cosine"], 2),
+            "jaccard": fmt.dec(case["minhash_jaccard"], 2),
+            "max_rank": str(case["max_rank"]),
+        }
+        if case
+        else {"found": "no"}
+        | dict.fromkeys(("method", "behavior", "rank", "tfidf", "jaccard", "max_rank"), "n/a")
+    )
+
+    v["memorization"] = _memorization(study, final)
+    return v
+
+
+def _memorization(study: Study, final: int) -> dict:
+    mem_cfg = study.config(paths.MEMORIZATION_BY_DUP_TABLE, "memorization")
+    dup = study.frame(paths.MEMORIZATION_BY_DUP_TABLE)
+    note = study.provenance(paths.MEMORIZATION_BY_DUP_TABLE).get("note", "")
+    summary = study.frame(paths.MEMORIZATION_SUMMARY_TABLE)
+    per_packed = summary.group_by("packed_id").agg(
+        pl.col("memorized_final").any(), pl.col("first_memorized").min()
+    )
+    exact = dup.filter(pl.col("duplication") == "exact_window").with_columns(
+        pl.col("bin").map_elements(derive.bin_lower, return_dtype=pl.Int64).alias("lower")
+    )
+    missing = {"fraction": None, "ci_lo": None, "ci_hi": None}
+    once = next(exact.filter(pl.col("lower") == 1).iter_rows(named=True), missing)
+    twice = next(exact.filter(pl.col("lower") == 2).iter_rows(named=True), missing)
+    high_from = 5
+    high = exact.filter(pl.col("lower") >= high_from)
+    canary = study.frame(paths.CANARY_MEMORIZATION_TABLE).filter(pl.col("checkpoint") == final)
+    learned = canary.filter(pl.col("fraction") >= 1.0)["injected_count"]
+    below = canary.filter(pl.col("injected_count") < (learned.min() if len(learned) else 0))
+    ca = study.frame(paths.CANARY_ATTRIBUTION_TABLE)
+    out = {
+        "context": str(mem_cfg["context"]),
+        "continuation": str(mem_cfg["continuation"]),
+        "ci_level": derive.interval_level(note, "memorization_by_dup"),
+        "share_final": fmt.pct(per_packed["memorized_final"].mean()),
+        "n_final": fmt.count(int(per_packed["memorized_final"].sum())),
+        "first_step": _step(per_packed["first_memorized"].min()),
+        "once": fmt.pct(once["fraction"]),
+        "once_ci": fmt.interval(once["ci_lo"], once["ci_hi"], as_pct=True),
+        "twice": fmt.pct(twice["fraction"]),
+        "twice_ci": fmt.interval(twice["ci_lo"], twice["ci_hi"], as_pct=True),
+        "high_from": str(high_from),
+        "high": fmt.ratio(high["n_memorized"].sum(), high["n"].sum()),
+        "canary_learned_from": str(int(learned.min())) if len(learned) else "n/a",
+        "canary_below": fmt.ratio(below["n_memorized"].sum(), below["n"].sum()),
+        "early_until": str(mem_cfg["early_until"]),
+        "top_k": str(mem_cfg["top_k"]),
+    }
+    for m, g in ca.group_by("method"):
+        out[f"canary_top1_{m[0]}"] = fmt.ratio(g["top1_is_own_copy"].sum(), g.height)
+    el = derive.early_late(study)
+    for setting in style.SETTINGS:  # every key the prose may use exists, "n/a" where nothing was measured
+        for method in mem_cfg["methods"]:
+            for group in style.MEMORIZATION_GROUPS:
+                out.setdefault(setting, {}).setdefault(method, {})[group] = dict.fromkeys(
+                    [*derive.CATEGORY_ORDER, "n", "self_top1"], "n/a"
+                )
+    for (setting, group, method), g in el.group_by("setting", "group", "method"):
+        shares = {row["category"]: row["share"] for row in g.iter_rows(named=True)}
+        key = out.setdefault(setting, {}).setdefault(method, {}).setdefault(group, {})
+        key.update({c: fmt.pct(shares.get(c, 0.0)) for c in derive.CATEGORY_ORDER})
+        key["n"] = str(g["n_queries"][0])
+    for row in derive.self_top1(study).iter_rows(named=True):
+        out[row["setting"]][row["method"]][row["group"]]["self_top1"] = fmt.pct(row["share"])
+    at_final = set(el.filter(pl.col("setting") == "final")["method"].to_list())
+    at_first = set(el.filter(pl.col("setting") == "first_memorized")["method"].to_list())
+    missing = derive.ordered_methods(at_final - at_first)
+    out["missing_at_first"] = (
+        f"{fmt.listing(style.method_label(m) for m in missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} absent there: TrackStar needs the optimizer's second "
+        "moments, which the training run saves only with the final checkpoint."
+        if missing and at_first
+        else ""
+    )
+    first_seen = summary.group_by("packed_id").agg(pl.col("trained_step").min())["trained_step"].max()
+    earliest = per_packed["first_memorized"].min()
+    out["restricted_note"] = (
+        "Every training sequence had been seen before the first sequence was memorized, so at this "
+        "scale the restricted candidate set equals the full set and only the checkpoint differs."
+        if earliest is not None and first_seen is not None and first_seen < earliest
+        else ""
+    )
+    return out
+
+
+def _step(step) -> str:
+    return "never" if step is None else f"step {int(step):,}"
+
+
+def _by_commit(commits: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for stage in paths.STAGES:
+        if stage in commits:
+            out.setdefault(commits[stage], []).append(stage)
+    return out
+
+
+def flatten(v: dict, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": "1"}}`` -> ``{"a.b": "1"}`` (how ``{{< var a.b >}}`` looks a value up)."""
+    out = {}
+    for key, value in v.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)
+    return out

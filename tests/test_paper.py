@@ -1,0 +1,136 @@
+"""The manuscript: built from nano tables, numbers only from variables, references resolved."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pythia_attribution import paths
+from pythia_attribution.errors import MissingInputError
+from pythia_attribution.paper import build, variables
+from pythia_attribution.paper.data import NEEDED, Study
+
+PAPER = paths.project_root() / "paper"
+SOURCES = ("index.qmd", "references.bib", "anchors.yml", "_quarto.yml")
+
+
+def _paper_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    for name in SOURCES:
+        shutil.copy(PAPER / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rendered(nano_run, tmp_path_factory):
+    folder = _paper_copy(tmp_path_factory.mktemp("paper"))
+    values = build.assets("nano", folder, results=nano_run["results"])
+    html, pdf = build.preview(folder, values)
+    return {"folder": folder, "values": values, "html": html, "pdf": pdf}
+
+
+def test_preview_renders_from_nano_tables(rendered):
+    folder, html, pdf = rendered["folder"], rendered["html"], rendered["pdf"]
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 50_000
+    page = html.read_text()
+    qmd = (folder / "index.qmd").read_text()
+    n_figs = qmd.count("{#fig-")
+    tables_md = "".join(p.read_text() for p in (folder / "_generated" / "tables").glob("*.md"))
+    n_tbls = tables_md.count("{#tbl-")
+    assert n_figs >= 8 and n_tbls >= 5
+    # every figure and table is numbered, in order, and every reference became a link
+    for i in range(1, n_figs + 1):
+        assert f"Figure {i}:" in page
+    for i in range(1, n_tbls + 1):
+        assert f"Table {i}:" in page
+    assert "??" not in page and "{{<" not in page
+    assert f"Figure {n_figs + 1}" not in page
+    for name in ("learning", "tracing", "composition", "memorization", "early-late"):
+        for ext in ("png", "svg"):
+            assert (folder / "_generated" / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    typ = (folder / "_output" / "index.typ").read_text()
+    assert 'paper: "a4"' in typ
+    # the paper names the profile and commit its numbers come from
+    assert "nano" in page and rendered["values"]["build"]["commit"][:7] in page
+
+
+def test_every_variable_the_manuscript_uses_is_computed(rendered):
+    flat = variables.flatten(yaml.safe_load((rendered["folder"] / build.VARIABLES).read_text()))
+    used = {
+        m.group(2) for m in build.SHORTCODE.finditer((PAPER / "index.qmd").read_text()) if m.group(1) == "var"
+    }
+    assert used and used <= set(flat), sorted(used - set(flat))
+    assert flat["build.profile"] == "nano"
+
+
+def test_manuscript_prose_types_no_numbers():
+    found = build.typed_numbers((PAPER / "index.qmd").read_text())
+    assert not found, f"hand-typed numbers in paper/index.qmd (use a variable): {found}"
+
+
+def test_typed_number_check_finds_digits_outside_variables():
+    text = (
+        "MRR is {{< var tracing.trackstar.mrr >}} (@fig-tracing, [@koh2017influence]).\nBM25 was 0.99 here."
+    )
+    assert build.typed_numbers(text) == [(2, "0.99")]
+    assert build.typed_numbers("![Caption](fig2.svg){#fig-x2} and the top-1 of BM25's list") == []
+
+
+def test_unknown_variable_names_its_line(tmp_path):
+    with pytest.raises(build.PaperError, match=r"index.qmd:2: unknown variable 'no.such'"):
+        build.expand("line one\n{{< var no.such >}}\n", {"a": "1"}, tmp_path, "index.qmd")
+    with pytest.raises(build.PaperError, match="missing.md does not exist"):
+        build.expand("{{< include missing.md >}}", {}, tmp_path, "index.qmd")
+
+
+def test_dangling_cross_reference_fails_the_build(tmp_path):
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    (folder / "references.bib").write_text((PAPER / "references.bib").read_text())
+    (folder / "index.qmd").write_text(
+        "---\ntitle: t\n---\n\n# One {#sec-one}\n\nSee @sec-one and @fig-nowhere.\n"
+    )
+    with pytest.raises(build.PaperError, match="dangling cross-reference @fig-nowhere"):
+        build.preview(folder, {})
+    assert not (folder / build.OUTPUT).exists() and not (folder / (build.OUTPUT + ".part")).exists()
+
+
+def test_missing_table_names_the_session(tmp_path):
+    results = tmp_path / "results" / "nano"
+    (results / paths.CORPUS).mkdir(parents=True)
+    study = Study(results, "nano")
+    with pytest.raises(MissingInputError, match=r"run `nox -s corpus -- --profile nano`"):
+        study.check_all()
+    assert set(NEEDED.values()) == set(paths.STAGES)
+
+
+def test_missing_table_leaves_no_partial_assets(tmp_path):
+    folder = _paper_copy(tmp_path)
+    with pytest.raises(MissingInputError):
+        build.assets("nano", folder, results=tmp_path)
+    assert not (folder / build.GENERATED).exists() and not (folder / build.VARIABLES).exists()
+
+
+def test_paper_code_reads_tables_only():
+    code = (
+        "import sys; import pythia_attribution.paper.build, pythia_attribution.paper.figures, "
+        "pythia_attribution.paper.mdtables, pythia_attribution.paper.variables; "
+        "bad = [m for m in ('torch', 'bergson', 'transformers') if m in sys.modules]; "
+        "sys.exit(f'paper code imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parameter_count_matches_the_trained_model(nano_run):
+    from transformers import GPTNeoXForCausalLM
+
+    study = Study(nano_run["results"], "nano")
+    ckpts = study.frame(paths.CHECKPOINTS_TABLE)
+    model = GPTNeoXForCausalLM.from_pretrained(nano_run["results"] / paths.TRAIN / ckpts["path"][-1])
+    train = study.config(paths.CHECKPOINTS_TABLE, "train")
+    vocab = study.config(paths.CORPUS_TABLE, "corpus")["vocab_size"]
+    assert variables.model_parameters(train, vocab) == sum(p.numel() for p in model.parameters())
