@@ -14,7 +14,7 @@ from pythia_attribution.paper import build, variables
 from pythia_attribution.paper.data import NEEDED, Study
 
 PAPER = paths.project_root() / "paper"
-SOURCES = ("index.qmd", "references.bib", "anchors.yml", "_quarto.yml")
+SOURCES = ("index.qmd", "references.bib", "anchors.yml", "_quarto.yml", "header.typ")
 
 
 def _paper_copy(tmp_path: Path) -> Path:
@@ -90,7 +90,8 @@ def test_unknown_variable_names_its_line(tmp_path):
 def test_dangling_cross_reference_fails_the_build(tmp_path):
     folder = tmp_path / "paper"
     folder.mkdir()
-    (folder / "references.bib").write_text((PAPER / "references.bib").read_text())
+    for name in ("references.bib", "header.typ"):
+        shutil.copy(PAPER / name, folder / name)
     (folder / "index.qmd").write_text(
         "---\ntitle: t\n---\n\n# One {#sec-one}\n\nSee @sec-one and @fig-nowhere.\n"
     )

@@ -35,6 +35,7 @@ OUTPUT = "_output"
 MANUSCRIPT = "index.qmd"
 BIBLIOGRAPHY = "references.bib"
 ANCHORS = "anchors.yml"  # published numbers, hand-curated with their sources
+TYPST_HEADER = "header.typ"  # typst set-up shared by Quarto's typst format and the preview
 
 SHORTCODE = re.compile(r"\{\{<\s*(\w+)\s*([^>]*?)\s*>\}\}")
 
@@ -155,7 +156,8 @@ def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
         source = work / "index.md"
         source.write_text(text)
         pkg = resources.files("pythia_attribution.paper")
-        lua, css, header = (Path(str(pkg / name)) for name in ("crossref.lua", "preview.css", "header.typ"))
+        lua, css = (Path(str(pkg / name)) for name in ("crossref.lua", "preview.css"))
+        header = paper_dir / TYPST_HEADER
         common = [
             str(source),
             "--from=markdown",
