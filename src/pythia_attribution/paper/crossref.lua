@@ -32,6 +32,14 @@ local function label_caption(el, kind, n)
   return el
 end
 
+-- a figure labelled #fig-... or a table labelled #tbl-...: the next number of its kind
+local function number_float(el, kind)
+  if prefix(el.identifier) ~= kind then return nil end
+  counts[kind] = counts[kind] + 1
+  numbers[el.identifier] = {kind = kind, n = tostring(counts[kind])}
+  return label_caption(el, kind, counts[kind])
+end
+
 local function number(doc)
   doc.blocks = doc.blocks:walk({
     traverse = "topdown",
@@ -45,20 +53,8 @@ local function number(doc)
         numbers[h.identifier] = {kind = "sec", n = table.concat(parts, ".")}
       end
     end,
-    Figure = function(f)
-      if prefix(f.identifier) == "fig" then
-        counts.fig = counts.fig + 1
-        numbers[f.identifier] = {kind = "fig", n = tostring(counts.fig)}
-        return label_caption(f, "fig", counts.fig)
-      end
-    end,
-    Table = function(t)
-      if prefix(t.identifier) == "tbl" then
-        counts.tbl = counts.tbl + 1
-        numbers[t.identifier] = {kind = "tbl", n = tostring(counts.tbl)}
-        return label_caption(t, "tbl", counts.tbl)
-      end
-    end,
+    Figure = function(f) return number_float(f, "fig") end,
+    Table = function(t) return number_float(t, "tbl") end,
   })
   return doc
 end

@@ -138,17 +138,26 @@ def module_kind(module: str) -> str:
     return "other"
 
 
-def packed_text(study: Study) -> dict[int, str]:
-    """Packed sequence id -> its decoded text (every stream copy of a packed sequence is identical)."""
-    corpus = study.frame(paths.CORPUS_TABLE, ("packed_id", "text"))
+def per_packed(study: Study, column: str) -> dict:
+    """Packed sequence id -> ``column`` of corpus.arrow (every stream copy of a packed sequence
+    holds the same text and sources, so the first one stands for all)."""
+    corpus = study.frame(paths.CORPUS_TABLE, ("packed_id", column))
     first = corpus.unique(subset="packed_id", keep="first", maintain_order=True)
-    return dict(zip(first["packed_id"].to_list(), first["text"].to_list(), strict=True))
+    return dict(zip(first["packed_id"].to_list(), first[column].to_list(), strict=True))
 
 
-def packed_sources(study: Study) -> dict[int, list[str]]:
-    corpus = study.frame(paths.CORPUS_TABLE, ("packed_id", "sources"))
-    first = corpus.unique(subset="packed_id", keep="first", maintain_order=True)
-    return dict(zip(first["packed_id"].to_list(), first["sources"].to_list(), strict=True))
+def final_probes(study: Study) -> pl.DataFrame:
+    """Every probe at the final checkpoint (what the attribute stage attributed from)."""
+    return study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final_checkpoint(study))
+
+
+def canary_learned_from(study: Study) -> int | None:
+    """Smallest injected count whose canaries are all memorized at the final checkpoint."""
+    canary = study.frame(paths.CANARY_MEMORIZATION_TABLE)
+    learned = canary.filter((pl.col("checkpoint") == final_checkpoint(study)) & (pl.col("fraction") >= 1.0))[
+        "injected_count"
+    ]
+    return int(learned.min()) if len(learned) else None
 
 
 GRADIENT_PREFERENCE = ("trackstar", "grad_cosine", "ekfac")

@@ -139,6 +139,32 @@ def tracing(study: Study):
     return plot, (style.FIGURE_WIDTH_IN, 4.4)
 
 
+def _composition_bars(pdf, facet):
+    """Stacked bars of duplicate categories per method (one bar per method, per facet panel).
+
+    ``pdf`` is a pandas frame with ``method``, ``category`` and ``share`` plus the facet columns.
+    """
+    methods = derive.ordered_methods(pdf["method"].unique())
+    pdf = pdf.assign(method_label=pdf["method"].map(style.method_label))
+    pdf["method_label"] = (
+        pdf["method_label"]
+        .astype("category")
+        .cat.set_categories([style.method_label(m) for m in methods][::-1])
+    )
+    categories = [c for c in style.CATEGORIES if c in set(pdf["category"])]
+    pdf["category"] = pdf["category"].astype("category").cat.set_categories(categories[::-1])
+    return (
+        ggplot(pdf, aes("method_label", "share", fill="category"))
+        + geom_col(width=0.75)
+        + facet
+        + coord_flip()
+        + scale_y_continuous(labels=_percent)
+        + _category_fill(categories)
+        + labs(x="", y="Share of the top-k retrieved sequences")
+        + _theme()
+    )
+
+
 def composition(study: Study):
     """What each method retrieves in its top-k, by behavior family."""
     comp = study.frame(paths.COMPOSITION_TABLE)
@@ -149,31 +175,13 @@ def composition(study: Study):
             pooled.select("family", "method", "category", "share"),
         ]
     )
-    methods = derive.ordered_methods(data["method"].unique())
     pdf = data.with_columns(
-        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label"),
-        pl.col("method").map_elements(style.method_label, return_dtype=pl.Utf8).alias("method_label"),
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
     ).to_pandas()
     pdf["family_label"] = (
         pdf["family_label"].astype("category").cat.set_categories(_family_order(data["family"].unique()))
     )
-    pdf["method_label"] = (
-        pdf["method_label"]
-        .astype("category")
-        .cat.set_categories([style.method_label(m) for m in methods][::-1])
-    )
-    categories = [c for c in style.CATEGORIES if c in set(data["category"])]
-    pdf["category"] = pdf["category"].astype("category").cat.set_categories(categories[::-1])
-    plot = (
-        ggplot(pdf, aes("method_label", "share", fill="category"))
-        + geom_col(width=0.75)
-        + facet_wrap("family_label", ncol=2)
-        + coord_flip()
-        + scale_y_continuous(labels=_percent)
-        + _category_fill(categories)
-        + labs(x="", y="Share of the top-k retrieved sequences")
-        + _theme()
-    )
+    plot = _composition_bars(pdf, facet_wrap("family_label", ncol=2))
     return plot, (style.FIGURE_WIDTH_IN, 5.4)
 
 
@@ -281,31 +289,11 @@ def canary_memorization(study: Study):
 def early_late(study: Study):
     """Top-k composition of memorized sequences' attributions: early- versus late-memorized."""
     el = derive.early_late(study)
-    methods = derive.ordered_methods(el["method"].unique())
     pdf = el.with_columns(
         pl.col("group").replace_strict(style.MEMORIZATION_GROUPS, default=pl.col("group")).alias("grp"),
         pl.col("setting").replace_strict(style.SETTINGS, default=pl.col("setting")).alias("set"),
-        pl.col("n_queries").cast(pl.Utf8).alias("nq"),
-        pl.col("method").map_elements(style.method_label, return_dtype=pl.Utf8).alias("method_label"),
     ).to_pandas()
-    pdf["method_label"] = (
-        pdf["method_label"]
-        .astype("category")
-        .cat.set_categories([style.method_label(m) for m in methods][::-1])
-    )
-    categories = [c for c in style.CATEGORIES if c in set(el["category"])]
-    pdf["category"] = pdf["category"].astype("category").cat.set_categories(categories[::-1])
-    plot = (
-        ggplot(pdf, aes("method_label", "share", fill="category"))
-        + geom_col(width=0.75)
-        + facet_grid("grp ~ set")
-        + coord_flip()
-        + scale_y_continuous(labels=_percent)
-        + _category_fill(categories)
-        + labs(x="", y="Share of the top-k retrieved sequences")
-        + _theme()
-        + guides(fill=guide_legend(nrow=2))
-    )
+    plot = _composition_bars(pdf, facet_grid("grp ~ set")) + guides(fill=guide_legend(nrow=2))
     return plot, (style.FIGURE_WIDTH_IN, 3.8)
 
 

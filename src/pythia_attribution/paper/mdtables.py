@@ -79,7 +79,7 @@ def corpus(study: Study) -> str:
 
 def behaviors(study: Study) -> str:
     final = derive.final_checkpoint(study)
-    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    probes = derive.final_probes(study)
     attributed = set(study.frame(paths.ATTRIBUTIONS_TABLE, ("behavior_id",))["behavior_id"].to_list())
     rows = []
     for family in [f for f in style.FAMILIES if f in set(probes["family"])]:
@@ -139,14 +139,9 @@ def surprise(study: Study) -> str:
             "*No retrieved sequence met the rule: every top-ranked gradient-method result "
             "overlaps its query.*\n"
         )
-    final = derive.final_checkpoint(study)
-    probe = (
-        study.frame(paths.PROBES_TABLE)
-        .filter((pl.col("behavior_id") == case["behavior_id"]) & (pl.col("checkpoint") == final))
-        .row(0, named=True)
-    )
-    text = derive.packed_text(study)[case["packed_id"]]
-    sources = ", ".join(sorted(set(derive.packed_sources(study)[case["packed_id"]])))
+    probe = derive.final_probes(study).filter(pl.col("behavior_id") == case["behavior_id"]).row(0, named=True)
+    text = derive.per_packed(study, "text")[case["packed_id"]]
+    sources = ", ".join(sorted(set(derive.per_packed(study, "sources")[case["packed_id"]])))
     rows = [
         ["Behavior", f"{escape(case['behavior_id'])} ({style.family_label(case['family'])})"],
         ["Prompt → target", escape(probe["prompt"]) + " → " + escape(probe["target"])],
@@ -177,11 +172,11 @@ def top_examples(study: Study, per_behavior: int = 2, method: str = "trackstar")
     if method not in methods:
         method = derive.ordered_methods(methods)[0]
     final = derive.final_checkpoint(study)
-    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    probes = derive.final_probes(study)
     prompts = {
         r["behavior_id"]: r for r in probes.select("behavior_id", "prompt", "target").iter_rows(named=True)
     }
-    texts = derive.packed_text(study)
+    texts = derive.per_packed(study, "text")
     top = dup.filter((pl.col("method") == method) & (pl.col("rank") <= per_behavior)).sort(
         "family", "behavior_id", "rank"
     )

@@ -79,7 +79,7 @@ def compute(study: Study, build: dict) -> dict:
         "stereotype_mentions": str(syn["stereotype_mentions"]),
     }
 
-    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    probes = derive.final_probes(study)
     probe_cfg = study.config(paths.PROBES_TABLE, "probe")
     curves = derive.learning_curves(study)
     top_capital = max(syn["capital_counts"])
@@ -134,9 +134,7 @@ def compute(study: Study, build: dict) -> dict:
 
     # canaries: tracing of copies injected at least as often as the smallest count that is fully learned
     tr = study.frame(paths.TRACING_TABLE).filter(pl.col("family") == "memorized")
-    canary_final = study.frame(paths.CANARY_MEMORIZATION_TABLE).filter(pl.col("checkpoint") == final)
-    learned = canary_final.filter(pl.col("fraction") >= 1.0)["injected_count"]
-    threshold = int(learned.min()) if len(learned) else None
+    threshold = derive.canary_learned_from(study)
     canary = {"learned_from": str(threshold) if threshold is not None else "n/a"}
     canary |= {m: "0/0" for m in tm["method"].to_list()}
     if threshold is not None:
@@ -218,8 +216,8 @@ def _memorization(study: Study, final: int) -> dict:
     high_from = 5
     high = exact.filter(pl.col("lower") >= high_from)
     canary = study.frame(paths.CANARY_MEMORIZATION_TABLE).filter(pl.col("checkpoint") == final)
-    learned = canary.filter(pl.col("fraction") >= 1.0)["injected_count"]
-    below = canary.filter(pl.col("injected_count") < (learned.min() if len(learned) else 0))
+    learned_from = derive.canary_learned_from(study)
+    below = canary.filter(pl.col("injected_count") < (learned_from or 0))
     ca = study.frame(paths.CANARY_ATTRIBUTION_TABLE)
     out = {
         "context": str(mem_cfg["context"]),
@@ -234,7 +232,7 @@ def _memorization(study: Study, final: int) -> dict:
         "twice_ci": fmt.interval(twice["ci_lo"], twice["ci_hi"], as_pct=True),
         "high_from": str(high_from),
         "high": fmt.ratio(high["n_memorized"].sum(), high["n"].sum()),
-        "canary_learned_from": str(int(learned.min())) if len(learned) else "n/a",
+        "canary_learned_from": str(learned_from) if learned_from is not None else "n/a",
         "canary_below": fmt.ratio(below["n_memorized"].sum(), below["n"].sum()),
         "early_until": str(mem_cfg["early_until"]),
         "top_k": str(mem_cfg["top_k"]),
