@@ -135,3 +135,18 @@ def test_parameter_count_matches_the_trained_model(nano_run):
     train = study.config(paths.CHECKPOINTS_TABLE, "train")
     vocab = study.config(paths.CORPUS_TABLE, "corpus")["vocab_size"]
     assert variables.model_parameters(train, vocab) == sum(p.numel() for p in model.parameters())
+
+
+def test_same_tables_give_identical_assets(rendered, nano_run, tmp_path):
+    """Figures (PNG and SVG bytes), tables and variables do not change between two builds."""
+    again = _paper_copy(tmp_path)
+    build.assets("nano", again, results=nano_run["results"])
+    first, second = rendered["folder"], again
+
+    def generated(folder):
+        return sorted(p.relative_to(folder) for p in (folder / build.GENERATED).rglob("*") if p.is_file())
+
+    names = generated(first)
+    assert names and names == generated(second)
+    for name in [*names, Path(build.VARIABLES)]:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name

@@ -110,6 +110,7 @@ def pooled_composition(study: Study) -> pl.DataFrame:
         comp.group_by("method", "category")
         .agg(pl.col("n").sum())
         .with_columns((pl.col("n") / pl.col("n").sum().over("method")).alias("share"))
+        .sort("method", "category")
     )
 
 
@@ -121,12 +122,17 @@ def layer_shares(study: Study) -> pl.DataFrame:
     over behaviors.
     """
     ls = study.frame(paths.LAYER_SCORES_TABLE).filter(pl.col("rank") == 1)
-    per_layer = ls.group_by("behavior_id", "family", "method", "layer").agg(pl.col("score").abs().sum())
+    # ordered groups: float sums and means, and the row order, are the same on every run
+    per_layer = ls.group_by("behavior_id", "family", "method", "layer", maintain_order=True).agg(
+        pl.col("score").abs().sum()
+    )
     per_layer = per_layer.with_columns(
         (pl.col("score") / pl.col("score").sum().over("behavior_id", "method")).alias("share")
     )
-    return per_layer.group_by("method", "layer").agg(
-        pl.col("share").mean().alias("share"), pl.col("behavior_id").n_unique().alias("n_behaviors")
+    return (
+        per_layer.group_by("method", "layer", maintain_order=True)
+        .agg(pl.col("share").mean().alias("share"), pl.col("behavior_id").n_unique().alias("n_behaviors"))
+        .sort("method", "layer")
     )
 
 

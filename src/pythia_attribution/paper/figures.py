@@ -210,6 +210,7 @@ CONCENTRATION_METRICS = [
 def concentration(study: Study):
     """Influence concentration per query: top-1% share and the Hill tail exponent."""
     ss = study.frame(paths.SCORE_SUMMARY_TABLE)
+    seed = study.config(paths.SCORE_SUMMARY_TABLE, "runtime")["seed"]  # the jitter is reproducible
     methods = derive.ordered_methods(ss["method"].unique())
     long = pl.concat(
         [
@@ -224,7 +225,7 @@ def concentration(study: Study):
     )
     plot = (
         ggplot(data, aes("method", "value", colour="method"))
-        + geom_jitter(width=0.2, height=0, size=0.5, alpha=0.4)
+        + geom_jitter(width=0.2, height=0, size=0.5, alpha=0.4, random_state=seed)
         + geom_boxplot(outlier_shape="", fill="none", width=0.5, colour="black", size=0.4)
         + facet_wrap("metric", scales="free_x")
         + coord_flip()
