@@ -12,6 +12,7 @@ the stage command (``--force``, ``--threads N``).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import shutil
@@ -71,11 +72,21 @@ def _print_versions(session: nox.Session, python: str) -> None:
     )
 
 
+# `-- --profile P` (default micro) is shared by every session; the rest of the posargs go on as given
+_PROFILE = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+_PROFILE.add_argument("--profile", default="micro")
+
+
+def _profile_and_rest(session: nox.Session) -> tuple[str, list[str]]:
+    known, rest = _PROFILE.parse_known_args(session.posargs)
+    return known.profile, rest
+
+
 def _stage(session: nox.Session, stage: str) -> None:
-    args = list(session.posargs)
-    if not any(a == "--profile" or a.startswith("--profile=") for a in args):
-        args = ["--profile", "micro", *args]
-    session.run(_python(session), "-m", "pythia_attribution", stage, *args, external=True)
+    profile, rest = _profile_and_rest(session)
+    session.run(
+        _python(session), "-m", "pythia_attribution", stage, "--profile", profile, *rest, external=True
+    )
 
 
 @nox.session
@@ -126,13 +137,7 @@ def paper(session: nox.Session) -> None:
 
     Reads the tables only (run `nox -s all` first; a missing table names the session that makes it).
     """
-    args = list(session.posargs)
-    profile = "micro"
-    for i, a in enumerate(args):
-        if a == "--profile" and i + 1 < len(args):
-            profile = args[i + 1]
-        elif a.startswith("--profile="):
-            profile = a.split("=", 1)[1]
+    profile, _ = _profile_and_rest(session)
     python = _python(session)
     quarto = shutil.which("quarto")
     if quarto:
