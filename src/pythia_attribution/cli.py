@@ -12,30 +12,30 @@ from pythia_attribution import paths
 from pythia_attribution.config import Profile, describe, known_profiles, load_profile
 from pythia_attribution.errors import UserError
 
-STAGE_HELP = {
-    paths.CORPUS: "build micro-Pile: sources, synthetic ground truth, tokenizer, packing and order",
-    paths.TRAIN: "train micro-Pythia on exactly the order in corpus.arrow; checkpoints and log",
-    paths.PROBE: "probe every behavior at every checkpoint (greedy completion, log-prob, rank)",
-    paths.ATTRIBUTE: "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
-    paths.DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
-    paths.MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
-    stages = "\n".join(f"  {name:<8} {STAGE_HELP[name]}" for name in paths.STAGES)
+    from pythia_attribution.stage import SPECS
+
+    lines = []
+    for name, spec in SPECS.items():
+        lines.append(f"  {name:<12} {spec.help}")
+        if isinstance(spec.module, dict):
+            lines.append(f"  {'':<12} sources ({name}.source): {', '.join(spec.module)}")
+    stages = "\n".join(lines)
     parser = argparse.ArgumentParser(
         prog="python -m pythia_attribution",
         description="Run one stage of the training-data attribution study.",
         epilog=(
-            f"stages, in order:\n{stages}\n  all      every stage above, in order\n\n"
+            f"stages, in order:\n{stages}\n  all          every stage above, in order\n"
+            "  pin          resolve the profile's Hub revisions and files to commits, sizes and sha256\n"
+            "               and write world.manifest (needs the network, or the fixture world's cache)\n\n"
             f"profiles: {', '.join(known_profiles()) or '(none found)'} (or a path to a profile .toml)\n"
             "outputs: results/<profile>/<stage>/<table>.arrow\n\n"
             "profile keys (experiments/profiles/*.toml), with defaults:\n" + "\n".join(describe(Profile))
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=[*paths.STAGES, "all"], help="stage to run")
+    parser.add_argument("stage", choices=[*paths.STAGES, "all", "pin"], help="stage to run")
     parser.add_argument("--profile", default="micro", help="profile name or .toml path (default: micro)")
     parser.add_argument("--force", action="store_true", help="recompute even if the outputs are current")
     parser.add_argument("--threads", type=int, help="override runtime.threads of the profile")
@@ -59,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         # Tokenizers' own thread pool fights torch for the two cores; its output does not depend on it.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        prepare_world(profile)
         from pythia_attribution import stage
 
+        if args.stage == "pin":
+            from pythia_attribution.sources.fixture import pin_profile
+
+            print(pin_profile(profile))
+            return 0
         stages = paths.STAGES if args.stage == "all" else (args.stage,)
         for name in stages:
             stage.run(profile, name, force=args.force)
@@ -68,3 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def prepare_world(profile: Profile) -> None:
+    """Point the Hub libraries at the profile's cache (and offline mode) and build its fixture world.
+
+    Environment variables are set for anything imported later; the sources also pass the cache
+    and ``local_files_only`` explicitly, so an already-imported huggingface_hub behaves the same.
+    """
+    world = profile.world
+    if world.hub_cache:
+        os.environ["HF_HUB_CACHE"] = str(paths.expand(world.hub_cache, profile.name))
+    if world.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if world.fixture:
+        from pythia_attribution.sources.fixture import ensure_world
+
+        ensure_world(profile)

@@ -70,7 +70,60 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class WorldConfig:
+    """Where a real-scale world's artifacts live: Hub repositories and their pinned identities."""
+
+    manifest: str = doc(
+        "pinned Hub identities (revision -> commit, file -> size and sha256), written by `nox -s pin`; "
+        "'{world}' is the fixture world's folder; '' when no stage reads the Hub",
+        "",
+    )
+    model_repo: str = doc("Hub model repository of the checkpoints and tokenizer", "")
+    dataset_repo: str = doc("Hub dataset repository of the preshuffled Megatron files", "")
+    evals_repo: str = doc("Hub dataset repository of Biderman et al.'s memorized sequences", "")
+    evals_split: str = doc("split of evals_repo for this model (e.g. deduped.70m)", "")
+    hub_cache: str = doc(
+        "HF_HUB_CACHE for this profile ('{world}' allowed); '' keeps huggingface_hub's default", ""
+    )
+    offline: bool = doc("set HF_HUB_OFFLINE=1: load only what the Hub cache holds", False)
+    fixture: bool = doc(
+        "build the fixture world (tiny GPT-NeoX Hub repository, Megatron shards, memorized-evals "
+        "parquet) into results/<profile>/world/ before the first stage, when it is not there",
+        False,
+    )
+
+
+@dataclass(frozen=True)
+class PileConfig:
+    """Which training sequences of the preshuffled Pile become candidates (source pythia-preshuffled)."""
+
+    url: str = doc(
+        "fsspec URL of the folder holding document.idx and the shards; '{commit}' is the manifest's "
+        "dataset commit, '{world}' the fixture world's folder",
+        "hf://datasets/{repo}@{commit}",
+    )
+    steps: list[list[int]] = doc(
+        "training-step ranges [first, last) whose sequences are all candidates", default_factory=list
+    )
+    seq_idxs: list[int] = doc("explicit training sequence indexes to include", default_factory=list)
+    memorized: int = doc(
+        "include a seeded sample of this many sequences listed in the memorized-evals split", 0
+    )
+    sample: int = doc("include a seeded uniform sample of this many sequences trained before", 0)
+    sample_until_step: int = doc("... the checkpoint at this step (0: the final checkpoint)", 0)
+    max_candidates: int = doc("stop with an error if the selection holds more sequences than this", 10000)
+    tokenizer_step: int = doc("the checkpoint step whose tokenizer decodes the sequences", 143000)
+    fetch_batch: int = doc("sequences per cached fetch chunk (a killed fetch resumes chunk by chunk)", 1024)
+
+
+@dataclass(frozen=True)
 class CorpusConfig:
+    source: str = doc(
+        "where the training sequences come from: 'micro-pile' (built here) or 'pythia-preshuffled' "
+        "(the Pile in Pythia's training order, by byte range)",
+        "micro-pile",
+    )
+    pile: PileConfig = doc("candidate selection for source pythia-preshuffled", default_factory=PileConfig)
     manifest: str = doc(
         "source manifest (path relative to the project root)", "data_manifests/micro-pile.toml"
     )
@@ -91,6 +144,12 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    source: str = doc(
+        "where the checkpoints come from: 'train' (trained here on the corpus order) or 'hub' "
+        "(world.model_repo at the pinned revisions of hub_steps)",
+        "train",
+    )
+    hub_steps: list[int] = doc("checkpoint steps loaded from the Hub (source hub)", default_factory=list)
     layers: int = doc("transformer layers", 4)
     hidden: int = doc("hidden size", 128)
     heads: int = doc("attention heads", 4)
@@ -149,11 +208,18 @@ class DuplicatesConfig:
 
 @dataclass(frozen=True)
 class MemorizationConfig:
+    source: str = doc(
+        "'test' (test every candidate at every checkpoint) or 'memorized-evals' (also re-score a "
+        "seeded sample of world.evals_split with the final checkpoint and report the agreement)",
+        "test",
+    )
+    rescore_sample: int = doc("listed memorized sequences re-scored (source memorized-evals)", 200)
     context: int = doc("tokens of context (Biderman et al. 2023: 32)", 32)
     continuation: int = doc("tokens that must be reproduced greedily (32)", 32)
     batch_size: int = doc("windows per forward pass", 256)
     methods: list[str] = doc(
-        "attribution methods for memorized sequences (trackstar, grad_cosine, bm25)",
+        "attribution methods for memorized sequences, by name in attribute.methods_file "
+        "(gradient and bm25 kinds)",
         default_factory=lambda: ["trackstar", "grad_cosine", "bm25"],
     )
     top_k: int = doc("top-ranked training sequences kept per memorized sequence", 20)
@@ -171,6 +237,7 @@ class Profile:
     name: str = doc("profile name (the file's stem)")
     description: str = doc("one line on what the profile is for", "")
     runtime: RuntimeConfig = doc("threads and seed", default_factory=RuntimeConfig)
+    world: WorldConfig = doc("Hub repositories and pins (real-scale sources)", default_factory=WorldConfig)
     corpus: CorpusConfig = doc("corpus stage", default_factory=CorpusConfig)
     train: TrainConfig = doc("train stage", default_factory=TrainConfig)
     probe: ProbeConfig = doc("probe stage", default_factory=ProbeConfig)

@@ -18,36 +18,22 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
+from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.stage import load_candidates, truth_sets
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
-from pythia_attribution.model import load_checkpoint, set_threads
+from pythia_attribution.errors import ConfigError
+from pythia_attribution.model import load_checkpoint, memorization_test, set_threads
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def memorization_test(
-    model, windows: np.ndarray, context: int, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact-match flags and teacher-forced accuracy for windows of ``context`` + continuation tokens."""
-    memorized = np.zeros(len(windows), dtype=bool)
-    accuracy = np.zeros(len(windows), dtype=np.float32)
-    for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start : start + batch_size])
-        logits = model(input_ids=batch[:, :-1]).logits[:, context - 1 :]
-        hits = logits.argmax(-1) == batch[:, context:]
-        memorized[start : start + len(batch)] = hits.all(dim=1).numpy()
-        accuracy[start : start + len(batch)] = hits.float().mean(dim=1).numpy()
-    return memorized, accuracy
 
 
 def window_counts(tokens: np.ndarray, width: int) -> Counter:
@@ -98,68 +84,70 @@ def run(ctx) -> None:
     set_threads(ctx.profile.runtime.threads)
     corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
     cands = load_candidates(corpus)
-    batch = int(corpus["batch_pos"].to_numpy().max()) + 1
-    seq_packed = cands.seq_to_packed
-    n_seq = len(seq_packed)
+    row_packed, row_seq = cands.row_packed, cands.row_seq_idx
+    row_step = corpus["step"].to_numpy().astype(np.int64)
     width = cfg.context + cfg.continuation
     windows = cands.tokens[:, :width].astype(np.int64)
     ckpts = sorted(ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist(), key=lambda c: c["step"])
+    ckpt_dirs = {c["step"]: ctx.inputs[paths.TRAIN] / c["path"] for c in ckpts}
 
     ground = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
     canary_items = ground.filter(pa.compute.equal(ground["kind"], "canary")).to_pylist()
     canary_windows = np.array([it["prompt_ids"] + it["target_ids"] for it in canary_items], dtype=np.int64)
+    canary_windows = canary_windows.reshape(len(canary_items), width)  # (0, width) without canaries
 
     # 1. The test at every checkpoint, on every packed sequence that checkpoint has trained on (and
     # on each canary's own 64 tokens), one model load per checkpoint. Per step: flags indexed by
-    # packed id, meaningful for the packed ids that step has trained on.
+    # packed id, meaningful for the packed ids that step has trained on. Checkpoint stepN has
+    # trained on exactly the corpus rows with step < N.
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     canary_mem: dict[int, np.ndarray] = {}
     for ckpt in tqdm(ckpts, desc="memorization", unit="ckpt"):
-        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
+        model, _ = load_checkpoint(ckpt_dirs[ckpt["step"]])
         canary_mem[ckpt["step"]], _ = memorization_test(model, canary_windows, cfg.context, cfg.batch_size)
-        packed = np.unique(seq_packed[: min(n_seq, ckpt["step"] * batch)])
+        packed = np.unique(row_packed[row_step < ckpt["step"]])
         if len(packed) == 0:
             continue
         mem, acc = np.zeros(len(windows), dtype=bool), np.zeros(len(windows), dtype=np.float32)
         mem[packed], acc[packed] = memorization_test(model, windows[packed], cfg.context, cfg.batch_size)
         results[ckpt["step"]] = (mem, acc)
     steps = sorted(results)
-    seq_idx = np.concatenate([np.arange(min(n_seq, s * batch)) for s in steps])
-    step_of = np.concatenate([np.full(min(n_seq, s * batch), s) for s in steps])
+    trained = {s: np.flatnonzero(row_step < s) for s in steps}
     memorization = pa.table(
         {
-            "seq_idx": seq_idx,
-            "packed_id": seq_packed[seq_idx].astype(np.int64),
-            "checkpoint": step_of,
-            "memorized": np.concatenate([results[s][0][seq_packed[: min(n_seq, s * batch)]] for s in steps]),
-            "tf_accuracy": np.concatenate(
-                [results[s][1][seq_packed[: min(n_seq, s * batch)]] for s in steps]
-            ).astype(np.float64),
+            "seq_idx": np.concatenate([row_seq[trained[s]] for s in steps]).astype(np.int64),
+            "packed_id": np.concatenate([row_packed[trained[s]] for s in steps]).astype(np.int64),
+            "checkpoint": np.concatenate([np.full(len(trained[s]), s) for s in steps]),
+            "memorized": np.concatenate([results[s][0][row_packed[trained[s]]] for s in steps]),
+            "tf_accuracy": np.concatenate([results[s][1][row_packed[trained[s]]] for s in steps]).astype(
+                np.float64
+            ),
         }
     )
     ctx.write_table(
         paths.MEMORIZATION_TABLE, memorization, context=cfg.context, continuation=cfg.continuation
     )
 
-    # 2. Per stream position: when trained, first memorized, forgotten.
+    # 2. Per training sequence: when trained, first memorized, forgotten.
     summary = []
-    for seq in range(n_seq):
-        p = int(seq_packed[seq])
-        seen = [s for s in steps if s * batch > seq]
+    for seq, p, trained_step in zip(row_seq.tolist(), row_packed.tolist(), row_step.tolist(), strict=True):
+        seen = [s for s in steps if s > trained_step]
         flags = [bool(results[s][0][p]) for s in seen]
         first = next((s for s, f in zip(seen, flags, strict=True) if f), None)
         summary.append(
             {
                 "seq_idx": seq,
                 "packed_id": p,
-                "trained_step": seq // batch,
+                "trained_step": trained_step,
                 "first_memorized": first,
                 "memorized_final": bool(flags[-1]) if flags else False,
                 "forgotten": bool(first is not None and not flags[-1]),
             }
         )
-    summary_table = pa.Table.from_pylist(summary)
+    summary_table = pa.Table.from_pylist(summary, MEMORIZATION_SUMMARY_SCHEMA)
     ctx.write_table(paths.MEMORIZATION_SUMMARY_TABLE, summary_table)
+    if cfg.source == "memorized-evals":
+        rescore_evals(ctx, ckpt_dirs[steps[-1]], steps[-1], row_seq, results[steps[-1]][0][row_packed])
 
     # 3. Duplication of each packed sequence's window, and memorized fraction against it.
     counts = window_counts(cands.tokens, width)
@@ -209,7 +197,7 @@ def run(ctx) -> None:
         ),
     )
     canaries(ctx, cands, ground, canary_items, canary_windows, canary_mem, final_step)
-    attribute_memorized(ctx, cands, windows, summary_table, exact, final_step, batch)
+    attribute_memorized(ctx, cands, windows, summary_table, exact, final_step)
 
 
 def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None:
@@ -286,47 +274,121 @@ def window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting) -> dict[s
     reused when it has them; otherwise the index is built here.
     """
     cfg = ctx.config
-    ckpt_dir = ctx.inputs[paths.TRAIN] / f"checkpoints/step{step}"
+    ckpt_dir = checkpoint_dir(ctx, step)
     labels = [[-100] * cfg.context + w[cfg.context :] for w in q_rows]
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
     work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
     work.mkdir(parents=True, exist_ok=True)
     opt = ckpt_dir / "optimizer.pt"
     scores = {}
-    for method in cfg.methods:
-        if method == "bm25":
-            scores[method] = baselines.bm25_scores([cands.texts[i] for i in keys], q_texts)
+    for method in load_methods(paths.resolve_input(ctx.profile.attribute.methods_file), cfg.methods):
+        if method.kind == "bm25":
+            scores[method.name] = baselines.bm25_scores([cands.texts[i] for i in keys], q_texts)
             continue
-        normalize = method == "trackstar"
+        if method.kind != "gradient":
+            raise ConfigError(
+                f"memorization.methods: '{method.name}' is a {method.kind} method; memorized sequences "
+                "are attributed by gradient and bm25 methods"
+            )
+        normalize = method.optimizer_normalize
         if normalize and not opt.is_file():
-            log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method, step)
+            log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method.name, step)
             continue
         common = {
             "optimizer_state": opt if normalize else None,
             "projection_dim": ctx.profile.attribute.projection_dim,
             "token_batch_size": ctx.profile.attribute.token_batch_size,
         }
-        name = "adam" if normalize else "raw"
+        name = method.index_name
         shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name
         own = allowed is not None or not (shared / "train").exists()
         train = work / f"{name}-train" if own else shared / "train"
         if not train.exists():
             gradients.build_index(train, ckpt_dir, cands.tokens[keys].tolist(), labels=None, **common)
         query = gradients.build_index(
-            work / f"{name}-queries-{method}", ckpt_dir, q_rows, labels=labels, **common
+            work / f"{name}-queries-{method.name}", ckpt_dir, q_rows, labels=labels, **common
         )
         hessian = None
-        if normalize:
+        if method.hessian == "autocorrelation":
             hessian = shared / "hessian"
             if own or not hessian.exists():  # never write into the attribute stage's outputs
                 hessian = work / f"{name}-hessian"
                 if not hessian.exists():
                     gradients.autocorrelation_hessian(train, hessian)
-        scores[method], _ = gradients.score_all(train, query, unit_norm=True, hessian_path=hessian)
+        scores[method.name], _ = gradients.score_all(
+            train, query, unit_norm=method.unit_norm, hessian_path=hessian
+        )
     return scores
 
 
-def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) -> None:
+def checkpoint_dir(ctx, step: int) -> Path:
+    """The folder of checkpoint ``step`` as ``checkpoints.arrow`` records it (trained or from the Hub)."""
+    for ckpt in ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist():
+        if ckpt["step"] == step:
+            return ctx.inputs[paths.TRAIN] / ckpt["path"]
+    raise ConfigError(f"no checkpoint step{step} in checkpoints.arrow")
+
+
+def rescore_evals(ctx, ckpt_dir: Path, step: int, row_seq: np.ndarray, row_memorized: np.ndarray) -> None:
+    """Source memorized-evals: re-score a seeded sample of the split's listed sequences with the
+    final checkpoint (their 64 tokens are in the split) before trusting it, and compare with our own
+    test on the candidates that the split lists."""
+    from pythia_attribution.sources.memorized_evals import load_split
+
+    cfg = ctx.config
+    split = load_split(ctx.profile)
+    rng = np.random.default_rng(np.random.SeedSequence([ctx.profile.runtime.seed, 400]))
+    take = np.sort(rng.choice(len(split), size=min(cfg.rescore_sample, len(split)), replace=False))
+    sample = split.take(pa.array(take))
+    width = cfg.context + cfg.continuation
+    windows = np.array(sample["tokens"].to_pylist(), dtype=np.int64).reshape(len(sample), -1)[:, :width]
+    windows = windows.reshape(len(sample), width)
+    model, _ = load_checkpoint(ckpt_dir)
+    memorized, accuracy = memorization_test(model, windows, cfg.context, cfg.batch_size)
+    listed = np.isin(row_seq, split["index"].to_numpy())
+    table = pa.table(
+        {
+            "seq_idx": sample["index"],
+            "listed_memorized": np.ones(len(sample), dtype=bool),
+            "memorized": memorized,
+            "tf_accuracy": accuracy.astype(np.float64),
+            "checkpoint": np.full(len(sample), step, dtype=np.int64),
+        }
+    )
+    agreement = float(memorized.mean()) if len(sample) else float("nan")
+    ctx.write_table(
+        paths.EVALS_RESCORE_TABLE,
+        table,
+        split=ctx.profile.world.evals_split,
+        n_listed=len(split),
+        agreement=agreement,
+        candidates_listed=int(listed.sum()),
+        candidates_listed_and_memorized=int(row_memorized[listed].sum()),
+        note="seeded sample of the memorized-evals split re-scored with the final checkpoint",
+    )
+    log.info(
+        "memorized-evals %s: %d listed; %.1f%% of a sample of %d re-score as memorized at step%d",
+        ctx.profile.world.evals_split,
+        len(split),
+        100 * agreement,
+        len(sample),
+        step,
+    )
+
+
+MEMORIZATION_SUMMARY_SCHEMA = pa.schema(
+    [
+        ("seq_idx", pa.int64()),
+        ("packed_id", pa.int64()),
+        ("trained_step", pa.int64()),
+        ("first_memorized", pa.int64()),
+        ("memorized_final", pa.bool_()),
+        ("forgotten", pa.bool_()),
+    ]
+)
+
+
+def attribute_memorized(ctx, cands, windows, summary, exact, final_step) -> None:
     """Attribute memorized sequences (query: 64-token window, loss on its last 32 tokens)."""
     cfg = ctx.config
     mem = summary.to_pandas()
@@ -344,7 +406,7 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step, batch) 
     attribute_at(ctx, cands, windows, mem, final_step, None, rows, hasher, exact, early_late, "final")
     if cfg.restricted:
         for step, g in mem.groupby("first_memorized"):
-            allowed = np.where(cands.first_seq_idx < int(step) * batch)[0]
+            allowed = np.where(cands.first_step < int(step))[0]
             if len(allowed) == len(cands.tokens):
                 allowed = None  # every sequence was trained before: the unrestricted index serves
             attribute_at(

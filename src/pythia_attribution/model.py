@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as hf_logging
@@ -42,3 +43,19 @@ def load_checkpoint(path: Path):
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+@torch.no_grad()
+def memorization_test(
+    model, windows: np.ndarray, context: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact-match flags and teacher-forced accuracy for windows of ``context`` + continuation tokens."""
+    memorized = np.zeros(len(windows), dtype=bool)
+    accuracy = np.zeros(len(windows), dtype=np.float32)
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[start : start + batch_size])
+        logits = model(input_ids=batch[:, :-1]).logits[:, context - 1 :]
+        hits = logits.argmax(-1) == batch[:, context:]
+        memorized[start : start + len(batch)] = hits.all(dim=1).numpy()
+        accuracy[start : start + len(batch)] = hits.float().mean(dim=1).numpy()
+    return memorized, accuracy

@@ -46,6 +46,16 @@ def resolve_input(path: str) -> Path:
     return p if p.is_absolute() else project_root() / p
 
 
+def world_dir(profile: str) -> Path:
+    """A fixture world built for a profile (``world.fixture``): its Hub cache and manifest."""
+    return results_root() / profile / "world"
+
+
+def expand(template: str, profile: str) -> Path:
+    """A path named in a profile, with ``{world}`` standing for the profile's fixture world."""
+    return resolve_input(template.replace("{world}", str(world_dir(profile))))
+
+
 # Stages, in pipeline order, and the tables each one writes.
 CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
 MEMORIZATION = "memorization"
@@ -74,6 +84,7 @@ MEMORIZED_ATTRIBUTION_TABLE = "memorized_attribution"
 MEMORIZED_COMPOSITION_TABLE = "memorized_composition"
 CANARY_MEMORIZATION_TABLE = "canary_memorization"
 CANARY_ATTRIBUTION_TABLE = "canary_attribution"
+EVALS_RESCORE_TABLE = "evals_rescore"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"

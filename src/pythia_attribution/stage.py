@@ -7,6 +7,7 @@ upstream outputs, stage code) matches the one computed now; otherwise it recompu
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 from pythia_attribution import __version__, paths, tables
 from pythia_attribution.config import Profile, config_hash, to_jsonable
-from pythia_attribution.errors import MissingInputError
+from pythia_attribution.errors import ConfigError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -42,76 +43,96 @@ def _behavior_files(profile: Profile) -> list[Path]:
     return sorted(paths.resolve_input(profile.probe.behaviors_dir).glob("*.toml"))
 
 
+def _world_files(profile: Profile) -> list[Path]:
+    return [paths.expand(profile.world.manifest, profile.name)] if profile.world.manifest else []
+
+
 @dataclass(frozen=True)
 class StageSpec:
-    """How a stage is run: its module, upstream stages, and the config sections it reads.
+    """How a stage is run: its module (per source, for stages that read a source), upstream
+    stages, and the config sections it reads.
 
-    ``files`` names input files outside the results tree (manifest, behavior definitions) whose
-    content is part of the fingerprint.
+    ``files`` names input files outside the results tree (manifests, behavior definitions) whose
+    content is part of the fingerprint. The code in the fingerprint is derived: the module's own
+    file and every package module it imports, transitively.
     """
 
     name: str
-    module: str
+    module: str | dict[str, str]
     upstream: tuple[str, ...]
     sections: tuple[str, ...]
-    code: tuple[str, ...]
     files: Callable[[Profile], list[Path]] = lambda profile: []
+    help: str = ""
+
+    def module_for(self, profile: Profile) -> str:
+        """The module that runs this stage for ``profile``: a source chosen by ``<section>.source``."""
+        if isinstance(self.module, str):
+            return self.module
+        source = getattr(profile, self.name).source
+        if source not in self.module:
+            raise ConfigError(
+                f"profile '{profile.name}': {self.name}.source = '{source}' is not a source "
+                f"(known: {', '.join(self.module)})"
+            )
+        return self.module[source]
 
 
-# Every stage's entry point is ``<module>.run(ctx: StageContext) -> None``. ``code`` lists the
-# modules whose source is part of the fingerprint: editing them makes the stage rerun.
+def _files(*getters: Callable[[Profile], list[Path]]) -> Callable[[Profile], list[Path]]:
+    return lambda profile: [f for g in getters for f in g(profile)]
+
+
+# The stage graph, declared once: the CLI's listing and the nox sessions are derived from it.
+# Every stage's entry point is ``<module>.run(ctx: StageContext) -> None``.
 SPECS: dict[str, StageSpec] = {
     paths.CORPUS: StageSpec(
         paths.CORPUS,
-        "pythia_attribution.corpus.build",
+        {
+            "micro-pile": "pythia_attribution.corpus.build",
+            "pythia-preshuffled": "pythia_attribution.sources.pile",
+        },
         (),
-        ("runtime", "corpus"),
-        ("corpus/build.py", "corpus/sources.py", "corpus/synthetic.py", "corpus/manifest.py"),
-        _manifest_files,
+        ("runtime", "corpus", "world"),
+        _files(_manifest_files, _world_files),
+        "the training sequences in training order: micro-Pile built here, or the Pile by byte range",
     ),
     paths.TRAIN: StageSpec(
         paths.TRAIN,
-        "pythia_attribution.train",
+        {"train": "pythia_attribution.train", "hub": "pythia_attribution.sources.hub"},
         (paths.CORPUS,),
-        ("runtime", "train"),
-        ("train.py", "model.py"),
+        ("runtime", "train", "world"),
+        _world_files,
+        "checkpoints: micro-Pythia trained on exactly corpus.arrow's order, or Pythia from the Hub",
     ),
     paths.PROBE: StageSpec(
         paths.PROBE,
         "pythia_attribution.probe",
         (paths.CORPUS, paths.TRAIN),
         ("runtime", "probe"),
-        ("probe.py", "behaviors.py", "model.py"),
         _behavior_files,
+        "probe every behavior at every checkpoint (greedy completion, log-prob, rank)",
     ),
     paths.ATTRIBUTE: StageSpec(
         paths.ATTRIBUTE,
         "pythia_attribution.attribute.stage",
         (paths.CORPUS, paths.TRAIN, paths.PROBE),
         ("runtime", "attribute"),
-        (
-            "attribute/stage.py",
-            "attribute/gradients.py",
-            "attribute/baselines.py",
-            "attribute/metrics.py",
-            "attribute/methods.py",
-            "model.py",
-        ),
         _method_files,
+        "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
     ),
     paths.DUPLICATES: StageSpec(
         paths.DUPLICATES,
         "pythia_attribution.duplicates",
         (paths.CORPUS, paths.PROBE, paths.ATTRIBUTE),
         ("runtime", "duplicates"),
-        ("duplicates.py", "attribute/stage.py"),
+        help="classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
     ),
     paths.MEMORIZATION: StageSpec(
         paths.MEMORIZATION,
         "pythia_attribution.memorization",
         (paths.CORPUS, paths.TRAIN, paths.ATTRIBUTE),
-        ("runtime", "memorization", "duplicates", "attribute"),
-        ("memorization.py", "duplicates.py", "attribute/gradients.py", "attribute/baselines.py", "model.py"),
+        ("runtime", "memorization", "duplicates", "attribute", "world"),
+        _files(_method_files, _world_files),
+        "memorization at every checkpoint, against duplication, and its attribution",
     ),
 }
 
@@ -142,11 +163,36 @@ def git_state() -> dict[str, str | bool]:
         return {"git_commit": "unknown", "git_dirty": False}
 
 
-def _code_hash(spec: StageSpec) -> str:
+def _imported_modules(module: str) -> list[Path]:
+    """Source files of ``module`` and every ``pythia_attribution`` module it imports, transitively
+    (read from the syntax tree, so imports inside functions count too)."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        rel = Path(*name.split(".")[1:])
+        path = paths.PACKAGE_ROOT / f"{rel}.py" if name.count(".") else paths.PACKAGE_ROOT / "__init__.py"
+        if not path.is_file():
+            path = paths.PACKAGE_ROOT / rel / "__init__.py"
+            if not path.is_file():
+                continue  # a name imported from a module, not a module
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("pythia_attribution")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pythia_attribution"):
+                todo.append(node.module)
+                todo += [f"{node.module}.{a.name}" for a in node.names]
+    return sorted(seen.values())
+
+
+def _code_hash(spec: StageSpec, profile: Profile) -> str:
     digest = hashlib.sha256()
-    for rel in spec.code:
-        digest.update(rel.encode())
-        digest.update((paths.PACKAGE_ROOT / rel).read_bytes())
+    for path in _imported_modules(spec.module_for(profile)):
+        digest.update(str(path.relative_to(paths.PACKAGE_ROOT)).encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -215,7 +261,7 @@ def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[
         "files": files,
         "config": {s: to_jsonable(getattr(profile, s)) for s in spec.sections},
         "inputs": input_hashes,
-        "code": _code_hash(spec),
+        "code": _code_hash(spec, profile),
     }
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), input_hashes
@@ -260,7 +306,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     part.mkdir(parents=True)
     inputs = {up: paths.stage_dir(profile.name, up) for up in spec.upstream}
     ctx = StageContext(profile, spec, part, inputs, fp, input_hashes)
-    module = importlib.import_module(spec.module)
+    module = importlib.import_module(spec.module_for(profile))
     started = time.perf_counter()
     log.info("%s: running (profile %s, fingerprint %s)", stage, profile.name, fp[:12])
     try:

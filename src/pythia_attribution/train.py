@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, GPTNeoXForCausalLM
 from pythia_attribution import paths
 from pythia_attribution.config import TrainConfig
 from pythia_attribution.model import pythia_config, set_threads
+from pythia_attribution.schemas import CHECKPOINT_SCHEMA, TRAINING_LOG_SCHEMA
 from pythia_attribution.tables import sha256_file
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ def run(ctx) -> None:
                 "tokens_seen": step * batch_size * seq_len,
                 "model_sha256": sha256_file(folder / "model.safetensors"),
                 "has_optimizer_state": step == n_steps,
+                "revision": f"step{step}",
+                "commit": "",
             }
         )
 
@@ -168,10 +171,12 @@ def run(ctx) -> None:
         if done in schedule:
             save(done)
 
-    ctx.write_table(paths.CHECKPOINTS_TABLE, pa.Table.from_pylist(ckpt_rows), n_steps=n_steps)
+    ctx.write_table(
+        paths.CHECKPOINTS_TABLE, pa.Table.from_pylist(ckpt_rows, CHECKPOINT_SCHEMA), n_steps=n_steps
+    )
     ctx.write_table(
         paths.TRAINING_LOG_TABLE,
-        pa.Table.from_pylist(log_rows),
+        pa.Table.from_pylist(log_rows, TRAINING_LOG_SCHEMA),
         n_steps=n_steps,
         threads=ctx.profile.runtime.threads,
         note="tokens_per_s is a wall-clock measurement and differs between runs; all else is seeded",

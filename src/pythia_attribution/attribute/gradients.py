@@ -46,8 +46,21 @@ def build_index(
     projection_dim: int,
     token_batch_size: int,
 ) -> Path:
-    """Build a bergson gradient index over ``rows`` (token ids) with the checkpoint's model."""
+    """Build a bergson gradient index over ``rows`` (token ids) with the checkpoint's model.
+
+    Rows longer than the model's context are cut to it: a Pythia training sequence holds 2,049
+    tokens (2,048 inputs, each predicting the next), bergson's token batches cannot exceed the
+    model's 2,048 positions, so at real scale the loss of a training row covers its first 2,047
+    predictions, not 2,048. Shorter rows (micro) are used whole.
+    """
     _bergson()
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(checkpoint).max_position_embeddings
+    if any(len(r) > limit for r in rows):
+        log.info("rows cut to the model's %d positions (one prediction of %d dropped)", limit, limit)
+        rows = [r[:limit] for r in rows]
+        labels = None if labels is None else [lab[:limit] for lab in labels]
     from bergson import DataConfig, IndexConfig, PreprocessConfig
     from bergson.build import build
 

@@ -28,24 +28,48 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidates:
-    """The packed training sequences, in ``packed_id`` order."""
+    """The packed training sequences, in ``packed_id`` order.
+
+    At micro scale the corpus is the whole stream (every epoch a permutation of the packed
+    sequences); at real scale it is a selection of training sequences, each its own packed id.
+    """
 
     tokens: np.ndarray  # [n, seq_len + 1]
     texts: list[str]
-    first_seq_idx: np.ndarray
-    seq_to_packed: np.ndarray  # seq_idx -> packed_id
+    first_seq_idx: np.ndarray  # packed_id -> its first position in the training stream
+    first_step: np.ndarray  # packed_id -> the step that first trains it
+    row_seq_idx: np.ndarray  # corpus row -> seq_idx (sorted)
+    row_packed: np.ndarray  # corpus row -> packed_id
+
+    def packed_of(self, seq_idxs) -> np.ndarray:
+        """Packed ids of training sequences given by ``seq_idx``; each must be a corpus row."""
+        seq_idxs = np.asarray(seq_idxs, dtype=np.int64)
+        rows = np.searchsorted(self.row_seq_idx, seq_idxs)
+        if len(seq_idxs) and (
+            rows.max() >= len(self.row_seq_idx) or (self.row_seq_idx[rows] != seq_idxs).any()
+        ):
+            raise ValueError("a seq_idx is not a row of corpus.arrow")
+        return self.row_packed[rows]
 
 
 def load_candidates(corpus: pa.Table) -> Candidates:
     packed = corpus["packed_id"].to_numpy()
     seq_idx = corpus["seq_idx"].to_numpy()
     n = int(packed.max()) + 1
-    first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first, packed, seq_idx)
+    first_row = np.full(n, len(packed), dtype=np.int64)
+    np.minimum.at(first_row, packed, np.arange(len(packed)))  # rows are in training order
     width = corpus.schema.field("input_ids").type.list_size
     tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, width)
     texts = corpus["text"].to_pylist()
-    return Candidates(tokens[first].astype(np.int64), [texts[i] for i in first], first, packed)
+    steps = corpus["step"].to_numpy().astype(np.int64)
+    return Candidates(
+        tokens[first_row].astype(np.int64),
+        [texts[i] for i in first_row],
+        seq_idx[first_row].astype(np.int64),
+        steps[first_row],
+        seq_idx.astype(np.int64),
+        packed,
+    )
 
 
 def truth_sets(ground_truth: pa.Table, cands: Candidates) -> dict[str, np.ndarray]:
@@ -55,7 +79,7 @@ def truth_sets(ground_truth: pa.Table, cands: Candidates) -> dict[str, np.ndarra
         ground_truth["item_id"].to_pylist(), ground_truth["seq_idxs_partial"].to_pylist(), strict=True
     ):
         if seqs:
-            out[item] = np.unique(cands.seq_to_packed[np.asarray(seqs)])
+            out[item] = np.unique(cands.packed_of(seqs))
     return out
 
 

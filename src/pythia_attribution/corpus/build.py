@@ -25,6 +25,7 @@ from pythia_attribution.corpus import synthetic
 from pythia_attribution.corpus.manifest import fetch, load_manifest
 from pythia_attribution.corpus.sources import NaturalDoc, read_source, split_document
 from pythia_attribution.errors import ConfigError
+from pythia_attribution.schemas import DOCUMENTS_SCHEMA, GROUND_TRUTH_SCHEMA, corpus_schema
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def run(ctx) -> None:
                 [sorted({docs[d].source for d in packed_docs[p]}) for p in stream], pa.list_(pa.string())
             ),
         }
-    )
+    ).cast(corpus_schema(width))
     meta = {
         "n_documents": len(docs),
         "n_tokens": int(ends[-1]),
@@ -221,7 +222,7 @@ def run(ctx) -> None:
             "complete_packed_ids": pa.array(doc_complete, pa.list_(pa.int32())),
             "text": pa.array([d.text for d in docs], pa.large_string()),
         }
-    )
+    ).cast(DOCUMENTS_SCHEMA)
     ctx.write_table(paths.DOCUMENTS_TABLE, documents, summary=meta)
 
     item_docs: dict[str, list[int]] = {}
@@ -254,23 +255,7 @@ def run(ctx) -> None:
                 "detail": json.dumps(item.detail, sort_keys=True),
             }
         )
-    schema = pa.schema(
-        [
-            ("item_id", pa.string()),
-            ("kind", pa.string()),
-            ("count", pa.int32()),
-            ("n_documents", pa.int32()),
-            ("prompt", pa.string()),
-            ("target", pa.string()),
-            ("prompt_ids", pa.list_(pa.int32())),
-            ("target_ids", pa.list_(pa.int32())),
-            ("doc_ids", pa.list_(pa.int32())),
-            ("seq_idxs", pa.list_(pa.int64())),
-            ("seq_idxs_partial", pa.list_(pa.int64())),
-            ("detail", pa.string()),
-        ]
-    )
-    ctx.write_table(paths.GROUND_TRUTH_TABLE, pa.Table.from_pylist(rows, schema), summary=meta)
+    ctx.write_table(paths.GROUND_TRUTH_TABLE, pa.Table.from_pylist(rows, GROUND_TRUTH_SCHEMA), summary=meta)
 
 
 def word_list_checked(natural_texts: list[str], syn) -> list[str]:

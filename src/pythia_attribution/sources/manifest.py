@@ -1,0 +1,245 @@
+"""Pinned identities of a real-scale world: Hub revisions by commit, files by size and sha256.
+
+``data_manifests/pythia-*.toml`` (or the fixture world's ``manifest.toml``) maps every revision
+name a profile uses (``step0`` ... ``step143000``) to the immutable commit it resolved to, and
+every dataset file to its commit, size and sha256 (the Hub's LFS sha256: the Pile shards have
+no published hashes, pythia#183). ``write_pins`` resolves them (``nox -s pin``); every load
+checks what it gets against them and stops with one line naming the artifact on a mismatch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pythia_attribution.errors import ChecksumError, ConfigError
+
+HEX40 = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Revision:
+    commit: str
+    weights_sha256: str = ""
+    weights_size: int = 0
+
+
+@dataclass(frozen=True)
+class RepoPins:
+    repo: str
+    commit: str = ""
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HubManifest:
+    path: Path
+    model_repo: str
+    revisions: dict[str, Revision]
+    dataset: RepoPins
+    evals: RepoPins
+
+    def revision(self, name: str) -> Revision:
+        if name not in self.revisions:
+            pinned = ", ".join(self.revisions) or "none"
+            raise ConfigError(
+                f"{self.path}: revision '{name}' of {self.model_repo} is not pinned (pinned: {pinned}); "
+                "run `nox -s pin -- --profile <profile>` where the Hub is reachable"
+            )
+        return self.revisions[name]
+
+    def dataset_file(self, pins: RepoPins, name: str) -> FileEntry:
+        if name not in pins.files:
+            raise ConfigError(
+                f"{self.path}: file '{name}' of {pins.repo} is not pinned; "
+                "run `nox -s pin -- --profile <profile>` where the Hub is reachable"
+            )
+        return pins.files[name]
+
+
+def _commit(value: str, where: str) -> str:
+    if value and (len(value) != 40 or not set(value) <= HEX40):
+        raise ConfigError(f"{where}: '{value}' is not a 40-hex commit sha")
+    return value
+
+
+def _repo_pins(data: dict, where: str) -> RepoPins:
+    files = {}
+    for name, entry in data.get("files", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            raise ConfigError(f"{where}.files.'{name}': needs an integer 'size'")
+        files[name] = FileEntry(entry["size"], str(entry.get("sha256", "")))
+    return RepoPins(str(data.get("repo", "")), _commit(str(data.get("commit", "")), f"{where}.commit"), files)
+
+
+def load(path: Path) -> HubManifest:
+    """Read a Hub manifest; a malformed one names the file and the key."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no Hub manifest; run `nox -s pin -- --profile <profile>` where the Hub is reachable"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    model = data.get("model", {})
+    revisions = {}
+    for name, entry in model.get("revisions", {}).items():
+        where = f"{path}: model.revisions.{name}"
+        if not isinstance(entry, dict) or "commit" not in entry:
+            raise ConfigError(f"{where}: needs a 'commit'")
+        revisions[name] = Revision(
+            _commit(str(entry["commit"]), where),
+            str(entry.get("weights_sha256", "")),
+            int(entry.get("weights_size", 0)),
+        )
+    return HubManifest(
+        path,
+        str(model.get("repo", "")),
+        revisions,
+        _repo_pins(data.get("dataset", {}), f"{path}: dataset"),
+        _repo_pins(data.get("evals", {}), f"{path}: evals"),
+    )
+
+
+def check_file(path: Path, entry: FileEntry, artifact: str) -> None:
+    """Size, then sha256 (when pinned) of a local file; a mismatch names the artifact."""
+    from pythia_attribution.tables import sha256_file
+
+    size = path.stat().st_size
+    if size != entry.size:
+        raise ChecksumError(f"{artifact}: {size} bytes at {path}, the manifest pins {entry.size}")
+    if entry.sha256 and (got := sha256_file(path)) != entry.sha256:
+        raise ChecksumError(
+            f"{artifact}: sha256 {got[:16]}... at {path}, the manifest pins {entry.sha256[:16]}..."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pinning: resolve names to immutable identities (network, or the Hub cache when offline)
+
+
+def _cached_refs(repo: str, repo_type: str, cache_dir: str | None) -> dict[str, str]:
+    from huggingface_hub import scan_cache_dir
+
+    for info in scan_cache_dir(cache_dir).repos:
+        if info.repo_id == repo and info.repo_type == repo_type:
+            return {ref: rev.commit_hash for rev in info.revisions for ref in rev.refs}
+    return {}
+
+
+def resolve_refs(hub: Hub, repo: str, names: list[str], repo_type: str = "model") -> dict[str, str]:
+    """Revision name -> commit sha: ``list_repo_refs`` online, the cache's ``refs/`` offline."""
+    if hub.offline:
+        refs = _cached_refs(repo, repo_type, hub.cache_dir)
+    else:
+        from huggingface_hub import HfApi
+
+        listing = HfApi().list_repo_refs(repo, repo_type=repo_type)
+        refs = {r.name: r.target_commit for r in [*listing.branches, *listing.tags]}
+    missing = [n for n in names if n not in refs]
+    if missing:
+        raise ConfigError(f"{repo}: no revision named '{missing[0]}' (have {len(refs)} refs)")
+    return {n: refs[n] for n in names}
+
+
+def _file_pins(hub: Hub, repo: str, commit: str, names: list[str], repo_type: str) -> dict[str, FileEntry]:
+    """Size and sha256 of files at a commit: ``get_paths_info`` online, hashing the cache offline."""
+    if not hub.offline:
+        from huggingface_hub import HfApi
+
+        infos = HfApi().get_paths_info(repo, names, repo_type=repo_type, revision=commit)
+        return {i.path: FileEntry(i.size, i.lfs.sha256 if i.lfs else "") for i in infos}
+    from huggingface_hub import hf_hub_download
+
+    from pythia_attribution.tables import sha256_file
+
+    out = {}
+    for name in names:
+        local = Path(
+            hf_hub_download(
+                repo,
+                name,
+                repo_type=repo_type,
+                revision=commit,
+                cache_dir=hub.cache_dir,
+                local_files_only=True,
+            )
+        )
+        out[name] = FileEntry(local.stat().st_size, sha256_file(local))
+    return out
+
+
+def _list_files(hub: Hub, repo: str, commit: str, pattern: str, repo_type: str) -> list[str]:
+    from huggingface_hub import HfApi, snapshot_download
+
+    if hub.offline:
+        root = Path(
+            snapshot_download(
+                repo, repo_type=repo_type, revision=commit, cache_dir=hub.cache_dir, local_files_only=True
+            )
+        )
+        names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+    else:
+        names = HfApi().list_repo_files(repo, repo_type=repo_type, revision=commit)
+    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+
+
+@dataclass(frozen=True)
+class Hub:
+    """How pinning reaches the Hub: its cache folder (None: huggingface_hub's default) and
+    whether to stay offline (resolve from the cache's ``refs/`` and hash cached files)."""
+
+    cache_dir: str | None
+    offline: bool
+
+
+def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, evals_pattern: str) -> str:
+    """The manifest text for ``world`` (a WorldConfig): every revision and file it needs, pinned."""
+    lines = [
+        "# Pinned Hub identities, written by `python -m pythia_attribution pin` (nox -s pin).",
+        "# Runs verify what they load against this file and stop on any mismatch.",
+        "",
+        "[model]",
+        f'repo = "{world.model_repo}"',
+    ]
+    commits = resolve_refs(hub, world.model_repo, revision_names)
+    for name in revision_names:
+        weights = _file_pins(hub, world.model_repo, commits[name], ["model.safetensors"], "model")
+        entry = weights["model.safetensors"]
+        lines += [
+            "",
+            f"[model.revisions.{name}]",
+            f'commit = "{commits[name]}"',
+            f'weights_sha256 = "{entry.sha256}"',
+            f"weights_size = {entry.size}",
+        ]
+    for section, repo, pattern in (
+        ("dataset", world.dataset_repo, dataset_pattern),
+        ("evals", world.evals_repo, evals_pattern),
+    ):
+        if not repo or not pattern:
+            continue
+        commit = resolve_refs(hub, repo, ["main"], "dataset")["main"]
+        names = _list_files(hub, repo, commit, pattern, "dataset")
+        if not names:
+            raise ConfigError(f"{repo}@{commit[:12]}: no file matches '{pattern}'")
+        lines += ["", f"[{section}]", f'repo = "{repo}"', f'commit = "{commit}"']
+        for name, entry in _file_pins(hub, repo, commit, names, "dataset").items():
+            lines += ["", f'[{section}.files."{name}"]', f"size = {entry.size}", f'sha256 = "{entry.sha256}"']
+    return "\n".join(lines) + "\n"
+
+
+def write_pins(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,272 @@
+"""Source ``pythia-preshuffled``: the Pile's exact training sequences, by byte range.
+
+``EleutherAI/pile-{deduped,standard}-pythia-preshuffled`` hold Pythia's training stream as a
+Megatron indexed dataset: ``document.idx`` (header magic ``MMIDIDX\\x00\\x00``, version 1, dtype
+code 8 = uint16, then int32 sizes, int64 byte pointers, int64 doc_idx) and the token bytes split
+into shards ``document-000NN-of-000MM.bin``. Sequence ``i`` (``seq_len + 1`` = 2049 tokens) starts
+at byte ``i * 2 * 2049`` of the shards joined; the shard sizes are not multiples of a sequence,
+so offsets come from the pinned shard sizes and a sequence may straddle two shards.
+
+Reads go through fsspec (``hf://datasets/<repo>@<commit>/...`` at real scale, a local folder for
+the fixture world: one code path), one ranged read per contiguous run of wanted sequences, with
+no read-ahead (fsspec's default 5 MiB block would turn each 4 KB read into 5 MiB). Fetched
+sequences are cached in chunk files under the cache root, written atomically: a second fetch reads
+nothing remotely, and a killed fetch resumes at the first missing chunk. Every run is checked
+against ``document.idx`` (each size equals the sequence width, each pointer its byte offset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from pythia_attribution.errors import ChecksumError, ConfigError
+from pythia_attribution.sources.manifest import RepoPins
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MMIDIDX\x00\x00"
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+DTYPE_UINT16 = 8
+INDEX_FILE = "document.idx"
+
+
+def shard_names(pins: RepoPins) -> list[str]:
+    return sorted(n for n in pins.files if n.startswith("document-") and n.endswith(".bin"))
+
+
+def contiguous_runs(seq_idxs: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted unique indexes -> [(first, last_exclusive), ...] of consecutive values."""
+    if len(seq_idxs) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(seq_idxs) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(seq_idxs)]])
+    return [(int(seq_idxs[a]), int(seq_idxs[b - 1]) + 1) for a, b in zip(starts, ends, strict=True)]
+
+
+class PreshuffledPile:
+    """Training sequences of a preshuffled Megatron dataset, read by byte range."""
+
+    def __init__(self, url: str, pins: RepoPins, width: int, cache: Path):
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.url, self.pins, self.width = url, pins, width
+        self.seq_bytes = 2 * width
+        self.shards = shard_names(pins)
+        if not self.shards or INDEX_FILE not in pins.files:
+            raise ConfigError(f"{pins.repo}: the manifest pins no {INDEX_FILE} or no document-*.bin shard")
+        self.sizes = np.array([pins.files[n].size for n in self.shards], dtype=np.int64)
+        for name, size in zip(self.shards, self.sizes.tolist(), strict=True):
+            got = self.fs.size(self._path(name))
+            if got != size:
+                raise ChecksumError(
+                    f"{pins.repo}/{name}: {got} bytes at {self.url}, the manifest pins {size} (truncated?)"
+                )
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        magic, version, dtype, self.n_sequences, self.n_documents = HEADER.unpack(
+            self._read(INDEX_FILE, 0, HEADER.size)
+        )
+        if magic != MAGIC or version != 1 or dtype != DTYPE_UINT16:
+            raise ChecksumError(
+                f"{pins.repo}/{INDEX_FILE}: not a Megatron uint16 index "
+                f"(magic {magic!r}, version {version}, dtype code {dtype})"
+            )
+        if self.n_sequences * self.seq_bytes != int(self.starts[-1]):
+            raise ChecksumError(
+                f"{pins.repo}: {INDEX_FILE} lists {self.n_sequences} sequences of {width} tokens "
+                f"({self.n_sequences * self.seq_bytes} bytes); the shards hold {int(self.starts[-1])}"
+            )
+        key = pins.commit or hashlib.sha256(url.encode()).hexdigest()[:40]
+        self.cache = cache / f"{key}-w{width}"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def _read(self, name: str, start: int, end: int) -> bytes:
+        data = self.fs.cat_file(self._path(name), start=start, end=end)
+        if len(data) != end - start:
+            raise ChecksumError(f"{self.pins.repo}/{name}: short read at bytes {start}-{end}")
+        return data
+
+    def _check_index(self, first: int, last: int) -> None:
+        n = last - first
+        sizes = np.frombuffer(self._read(INDEX_FILE, HEADER.size + 4 * first, HEADER.size + 4 * last), "<i4")
+        p0 = HEADER.size + 4 * self.n_sequences + 8 * first
+        pointers = np.frombuffer(self._read(INDEX_FILE, p0, p0 + 8 * n), "<i8")
+        expected = np.arange(first, last, dtype=np.int64) * self.seq_bytes
+        if not (sizes == self.width).all() or not (pointers == expected).all():
+            raise ChecksumError(
+                f"{self.pins.repo}/{INDEX_FILE}: sequences {first}-{last - 1} are not {self.width}-token "
+                "sequences at their expected byte offsets"
+            )
+
+    def read_run(self, first: int, last: int) -> np.ndarray:
+        """Sequences ``first .. last - 1`` as a ``[n, width]`` uint16 array (one ranged read per shard)."""
+        if first < 0 or last > self.n_sequences:
+            raise ConfigError(
+                f"{self.pins.repo}: sequences {first}-{last - 1} are outside the dataset "
+                f"(0-{self.n_sequences - 1})"
+            )
+        self._check_index(first, last)
+        lo, hi = first * self.seq_bytes, last * self.seq_bytes
+        parts = []
+        shard = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        while lo < hi:
+            end = min(hi, int(self.starts[shard + 1]))
+            parts.append(
+                self._read(self.shards[shard], lo - int(self.starts[shard]), end - int(self.starts[shard]))
+            )
+            lo, shard = end, shard + 1
+        return np.frombuffer(b"".join(parts), dtype="<u2").reshape(last - first, self.width)
+
+    def read(self, seq_idxs, chunk: int = 1024, progress: bool = True) -> np.ndarray:
+        """Sequences ``seq_idxs`` (any order) through the chunk cache; rows follow the input order."""
+        wanted = np.asarray(seq_idxs, dtype=np.int64)
+        unique = np.unique(wanted)
+        out = np.empty((len(unique), self.width), dtype=np.uint16)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        chunk_ids = unique // chunk
+        bounds = np.flatnonzero(np.diff(chunk_ids)) + 1
+        groups = np.split(np.arange(len(unique)), bounds) if len(unique) else []
+        fetched = 0
+        for rows in tqdm(groups, desc="fetch sequences", unit="chunk", disable=not progress, mininterval=2):
+            key = int(chunk_ids[rows[0]])
+            path = self.cache / f"chunk-{key:09d}.npz"
+            have_idx = np.zeros(0, dtype=np.int64)
+            have_tok = np.zeros((0, self.width), dtype=np.uint16)
+            if path.is_file():
+                with np.load(path) as stored:
+                    have_idx, have_tok = stored["seq_idx"], stored["tokens"]
+            missing = np.setdiff1d(unique[rows], have_idx)
+            if len(missing):
+                new = np.concatenate([self.read_run(a, b) for a, b in contiguous_runs(missing)])
+                new_idx = np.concatenate([np.arange(a, b) for a, b in contiguous_runs(missing)])
+                fetched += len(new_idx)
+                have_idx = np.concatenate([have_idx, new_idx])
+                have_tok = np.concatenate([have_tok, new])
+                order = np.argsort(have_idx)
+                have_idx, have_tok = have_idx[order], have_tok[order]
+                tmp = path.with_name(path.name + ".tmp.npz")
+                np.savez(tmp, seq_idx=have_idx, tokens=have_tok)
+                os.replace(tmp, path)
+            out[rows] = have_tok[np.searchsorted(have_idx, unique[rows])]
+        log.info("%d sequences: %d fetched, %d from the cache", len(unique), fetched, len(unique) - fetched)
+        return out[np.searchsorted(unique, wanted)]
+
+
+def write_megatron(
+    folder: Path, sequences: np.ndarray, n_shards: int, shard_bytes: int | None = None
+) -> None:
+    """Write ``sequences`` ([n, width] uint16) as Pythia's preshuffled files: ``document.idx`` and the
+    token bytes cut into ``n_shards`` shards of ``shard_bytes`` (the last one takes the rest).
+
+    Used by the fixture world; the layout is Megatron's ``MMapIndexedDataset`` byte for byte.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n, width = sequences.shape
+    data = np.ascontiguousarray(sequences, dtype="<u2").tobytes()
+    sizes = np.full(n, width, dtype="<i4")
+    pointers = np.arange(n, dtype="<i8") * 2 * width
+    doc_idx = np.arange(n + 1, dtype="<i8")
+    with open(folder / INDEX_FILE, "wb") as fh:
+        fh.write(HEADER.pack(MAGIC, 1, DTYPE_UINT16, n, n + 1))
+        fh.write(sizes.tobytes())
+        fh.write(pointers.tobytes())
+        fh.write(doc_idx.tobytes())
+    shard_bytes = shard_bytes or -(-len(data) // n_shards)
+    for i in range(n_shards):
+        part = data[i * shard_bytes : (i + 1) * shard_bytes if i < n_shards - 1 else len(data)]
+        (folder / f"document-{i:05d}-of-{n_shards - 1:05d}.bin").write_bytes(part)
+
+
+def select(cfg, batch: int, n_sequences: int, memorized: np.ndarray, seed: int) -> np.ndarray:
+    """The candidate training sequences a profile's ``corpus.pile`` selects, sorted and unique."""
+    parts = [np.asarray(cfg.seq_idxs, dtype=np.int64)]
+    for rng_ in cfg.steps:
+        if len(rng_) != 2 or not 0 <= rng_[0] < rng_[1]:
+            raise ConfigError(f"corpus.pile.steps: {rng_} is not a range [first, last) of steps")
+        parts.append(np.arange(rng_[0] * batch, rng_[1] * batch, dtype=np.int64))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 200]))
+    if cfg.memorized:
+        take = min(cfg.memorized, len(memorized))
+        parts.append(np.sort(rng.choice(memorized, size=take, replace=False)))
+    if cfg.sample:
+        until = (cfg.sample_until_step * batch) or n_sequences
+        parts.append(rng.choice(min(until, n_sequences), size=min(cfg.sample, until), replace=False))
+    chosen = np.unique(np.concatenate(parts))
+    if len(chosen) and (chosen[0] < 0 or chosen[-1] >= n_sequences):
+        bad = int(chosen[0] if chosen[0] < 0 else chosen[-1])
+        raise ConfigError(f"corpus.pile: sequence {bad} is outside the dataset (0-{n_sequences - 1})")
+    if len(chosen) > cfg.max_candidates:
+        raise ConfigError(
+            f"corpus.pile selects {len(chosen)} sequences, more than max_candidates = {cfg.max_candidates}"
+        )
+    if not len(chosen):
+        raise ConfigError("corpus.pile selects no sequence (set steps, seq_idxs, memorized or sample)")
+    return chosen
+
+
+def run(ctx) -> None:
+    """Corpus stage, source ``pythia-preshuffled``: the selected training sequences, in training order.
+
+    ``packed_id`` numbers the candidates (row order); ``epoch`` is not derived (0). The Pile has no
+    synthetic items, so ``documents.arrow`` and ``ground_truth.arrow`` are empty with their schemas.
+    """
+    from transformers import AutoTokenizer
+
+    from pythia_attribution import paths
+    from pythia_attribution.schemas import DOCUMENTS_SCHEMA, GROUND_TRUTH_SCHEMA, corpus_schema
+    from pythia_attribution.sources.hub import checkpoint, world_manifest
+
+    cfg, profile = ctx.config, ctx.profile
+    width, batch = cfg.seq_len + 1, cfg.batch_size
+    manifest = world_manifest(profile)
+    url = cfg.pile.url.replace("{repo}", manifest.dataset.repo).replace("{commit}", manifest.dataset.commit)
+    url = url if "://" in url else str(paths.expand(url, profile.name))
+    pile = PreshuffledPile(url, manifest.dataset, width, paths.cache_root() / "pile-sequences")
+    memorized = np.zeros(0, dtype=np.int64)
+    if cfg.pile.memorized:
+        from pythia_attribution.sources.memorized_evals import load_split
+
+        memorized = load_split(profile)["index"].to_numpy()
+    chosen = select(cfg.pile, batch, pile.n_sequences, memorized, profile.runtime.seed)
+    log.info("%d candidate sequences of %d (%s)", len(chosen), pile.n_sequences, url)
+    tokens = pile.read(chosen, chunk=cfg.pile.fetch_batch)
+
+    _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step))
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer.save_pretrained(ctx.out_dir / paths.TOKENIZER_DIR)
+    texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
+    n = len(chosen)
+    corpus = pa.table(
+        {
+            "seq_idx": chosen,
+            "step": (chosen // batch).astype(np.int32),
+            "batch_pos": (chosen % batch).astype(np.int32),
+            "epoch": np.zeros(n, dtype=np.int16),
+            "packed_id": np.arange(n, dtype=np.int32),
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), width),
+            "text": pa.array(texts, pa.large_string()),
+            "doc_ids": pa.array([[] for _ in range(n)], pa.list_(pa.int32())),
+            "sources": pa.array([["pile"] for _ in range(n)], pa.list_(pa.string())),
+        }
+    ).cast(corpus_schema(width))
+    meta = {
+        "n_packed": n,
+        "n_dataset_sequences": int(pile.n_sequences),
+        "seq_len": cfg.seq_len,
+        "batch_size": batch,
+        "dataset": f"{manifest.dataset.repo}@{manifest.dataset.commit}",
+        "note": "packed_id numbers the selected sequences; epoch is not derived (0)",
+    }
+    ctx.write_table(paths.CORPUS_TABLE, corpus, summary=meta)
+    ctx.write_table(paths.DOCUMENTS_TABLE, DOCUMENTS_SCHEMA.empty_table(), summary=meta)
+    ctx.write_table(paths.GROUND_TRUTH_TABLE, GROUND_TRUTH_SCHEMA.empty_table(), summary=meta)
