@@ -73,6 +73,7 @@ def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
     (part / "tables").mkdir()
     try:
         values = variables.compute(study, build_info(profile))
+        fill_unavailable(values, paper_dir)
         anchors = paper_dir / ANCHORS
         if anchors.is_file():
             values["anchors"] = yaml.safe_load(anchors.read_text())
@@ -94,6 +95,37 @@ def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
     tmp_vars.replace(paper_dir / VARIABLES)
     log.info("paper assets for profile %s written in %.1f s", profile, time.perf_counter() - started)
     return values
+
+
+def fill_unavailable(values: dict, paper_dir: Path) -> None:
+    """Give every variable the manuscript quotes that this profile's tables cannot provide the
+    value "n/a" (so Quarto and the preview both render), and list it under ``unavailable``.
+
+    A section can lack data (no synthetic ground truth at real scale) or a method (TrackStar needs
+    an optimizer state that Pythia does not publish). A variable of a section that does not
+    exist at all is still an error (a typo); the tests build the micro-shaped profiles with
+    nothing unavailable, so a missing variable there fails.
+    """
+    missing = values.setdefault("unavailable", {})
+    for qmd in sorted(paper_dir.glob("*.qmd")):
+        for match in SHORTCODE.finditer(qmd.read_text()):
+            if match.group(1) != "var":
+                continue
+            name = match.group(2).strip()
+            keys = name.split(".")
+            if keys[0] not in values and keys[0] not in missing:
+                continue  # unknown section: expand() reports it
+            node = values
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    break
+            else:
+                if keys[-1] not in node:
+                    node[keys[-1]] = "n/a"
+                    missing.setdefault(name, "not in this profile's tables")
+    if not missing:
+        values.pop("unavailable")
 
 
 def expand(text: str, values: dict[str, str], base: Path, source: str, depth: int = 0) -> str:

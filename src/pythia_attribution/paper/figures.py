@@ -6,6 +6,7 @@ and labels come from :mod:`style`, so a method has one colour in every figure.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import polars as pl
@@ -36,10 +37,12 @@ from plotnine import (
     theme,
     theme_bw,
 )
+from plotnine.exceptions import PlotnineError
 
 from pythia_attribution import paths
 from pythia_attribution.paper import derive, style
 from pythia_attribution.paper.data import Study
+from pythia_attribution.paper.variables import DATA_ABSENT
 
 
 def _theme():
@@ -298,6 +301,8 @@ def early_late(study: Study):
     return plot, (style.FIGURE_WIDTH_IN, 3.8)
 
 
+log = logging.getLogger(__name__)
+
 FIGURES = {
     "learning": learning,
     "tracing": tracing,
@@ -319,12 +324,30 @@ def write_all(study: Study, folder: Path) -> list[Path]:
     matplotlib.rcParams["svg.fonttype"] = "path"
     written = []
     for name, draw in FIGURES.items():
-        plot, (width, height) = draw(study)
-        for ext in ("png", "svg"):
-            out = folder / f"{name}.{ext}"
-            plot.save(out, width=width, height=height, dpi=style.DPI, verbose=False, metadata=_metadata(ext))
-            written.append(out)
+        try:
+            written += _save(folder, name, *draw(study))
+        except (*DATA_ABSENT, PlotnineError) as exc:
+            log.warning("paper: figure '%s' has no data in this profile (%s)", name, exc)
+            written += _save(folder, name, _no_data(name), (6.0, 1.5))
     return written
+
+
+def _save(folder: Path, name: str, plot, size: tuple[float, float]) -> list[Path]:
+    out = []
+    for ext in ("png", "svg"):
+        path = folder / f"{name}.{ext}"
+        plot.save(path, width=size[0], height=size[1], dpi=style.DPI, verbose=False, metadata=_metadata(ext))
+        out.append(path)
+    return out
+
+
+def _no_data(name: str):
+    """A placeholder that says the profile's tables hold nothing for this figure."""
+    import pandas as pd
+    from plotnine import aes, annotate, ggplot, theme_void
+
+    text = f"No data for this figure in this profile ({name})."
+    return ggplot(pd.DataFrame({"x": [0]}), aes("x")) + annotate("text", x=0, y=0, label=text) + theme_void()
 
 
 def _metadata(ext: str) -> dict:

@@ -6,6 +6,7 @@ training sequence can never become markup, a citation or a shortcode.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import polars as pl
 from pythia_attribution import paths
 from pythia_attribution.paper import derive, fmt, style
 from pythia_attribution.paper.data import Study
+from pythia_attribution.paper.variables import DATA_ABSENT
 
 _PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
 
@@ -134,10 +136,13 @@ def tracing(study: Study) -> str:
 
 def surprise(study: Study) -> str:
     case = derive.surprising_case(study)
-    if case is None:
-        return (
-            "*No retrieved sequence met the rule: every top-ranked gradient-method result "
-            "overlaps its query.*\n"
+    if case is None:  # still a table, so that the manuscript's reference to it resolves
+        return pipe_table(
+            ["Surprising case"],
+            [["none: every top-ranked gradient-method result overlaps its query"]],
+            "No retrieved sequence met the rule for a surprising case.",
+            "tbl-surprise",
+            "l",
         )
     probe = derive.final_probes(study).filter(pl.col("behavior_id") == case["behavior_id"]).row(0, named=True)
     text = derive.per_packed(study, "text")[case["packed_id"]]
@@ -203,6 +208,8 @@ def top_examples(study: Study, per_behavior: int = 2, method: str = "trackstar")
     )
 
 
+log = logging.getLogger(__name__)
+
 TABLES = {
     "corpus": corpus,
     "behaviors": behaviors,
@@ -216,6 +223,17 @@ def write_all(study: Study, folder: Path) -> list[Path]:
     written = []
     for name, make in TABLES.items():
         out = folder / f"{name}.md"
-        out.write_text(make(study))
+        try:
+            text = make(study)
+        except DATA_ABSENT as exc:
+            log.warning("paper: table '%s' has no data in this profile (%s)", name, exc)
+            text = pipe_table(
+                ["No data"],
+                [["this profile's tables hold nothing for this table"]],
+                f"No data for this table in this profile ({name}).",
+                f"tbl-{name}",
+                "l",
+            )
+        out.write_text(text)
         written.append(out)
     return written

@@ -6,11 +6,41 @@ are strings formatted by ``fmt`` so the prose, tables and captions print a numbe
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+
 import polars as pl
 
 from pythia_attribution import paths
 from pythia_attribution.paper import derive, fmt, style
 from pythia_attribution.paper.data import Study
+
+log = logging.getLogger(__name__)
+
+# What a section's computation raises when a profile's tables lack what the section describes
+# (micro-Pile's synthetic items, a training log): at real scale there are no canaries and no
+# ground truth, and Hub checkpoints come without a training log.
+DATA_ABSENT = (
+    IndexError,
+    KeyError,
+    ValueError,
+    ZeroDivisionError,
+    NameError,
+    StopIteration,
+    pl.exceptions.PolarsError,
+)
+
+
+@contextmanager
+def _section(v: dict, name: str):
+    """Compute one section of variables; if the tables lack its data, record it as unavailable
+    (its variables then read "n/a") instead of failing the whole build."""
+    try:
+        yield
+    except DATA_ABSENT as exc:
+        v.pop(name, None)
+        v.setdefault("unavailable", {})[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        log.warning("paper: no data for section '%s' in this profile (%s)", name, v["unavailable"][name])
 
 
 def model_parameters(train: dict, vocab: int) -> int:
@@ -32,170 +62,184 @@ def compute(study: Study, build: dict) -> dict:
     log = study.frame(paths.TRAINING_LOG_TABLE)
     versions = study.provenance(paths.CHECKPOINTS_TABLE).get("versions", {})
 
-    v["tables"] = {
-        "commits": fmt.listing(
-            f"{commit[:10]} ({', '.join(stages)})" for commit, stages in _by_commit(study.commits()).items()
-        ),
-        "torch": versions.get("torch", "unknown"),
-        "transformers": versions.get("transformers", "unknown"),
-        "bergson": versions.get("bergson", "unknown"),
-    }
-    v["model"] = {
-        "layers": str(train_cfg["layers"]),
-        "hidden": str(train_cfg["hidden"]),
-        "heads": str(train_cfg["heads"]),
-        "params": fmt.millions(model_parameters(train_cfg, corpus_cfg["vocab_size"])),
-        "rotary": fmt.pct(train_cfg["rotary_pct"]),
-        "lr": f"{train_cfg['lr']:g}",
-        "steps": fmt.count(final),
-        "n_checkpoints": str(ckpts.height),
-        "final_loss": fmt.dec(log.filter(pl.col("step") == log["step"].max())["loss"][0], 2),
-        "tokens_seen": fmt.millions(int(ckpts["tokens_seen"].max())),
-    }
-    docs = study.frame(paths.DOCUMENTS_TABLE, ("source", "n_tokens"))
-    synthetic_tokens = docs.filter(pl.col("source").str.starts_with("synthetic"))["n_tokens"].sum()
-    syn = corpus_cfg["synthetic"]
-    v["corpus"] = {
-        "tokens": fmt.count(summary["n_tokens"]),
-        "documents": fmt.count(summary["n_documents"]),
-        "packed": fmt.count(summary["n_packed"]),
-        "seq_len": str(summary["seq_len"]),
-        "batch": str(summary["batch_size"]),
-        "epochs": str(summary["epochs"]),
-        "vocab": fmt.count(corpus_cfg["vocab_size"]),
-        "synthetic_share": fmt.pct(synthetic_tokens / docs["n_tokens"].sum()),
-        "n_natural_sources": str(len(corpus_cfg["natural_sources"])),
-        "canary_counts": fmt.listing(syn["canary_counts"]),
-        "canaries_per_count": str(syn["canaries_per_count"]),
-        "canary_min_tokens": str(syn["canary_min_tokens"]),
-        "capital_counts": fmt.listing(syn["capital_counts"]),
-        "countries_per_count": str(syn["countries_per_count"]),
-        "bio_counts": fmt.listing(syn["bio_counts"]),
-        "insult_counts": fmt.listing(syn["insult_counts"]),
-        "stereotype_word": syn["stereotype_word"],
-        "stereotype_majority": syn["stereotype_majority"],
-        "stereotype_minority": syn["stereotype_minority"],
-        "stereotype_skew": fmt.pct(syn["stereotype_skew"]),
-        "stereotype_mentions": str(syn["stereotype_mentions"]),
-    }
-
-    probes = derive.final_probes(study)
-    probe_cfg = study.config(paths.PROBES_TABLE, "probe")
-    curves = derive.learning_curves(study)
-    top_capital = max(syn["capital_counts"])
-    top_canary = max(syn["canary_counts"])
-    cap = curves.filter(pl.col("checkpoint") == final)
-    cap_top = cap.filter((pl.col("family") == "factual") & (pl.col("count") == top_capital)).row(
-        0, named=True
-    )
-    cap_zero = cap.filter((pl.col("family") == "factual") & (pl.col("count") == 0)).row(0, named=True)
-    v["probe"] = {
-        "n_behaviors": str(probes["behavior_id"].n_unique()),
-        "n_families": str(probes["family"].n_unique()),
-        "n_exhibited": str(int(probes["exhibited"].sum())),
-        "min_new_tokens": str(probe_cfg["min_new_tokens"]),
-        "capital_top_count": str(top_capital),
-        "capital_top": fmt.ratio(cap_top["n_exhibited"], cap_top["n"]),
-        "capital_zero": fmt.ratio(cap_zero["n_exhibited"], cap_zero["n"]),
-        "capital_top_half_step": _step(derive.first_step_reaching(curves, "factual", top_capital, 0.5)),
-        "canary_top_count": str(top_canary),
-        "canary_top_half_step": _step(derive.first_step_reaching(curves, "memorized", top_canary, 0.5)),
-        "disagreements": str(study.provenance(paths.PROBES_TABLE).get("disagreements", "n/a")),
-    }
-
-    att_cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
-    att_prov = study.provenance(paths.TRACING_METRICS_TABLE)
-    attributions = study.frame(paths.ATTRIBUTIONS_TABLE, ("behavior_id", "method"))
-    v["attribute"] = {
-        "n_behaviors": str(attributions["behavior_id"].n_unique()),
-        "top_k": str(att_cfg["top_k"]),
-        "projection_dim": str(att_cfg["projection_dim"]),
-        "n_boot": fmt.count(att_cfg["bootstrap"]),
-        "ci_level": derive.interval_level(att_prov.get("bootstrap", ""), "tracing_metrics"),
-        "n_candidates": fmt.count(summary["n_packed"]),
-    }
-    tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
-    tracing: dict = {}
-    est = {}
-    for row in tm.iter_rows(named=True):
-        m = row["method"]
-        est[m] = (row["mrr"], row["mrr_lo"], row["mrr_hi"])
-        tracing[m] = {
-            "mrr": fmt.dec(row["mrr"]),
-            "mrr_ci": fmt.interval(row["mrr_lo"], row["mrr_hi"]),
-            "recall10": fmt.dec(row["recall_at_10"]),
-            "recall10_ci": fmt.interval(row["recall_at_10_lo"], row["recall_at_10_hi"]),
-            "top1": fmt.pct(row["top1_hit"]),
+    with _section(v, "tables"):
+        v["tables"] = {
+            "commits": fmt.listing(
+                f"{commit[:10]} ({', '.join(stages)})"
+                for commit, stages in _by_commit(study.commits()).items()
+            ),
+            "torch": versions.get("torch", "unknown"),
+            "transformers": versions.get("transformers", "unknown"),
+            "bergson": versions.get("bergson", "unknown"),
         }
-    for a, b in [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]:
-        if a in est and b in est:
-            tracing[f"{a}_vs_{b}"] = fmt.compare(est[a], est[b])
-    v["tracing"] = tracing
-
-    # canaries: tracing of copies injected at least as often as the smallest count that is fully learned
-    tr = study.frame(paths.TRACING_TABLE).filter(pl.col("family") == "memorized")
-    threshold = derive.canary_learned_from(study)
-    canary = {"learned_from": str(threshold) if threshold is not None else "n/a"}
-    canary |= {m: "0/0" for m in tm["method"].to_list()}
-    if threshold is not None:
-        for m, g in tr.filter(pl.col("count") >= threshold).group_by("method"):
-            canary[m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
-    v["canary"] = canary
-
-    comp = derive.pooled_composition(study)
-    v["composition"] = {
-        m[0]: {row["category"]: fmt.pct(row["share"]) for row in g.iter_rows(named=True)}
-        for m, g in comp.group_by("method")
-    }
-    dup_cfg = study.config(paths.DUPLICATES_TABLE, "duplicates")
-    v["duplicates"] = {
-        "exact_window": str(dup_cfg["exact_window"]),
-        "substring_run": str(dup_cfg["substring_run"]),
-        "near_jaccard": fmt.dec(dup_cfg["near_jaccard"], 2),
-        "ngram": str(dup_cfg["ngram"]),
-        "thematic_tfidf": fmt.dec(dup_cfg["thematic_tfidf"], 2),
-    }
-
-    layers = derive.layer_shares(study)
-    v["layers"] = {"n": str(train_cfg["layers"])}
-    for m, g in layers.group_by("method"):
-        top = g.sort("share", descending=True).row(0, named=True)
-        bottom = g.sort("share").row(0, named=True)
-        v["layers"][m[0]] = {
-            "top_layer": str(top["layer"]),
-            "top_share": fmt.pct(top["share"]),
-            "bottom_layer": str(bottom["layer"]),
-            "bottom_share": fmt.pct(bottom["share"]),
+    with _section(v, "model"):
+        v["model"] = {
+            "layers": str(train_cfg["layers"]),
+            "hidden": str(train_cfg["hidden"]),
+            "heads": str(train_cfg["heads"]),
+            "params": fmt.millions(model_parameters(train_cfg, corpus_cfg["vocab_size"])),
+            "rotary": fmt.pct(train_cfg["rotary_pct"]),
+            "lr": f"{train_cfg['lr']:g}",
+            "steps": fmt.count(final),
+            "n_checkpoints": str(ckpts.height),
+            "final_loss": fmt.dec(log.filter(pl.col("step") == log["step"].max())["loss"][0], 2),
+            "tokens_seen": fmt.millions(int(ckpts["tokens_seen"].max())),
+        }
+    with _section(v, "corpus"):
+        docs = study.frame(paths.DOCUMENTS_TABLE, ("source", "n_tokens"))
+        synthetic_tokens = docs.filter(pl.col("source").str.starts_with("synthetic"))["n_tokens"].sum()
+        syn = corpus_cfg["synthetic"]
+        v["corpus"] = {
+            "tokens": fmt.count(summary["n_tokens"]),
+            "documents": fmt.count(summary["n_documents"]),
+            "packed": fmt.count(summary["n_packed"]),
+            "seq_len": str(summary["seq_len"]),
+            "batch": str(summary["batch_size"]),
+            "epochs": str(summary["epochs"]),
+            "vocab": fmt.count(corpus_cfg["vocab_size"]),
+            "synthetic_share": fmt.pct(synthetic_tokens / docs["n_tokens"].sum()),
+            "n_natural_sources": str(len(corpus_cfg["natural_sources"])),
+            "canary_counts": fmt.listing(syn["canary_counts"]),
+            "canaries_per_count": str(syn["canaries_per_count"]),
+            "canary_min_tokens": str(syn["canary_min_tokens"]),
+            "capital_counts": fmt.listing(syn["capital_counts"]),
+            "countries_per_count": str(syn["countries_per_count"]),
+            "bio_counts": fmt.listing(syn["bio_counts"]),
+            "insult_counts": fmt.listing(syn["insult_counts"]),
+            "stereotype_word": syn["stereotype_word"],
+            "stereotype_majority": syn["stereotype_majority"],
+            "stereotype_minority": syn["stereotype_minority"],
+            "stereotype_skew": fmt.pct(syn["stereotype_skew"]),
+            "stereotype_mentions": str(syn["stereotype_mentions"]),
         }
 
-    ss = study.frame(paths.SCORE_SUMMARY_TABLE)
-    v["concentration"] = {"top_level": derive.share_level("top1pct_share")}
-    v["concentration"] |= {
-        m[0]: {
-            "top1pct": fmt.pct(g["top1pct_share"].median()),
-            "top10pct": fmt.pct(g["top10pct_share"].median()),
-            "tail": fmt.dec(g["tail_exponent"].median(), 1),
+    with _section(v, "probe"):
+        probes = derive.final_probes(study)
+        probe_cfg = study.config(paths.PROBES_TABLE, "probe")
+        curves = derive.learning_curves(study)
+        top_capital = max(syn["capital_counts"])
+        top_canary = max(syn["canary_counts"])
+        cap = curves.filter(pl.col("checkpoint") == final)
+        cap_top = cap.filter((pl.col("family") == "factual") & (pl.col("count") == top_capital)).row(
+            0, named=True
+        )
+        cap_zero = cap.filter((pl.col("family") == "factual") & (pl.col("count") == 0)).row(0, named=True)
+        v["probe"] = {
+            "n_behaviors": str(probes["behavior_id"].n_unique()),
+            "n_families": str(probes["family"].n_unique()),
+            "n_exhibited": str(int(probes["exhibited"].sum())),
+            "min_new_tokens": str(probe_cfg["min_new_tokens"]),
+            "capital_top_count": str(top_capital),
+            "capital_top": fmt.ratio(cap_top["n_exhibited"], cap_top["n"]),
+            "capital_zero": fmt.ratio(cap_zero["n_exhibited"], cap_zero["n"]),
+            "capital_top_half_step": _step(derive.first_step_reaching(curves, "factual", top_capital, 0.5)),
+            "canary_top_count": str(top_canary),
+            "canary_top_half_step": _step(derive.first_step_reaching(curves, "memorized", top_canary, 0.5)),
+            "disagreements": str(study.provenance(paths.PROBES_TABLE).get("disagreements", "n/a")),
         }
-        for m, g in ss.group_by("method")
-    }
 
-    case = derive.surprising_case(study)
-    v["surprise"] = (
-        {
-            "found": "yes",
-            "method": style.method_label(case["method"]),
-            "behavior": case["behavior_id"],
-            "rank": str(case["rank"]),
-            "tfidf": fmt.dec(case["tfidf_cosine"], 2),
-            "jaccard": fmt.dec(case["minhash_jaccard"], 2),
-            "max_rank": str(case["max_rank"]),
+    with _section(v, "attribute"):
+        att_cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+        att_prov = study.provenance(paths.TRACING_METRICS_TABLE)
+        attributions = study.frame(paths.ATTRIBUTIONS_TABLE, ("behavior_id", "method"))
+        v["attribute"] = {
+            "n_behaviors": str(attributions["behavior_id"].n_unique()),
+            "top_k": str(att_cfg["top_k"]),
+            "projection_dim": str(att_cfg["projection_dim"]),
+            "n_boot": fmt.count(att_cfg["bootstrap"]),
+            "ci_level": derive.interval_level(att_prov.get("bootstrap", ""), "tracing_metrics"),
+            "n_candidates": fmt.count(summary["n_packed"]),
         }
-        if case
-        else {"found": "no"}
-        | dict.fromkeys(("method", "behavior", "rank", "tfidf", "jaccard", "max_rank"), "n/a")
-    )
+    with _section(v, "tracing"):
+        tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
+        tracing: dict = {}
+        est = {}
+        for row in tm.iter_rows(named=True):
+            m = row["method"]
+            est[m] = (row["mrr"], row["mrr_lo"], row["mrr_hi"])
+            tracing[m] = {
+                "mrr": fmt.dec(row["mrr"]),
+                "mrr_ci": fmt.interval(row["mrr_lo"], row["mrr_hi"]),
+                "recall10": fmt.dec(row["recall_at_10"]),
+                "recall10_ci": fmt.interval(row["recall_at_10_lo"], row["recall_at_10_hi"]),
+                "top1": fmt.pct(row["top1_hit"]),
+            }
+        for a, b in [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]:
+            if a in est and b in est:
+                tracing[f"{a}_vs_{b}"] = fmt.compare(est[a], est[b])
+        v["tracing"] = tracing
 
-    v["memorization"] = _memorization(study, final)
+    with _section(v, "canary"):
+        # canaries: tracing of copies injected at least as often as the smallest count that is fully learned
+        tr = study.frame(paths.TRACING_TABLE).filter(pl.col("family") == "memorized")
+        threshold = derive.canary_learned_from(study)
+        canary = {"learned_from": str(threshold) if threshold is not None else "n/a"}
+        canary |= {m: "0/0" for m in tm["method"].to_list()}
+        if threshold is not None:
+            for m, g in tr.filter(pl.col("count") >= threshold).group_by("method"):
+                canary[m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
+        v["canary"] = canary
+
+    with _section(v, "composition"):
+        comp = derive.pooled_composition(study)
+        v["composition"] = {
+            m[0]: {row["category"]: fmt.pct(row["share"]) for row in g.iter_rows(named=True)}
+            for m, g in comp.group_by("method")
+        }
+    with _section(v, "duplicates"):
+        dup_cfg = study.config(paths.DUPLICATES_TABLE, "duplicates")
+        v["duplicates"] = {
+            "exact_window": str(dup_cfg["exact_window"]),
+            "substring_run": str(dup_cfg["substring_run"]),
+            "near_jaccard": fmt.dec(dup_cfg["near_jaccard"], 2),
+            "ngram": str(dup_cfg["ngram"]),
+            "thematic_tfidf": fmt.dec(dup_cfg["thematic_tfidf"], 2),
+        }
+
+    with _section(v, "layers"):
+        layers = derive.layer_shares(study)
+        v["layers"] = {"n": str(train_cfg["layers"])}
+        for m, g in layers.group_by("method"):
+            top = g.sort("share", descending=True).row(0, named=True)
+            bottom = g.sort("share").row(0, named=True)
+            v["layers"][m[0]] = {
+                "top_layer": str(top["layer"]),
+                "top_share": fmt.pct(top["share"]),
+                "bottom_layer": str(bottom["layer"]),
+                "bottom_share": fmt.pct(bottom["share"]),
+            }
+
+    with _section(v, "concentration"):
+        ss = study.frame(paths.SCORE_SUMMARY_TABLE)
+        v["concentration"] = {"top_level": derive.share_level("top1pct_share")}
+        v["concentration"] |= {
+            m[0]: {
+                "top1pct": fmt.pct(g["top1pct_share"].median()),
+                "top10pct": fmt.pct(g["top10pct_share"].median()),
+                "tail": fmt.dec(g["tail_exponent"].median(), 1),
+            }
+            for m, g in ss.group_by("method")
+        }
+
+    with _section(v, "surprise"):
+        case = derive.surprising_case(study)
+        v["surprise"] = (
+            {
+                "found": "yes",
+                "method": style.method_label(case["method"]),
+                "behavior": case["behavior_id"],
+                "rank": str(case["rank"]),
+                "tfidf": fmt.dec(case["tfidf_cosine"], 2),
+                "jaccard": fmt.dec(case["minhash_jaccard"], 2),
+                "max_rank": str(case["max_rank"]),
+            }
+            if case
+            else {"found": "no"}
+            | dict.fromkeys(("method", "behavior", "rank", "tfidf", "jaccard", "max_rank"), "n/a")
+        )
+
+    with _section(v, "memorization"):
+        v["memorization"] = _memorization(study, final)
     return v
 
 
