@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -89,46 +90,43 @@ def _stage(session: nox.Session, stage: str) -> None:
     )
 
 
-@nox.session
-def corpus(session: nox.Session) -> None:
-    """Build micro-Pile (or the profile's corpus): sources, ground truth, tokenizer, training order."""
-    _stage(session, "corpus")
+def _graph() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """The stage graph and each stage's one-line help, from the package's paths module (standard
+    library only, so it loads here without the pinned stack)."""
+    spec = importlib.util.spec_from_file_location(
+        "_pa_paths", ROOT / "src" / "pythia_attribution" / "paths.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GRAPH, module.STAGE_HELP
 
 
-@nox.session(requires=["corpus"])
-def train(session: nox.Session) -> None:
-    """Train micro-Pythia on exactly the corpus order; checkpoints, optimizer state, training log."""
-    _stage(session, "train")
+GRAPH, STAGE_HELP = _graph()
 
 
-@nox.session(requires=["train"])
-def probe(session: nox.Session) -> None:
-    """Probe every behavior at every checkpoint and record whether the model exhibits it."""
-    _stage(session, "probe")
+def _stage_session(stage: str):
+    def session_fn(session: nox.Session) -> None:
+        _stage(session, stage)
+
+    session_fn.__doc__ = STAGE_HELP[stage][0].upper() + STAGE_HELP[stage][1:] + "."
+    return nox.session(name=stage, requires=list(GRAPH[stage]))(session_fn)
 
 
-@nox.session(requires=["probe"])
-def attribute(session: nox.Session) -> None:
-    """Attribute exhibited behaviors to training sequences: bergson methods and baselines."""
-    _stage(session, "attribute")
+# One session per stage, each requiring the stages whose tables it reads (the declared graph).
+for _name in GRAPH:
+    _stage_session(_name)
 
 
-@nox.session(requires=["attribute"])
-def duplicates(session: nox.Session) -> None:
-    """Classify each retrieved sequence: exact, near-duplicate, thematic or unrelated."""
-    _stage(session, "duplicates")
-
-
-@nox.session(requires=["duplicates"])
-def memorization(session: nox.Session) -> None:
-    """Memorization at every checkpoint, against duplication, and what drives memorized sequences."""
-    _stage(session, "memorization")
-
-
-@nox.session(requires=["memorization"])
+@nox.session(requires=list(GRAPH))
 def all(session: nox.Session) -> None:  # noqa: A001 - the session's public name
     """Run every stage of the profile in order (default profile: micro)."""
     session.log("all stages are current for this profile")
+
+
+@nox.session
+def pin(session: nox.Session) -> None:
+    """Resolve a real-scale profile's Hub revisions and files to commits and sha256 (network)."""
+    _stage(session, "pin")
 
 
 @nox.session

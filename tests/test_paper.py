@@ -65,6 +65,8 @@ def test_every_variable_the_manuscript_uses_is_computed(rendered):
     }
     assert used and used <= set(flat), sorted(used - set(flat))
     assert flat["build.profile"] == "nano"
+    # nano has every kind of data the manuscript describes: nothing may fall back to "n/a"
+    assert "unavailable" not in rendered["values"], rendered["values"].get("unavailable")
 
 
 def test_manuscript_prose_types_no_numbers():

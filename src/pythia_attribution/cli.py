@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     lines = []
     for name, spec in SPECS.items():
         lines.append(f"  {name:<12} {spec.help}")
+        if spec.upstream:
+            lines.append(f"  {'':<12} reads the tables of: {', '.join(spec.upstream)}")
         if isinstance(spec.module, dict):
             lines.append(f"  {'':<12} sources ({name}.source): {', '.join(spec.module)}")
     stages = "\n".join(lines)

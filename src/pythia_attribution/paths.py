@@ -61,6 +61,26 @@ CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attri
 MEMORIZATION = "memorization"
 STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION)
 
+# The stage graph: each stage and the stages whose tables it reads. Declared once, here, in plain
+# data (this module imports nothing outside the standard library, so the noxfile reads it too);
+# ``stage.SPECS`` (how each stage runs) and the nox sessions are built from it.
+GRAPH: dict[str, tuple[str, ...]] = {
+    CORPUS: (),
+    TRAIN: (CORPUS,),
+    PROBE: (CORPUS, TRAIN),
+    ATTRIBUTE: (CORPUS, TRAIN, PROBE),
+    DUPLICATES: (CORPUS, PROBE, ATTRIBUTE),
+    MEMORIZATION: (CORPUS, TRAIN, ATTRIBUTE),
+}
+STAGE_HELP: dict[str, str] = {
+    CORPUS: "the training sequences in training order: micro-Pile built here, or the Pile by byte range",
+    TRAIN: "checkpoints: micro-Pythia trained on exactly corpus.arrow's order, or Pythia from the Hub",
+    PROBE: "probe every behavior at every checkpoint (greedy completion, log-prob, rank)",
+    ATTRIBUTE: "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
+    DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
+    MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
+}
+
 CORPUS_TABLE = "corpus"
 DOCUMENTS_TABLE = "documents"
 GROUND_TRUTH_TABLE = "ground_truth"

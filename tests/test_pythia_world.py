@@ -1,0 +1,172 @@
+"""The real-scale sources on the fixture world: Megatron shards read by byte range, Hub checkpoints
+at pinned commits, memorized-evals, and the whole pipeline and paper through them, offline."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.ipc as ipc
+import pytest
+
+from pythia_attribution import paths, tables
+from pythia_attribution.cli import main
+from pythia_attribution.config import load_profile
+from pythia_attribution.errors import ChecksumError, ConfigError
+from pythia_attribution.sources import hub
+from pythia_attribution.sources import manifest as pins
+from pythia_attribution.sources.pile import PreshuffledPile, contiguous_runs, write_megatron
+
+WIDTH = 2049
+
+
+def _dataset(folder, n=10, shard_bytes=4 * 2 * WIDTH + 1233, seed=0):
+    """n random sequences in Megatron layout, two shards; shard 0 ends mid-sequence and mid-token."""
+    seqs = np.random.default_rng(seed).integers(0, 50_277, size=(n, WIDTH), dtype=np.uint16)
+    write_megatron(folder, seqs, 2, shard_bytes=shard_bytes)
+    files = {p.name: pins.FileEntry(p.stat().st_size) for p in folder.iterdir()}
+    return seqs, pins.RepoPins("fixture/data", "", files)
+
+
+def test_reader_returns_the_written_tokens_across_the_shard_boundary(tmp_path):
+    seqs, repo = _dataset(tmp_path / "data")
+    pile = PreshuffledPile(str(tmp_path / "data"), repo, WIDTH, tmp_path / "cache")
+    assert pile.n_sequences == 10
+    assert (tmp_path / "data" / "document-00000-of-00001.bin").stat().st_size % (2 * WIDTH) != 0
+    for i in (0, 4, 5, 9):  # start, the straddling sequence, middle, end
+        assert np.array_equal(pile.read_run(i, i + 1)[0], seqs[i]), i
+    assert np.array_equal(pile.read([9, 0, 4, 3]), seqs[[9, 0, 4, 3]])
+    assert np.array_equal(pile.read_run(0, 10), seqs)
+
+
+def test_reader_fetches_each_sequence_once_and_resumes_from_its_cache(tmp_path, monkeypatch):
+    seqs, repo = _dataset(tmp_path / "data")
+    pile = PreshuffledPile(str(tmp_path / "data"), repo, WIDTH, tmp_path / "cache")
+    fetched = []
+    real = pile.read_run
+    monkeypatch.setattr(pile, "read_run", lambda a, b: fetched.append((a, b)) or real(a, b))
+    pile.read([1, 2, 3, 7], chunk=4)
+    assert fetched == [(1, 4), (7, 8)]  # one ranged read per contiguous run
+    fetched.clear()
+    assert np.array_equal(pile.read([2, 7, 8], chunk=4), seqs[[2, 7, 8]])
+    assert fetched == [(8, 9)]  # only what the cache lacks
+    assert contiguous_runs(np.array([1, 2, 3, 7, 9, 10])) == [(1, 4), (7, 8), (9, 11)]
+
+
+def test_truncated_shard_and_bad_index_stop_naming_the_file(tmp_path):
+    _, repo = _dataset(tmp_path / "data")
+    shard = tmp_path / "data" / "document-00001-of-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ChecksumError, match="document-00001-of-00001.bin.*truncated"):
+        PreshuffledPile(str(tmp_path / "data"), repo, WIDTH, tmp_path / "cache")
+    _, repo = _dataset(tmp_path / "other")
+    idx = tmp_path / "other" / "document.idx"
+    idx.write_bytes(b"NOTMEGA!!" + idx.read_bytes()[9:])
+    with pytest.raises(ChecksumError, match="document.idx: not a Megatron"):
+        PreshuffledPile(str(tmp_path / "other"), repo, WIDTH, tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def pythia_run(tmp_path_factory):
+    """The fixture world built and run through every stage, once for the session."""
+    root = tmp_path_factory.mktemp("pythia")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(root / "results"))
+    mp.setenv("PYTHIA_ATTRIBUTION_CACHE", str(root / "cache"))
+    assert main(["all", "--profile", "pythia-fixture", "-q"]) == 0
+    yield {"results": root / "results" / "pythia-fixture", "profile": load_profile("pythia-fixture")}
+    mp.undo()
+
+
+def _read(results, stage, table):
+    return tables.read_table(paths.table_path(results / stage, table))
+
+
+def test_fixture_world_runs_every_stage_with_micros_schemas(pythia_run, nano_run):
+    """Same stages, same tables, same schemas (metadata aside) as the micro-shaped nano run."""
+    compared = 0
+    for stage in paths.STAGES:
+        nano_tables = sorted((nano_run["results"] / stage).glob("*.arrow"))
+        assert nano_tables
+        for path in nano_tables:
+            ours = pythia_run["results"] / stage / path.name
+            assert ours.is_file(), f"{stage}/{path.name} missing in the fixture world"
+            with ipc.open_file(str(path)) as a, ipc.open_file(str(ours)) as b:
+                assert a.schema.remove_metadata() == b.schema.remove_metadata(), f"{stage}/{path.name}"
+            compared += 1
+    assert compared >= 20
+    # a second run is a no-op: every stage current
+    assert main(["all", "--profile", "pythia-fixture", "-q"]) == 0
+
+
+def test_corpus_rows_are_the_shards_bytes(pythia_run):
+    profile = pythia_run["profile"]
+    corpus = _read(pythia_run["results"], paths.CORPUS, paths.CORPUS_TABLE)
+    manifest = hub.world_manifest(profile)
+    snap = hub.snapshot(profile, manifest.dataset.repo, manifest.dataset.commit, "dataset")
+    shards = sorted(snap.glob("document-*.bin"))
+    assert len(shards) == 2
+    stream = np.frombuffer(b"".join(p.read_bytes() for p in shards), dtype="<u2").reshape(-1, WIDTH)
+    seq = corpus["seq_idx"].to_numpy()
+    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, WIDTH)
+    assert np.array_equal(tokens, stream[seq])
+    boundary = shards[0].stat().st_size // (2 * WIDTH)
+    assert boundary in seq  # the straddling sequence is a candidate (selected steps cover it)
+    batch = profile.corpus.batch_size
+    assert (corpus["step"].to_numpy() == seq // batch).all()
+    # the memorized-evals sample is in the candidates
+    split = _read(pythia_run["results"], paths.MEMORIZATION, paths.EVALS_RESCORE_TABLE)
+    assert len(split) > 0 and np.isin(split["seq_idx"].to_numpy(), seq).any()
+
+
+def test_checkpoints_are_the_pinned_commits(pythia_run):
+    profile = pythia_run["profile"]
+    ckpts = _read(pythia_run["results"], paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    cache = paths.expand(profile.world.hub_cache, profile.name)
+    refs = cache / f"models--{profile.world.model_repo.replace('/', '--')}" / "refs"
+    assert [c["step"] for c in ckpts] == profile.train.hub_steps
+    for c in ckpts:
+        assert c["commit"] == (refs / c["revision"]).read_text()
+        assert c["path"].endswith(c["commit"]) and not c["has_optimizer_state"]
+    # TrackStar proper is skipped for want of an optimizer state; its variant without it ran
+    skipped = _read(pythia_run["results"], paths.ATTRIBUTE, paths.SKIPPED_TABLE).to_pylist()
+    assert any(r["method"] == "trackstar" and "optimizer state" in r["reason"] for r in skipped)
+    methods = set(
+        _read(pythia_run["results"], paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)["method"].to_pylist()
+    )
+    assert "trackstar_noadam" in methods and "trackstar" not in methods
+
+
+def test_unknown_revision_and_wrong_sha256_stop_naming_the_artifact(pythia_run, capsys):
+    profile = pythia_run["profile"]
+    with pytest.raises(ConfigError, match="revision 'step7' of fixture/pythia-tiny-deduped is not pinned"):
+        hub.checkpoint(profile, 7)
+    cache = str(paths.expand(profile.world.hub_cache, profile.name))
+    with pytest.raises(ConfigError, match="no revision named 'step7'"):
+        pins.resolve_refs(pins.Hub(cache, True), profile.world.model_repo, ["step7"])
+
+    manifest = paths.expand(profile.world.manifest, profile.name)
+    original = manifest.read_text()
+    weights = pins.load(manifest).revisions["step128"].weights_sha256
+    train_dir = pythia_run["results"] / paths.TRAIN
+    before = (train_dir / "checkpoints.arrow").read_bytes()
+    try:
+        manifest.write_text(original.replace(weights, "0" * 64))
+        assert main(["train", "--profile", "pythia-fixture", "--force", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "fixture/pythia-tiny-deduped@step128" in err and "model.safetensors" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        manifest.write_text(original)
+    # nothing half-written: the previous outputs are intact and no partial folder is left
+    assert (train_dir / "checkpoints.arrow").read_bytes() == before
+    assert not paths.partial_dir("pythia-fixture", paths.TRAIN).exists()
+
+
+def test_pin_rewrites_the_same_manifest_from_the_cache(pythia_run):
+    profile = pythia_run["profile"]
+    manifest = paths.expand(profile.world.manifest, profile.name)
+    original = manifest.read_text()
+    shutil.copy(manifest, manifest.with_suffix(".bak"))
+    assert main(["pin", "--profile", "pythia-fixture", "-q"]) == 0
+    assert manifest.read_text() == original
