@@ -45,7 +45,7 @@ def test_candidates_map_stream_positions_to_packed_rows(nano_run):
     cands = load_candidates(corpus)
     ids = np.asarray(corpus["input_ids"].to_pylist())
     for seq_idx in (0, 7, len(ids) - 1):
-        assert (cands.tokens[cands.seq_to_packed[seq_idx]] == ids[seq_idx]).all()
+        assert (cands.tokens[cands.packed_of([seq_idx])[0]] == ids[seq_idx]).all()
     assert (cands.first_seq_idx < len(cands.tokens)).all()  # every packed sequence occurs in epoch 0
 
 

@@ -161,8 +161,22 @@ def composition(table: pa.Table) -> pa.Table:
                     "ground_truth_share": float(gt.mean()) if len(gt) else None,
                 }
             )
-    return pa.Table.from_pylist(out)
+    return pa.Table.from_pylist(out, COMPOSITION_SCHEMA)
 
+
+COMPOSITION_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("category", pa.string()),
+        ("n", pa.int64()),
+        ("share", pa.float64()),
+        ("n_rows", pa.int64()),
+        ("n_behaviors", pa.int64()),
+        ("ground_truth_share", pa.float64()),  # null where the family has no ground truth
+    ]
+)
 
 SCHEMA = pa.schema(
     [

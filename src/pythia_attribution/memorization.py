@@ -222,7 +222,11 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
                     "ci_hi": hi,
                 }
             )
-    ctx.write_table(paths.CANARY_MEMORIZATION_TABLE, pa.Table.from_pylist(rows), note="95% Wilson intervals")
+    ctx.write_table(
+        paths.CANARY_MEMORIZATION_TABLE,
+        pa.Table.from_pylist(rows, CANARY_MEMORIZATION_SCHEMA),
+        note="95% Wilson intervals",
+    )
 
     final_mem = canary_mem[final_step]
     chosen = [i for i in range(len(items)) if final_mem[i] and items[i]["item_id"] in truth]
@@ -253,6 +257,28 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
             log.info("memorized canaries: %s top-1 is an own copy for %d/%d", method, sum(hits), len(hits))
 
 
+CANARY_MEMORIZATION_SCHEMA = pa.schema(
+    [
+        ("checkpoint", pa.int64()),
+        ("injected_count", pa.int64()),
+        ("n", pa.int64()),
+        ("n_memorized", pa.int64()),
+        ("fraction", pa.float64()),
+        ("ci_lo", pa.float64()),
+        ("ci_hi", pa.float64()),
+    ]
+)
+MEMORIZED_COMPOSITION_SCHEMA = pa.schema(
+    [
+        ("setting", pa.string()),
+        ("group", pa.string()),
+        ("method", pa.string()),
+        ("category", pa.string()),
+        ("n", pa.int64()),
+        ("share", pa.float64()),
+        ("n_queries", pa.int64()),
+    ]
+)
 CANARY_ATTRIBUTION_SCHEMA = pa.schema(
     [
         ("item_id", pa.string()),
@@ -431,7 +457,9 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step) -> None
                         "n_queries": g["packed_query"].nunique(),
                     }
                 )
-    ctx.write_table(paths.MEMORIZED_COMPOSITION_TABLE, pa.Table.from_pylist(comp))
+    ctx.write_table(
+        paths.MEMORIZED_COMPOSITION_TABLE, pa.Table.from_pylist(comp, MEMORIZED_COMPOSITION_SCHEMA)
+    )
 
 
 def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, early_late, setting) -> None:
