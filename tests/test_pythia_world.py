@@ -199,3 +199,18 @@ def test_pin_rewrites_the_same_manifest_from_the_cache(pythia):
     shutil.copy(manifest, manifest.with_suffix(".bak"))
     assert main(["pin", "--profile", "pythia-fixture", "-q"]) == 0
     assert manifest.read_text() == original
+
+
+def test_paper_builds_from_the_fixture_worlds_tables(pythia, tmp_path):
+    """The manuscript renders from real-scale-shaped tables; what they lack is listed, not invented."""
+    from pythia_attribution.paper import build
+
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    for name in ("index.qmd", "references.bib", "anchors.yml", "_quarto.yml", "header.typ"):
+        shutil.copy(paths.project_root() / "paper" / name, folder / name)
+    values = build.assets("pythia-fixture", folder, results=pythia["results"])
+    html, pdf = build.preview(folder, values)
+    assert pdf.read_bytes().startswith(b"%PDF") and "{{<" not in html.read_text()
+    assert "tracing" in " ".join(values["unavailable"])  # no ground truth on the Pile
+    assert values["build"]["profile"] == "pythia-fixture"
