@@ -95,6 +95,8 @@ def _revisions(final: int) -> list[int]:
 
 def build(profile, root: Path) -> None:
     """Write the fixture world for ``profile`` into ``root`` (see the module docstring)."""
+    from transformers import GPTNeoXForCausalLM
+
     from pythia_attribution.config import TrainConfig
     from pythia_attribution.corpus.build import EOD_ID, train_tokenizer
     from pythia_attribution.model import memorization_test, pythia_config
@@ -125,7 +127,7 @@ def build(profile, root: Path) -> None:
 
     torch.manual_seed(seed)
     cfg = TrainConfig(**MODEL)
-    model = GPTNeoX(pythia_config(cfg, len(tokenizer)))
+    model = GPTNeoXForCausalLM(pythia_config(cfg, len(tokenizer)))
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)
     )
@@ -169,12 +171,6 @@ def build(profile, root: Path) -> None:
     )
     pq.write_table(table, evals / "data" / f"{world.evals_split}-00000-of-00001.parquet")
     log.info("fixture world: %d sequences, %d memorized at step%d", n_seq, len(index), final)
-
-
-def GPTNeoX(config):  # noqa: N802 - reads as the class it builds
-    from transformers import GPTNeoXForCausalLM
-
-    return GPTNeoXForCausalLM(config)
 
 
 def revision_names(profile) -> list[str]:

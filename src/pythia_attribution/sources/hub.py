@@ -92,9 +92,9 @@ def hub_file(profile, repo: str, commit: str, name: str, entry: FileEntry) -> Pa
     return local
 
 
-def checkpoint(profile, step: int) -> tuple[str, Path]:
+def checkpoint(profile, step: int, manifest: pins.HubManifest | None = None) -> tuple[str, Path]:
     """(commit, snapshot folder) of revision ``step{step}``, verified against the manifest."""
-    manifest = world_manifest(profile)
+    manifest = manifest or world_manifest(profile)
     revision = manifest.revision(f"step{step}")
     if not revision.commit:
         raise ConfigError(f"{manifest.path}: revision step{step} has no commit; run `nox -s pin`")
@@ -114,22 +114,23 @@ def run(ctx) -> None:
         raise ConfigError(f"profile '{ctx.profile.name}': train.hub_steps is empty (source hub)")
     corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
     batch, seq_len = ctx.profile.corpus.batch_size, ctx.profile.corpus.seq_len
+    manifest = world_manifest(ctx.profile)
     rows = []
     for step in sorted(set(cfg.hub_steps)):
-        commit, local = checkpoint(ctx.profile, step)
+        commit, local = checkpoint(ctx.profile, step, manifest)
         rows.append(
             {
                 "step": step,
                 "path": str(local),
                 "sequences_seen": step * batch,
                 "tokens_seen": step * batch * seq_len,
-                "model_sha256": world_manifest(ctx.profile).revision(f"step{step}").weights_sha256,
+                "model_sha256": manifest.revision(f"step{step}").weights_sha256,
                 "has_optimizer_state": False,
                 "revision": f"step{step}",
                 "commit": commit,
             }
         )
-        log.info("step%d: %s@%s", step, world_manifest(ctx.profile).model_repo, commit[:12])
+        log.info("step%d: %s@%s", step, manifest.model_repo, commit[:12])
     trained = int(corpus["step"].to_numpy().max()) + 1 if len(corpus) else 0
     final = max(cfg.hub_steps)
     if trained > final:

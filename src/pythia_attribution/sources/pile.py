@@ -241,7 +241,7 @@ def run(ctx) -> None:
     log.info("%d candidate sequences of %d (%s)", len(chosen), pile.n_sequences, url)
     tokens = pile.read(chosen, chunk=cfg.pile.fetch_batch)
 
-    _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step))
+    _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step), manifest)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     tokenizer.save_pretrained(ctx.out_dir / paths.TOKENIZER_DIR)
     texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
