@@ -122,7 +122,8 @@ def test_config_change_invalidates_downstream(nano_run):
     changed = dataclasses.replace(profile, train=dataclasses.replace(profile.train, lr=profile.train.lr / 2))
     assert not stage.is_current(changed, paths.TRAIN)
     record = json.loads((nano_run["results"] / paths.TRAIN / paths.STAGE_RECORD).read_text())
-    assert record["inputs"][paths.CORPUS] == stage.read_record("nano", paths.CORPUS)["outputs"]
+    upstream = stage.read_record("nano", paths.CORPUS)["outputs"]
+    assert record["inputs"][paths.CORPUS] == {rel: entry["digest"] for rel, entry in upstream.items()}
 
 
 def test_summary_matches_probes(nano_run):

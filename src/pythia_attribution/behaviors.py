@@ -66,12 +66,21 @@ def read_file(path: Path) -> tuple[list[BehaviorEntry], list[BehaviorSet]]:
     unknown = set(data) - {"behavior", "behavior_set"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: behavior, behavior_set)")
+    for key in ("behavior", "behavior_set"):
+        if not isinstance(data.get(key, []), list):
+            raise ConfigError(
+                f"{path}: '{key}' must be an array of tables ([[{key}]]), got {data[key]!r:.60}"
+            )
     entries, sets = [], []
     for i, raw in enumerate(data.get("behavior", [])):
         entry = from_dict(BehaviorEntry, raw, str(path), prefix=f"behavior[{i}].")
-        _check_family(entry.family, f"{path}: behavior '{entry.id}'")
-        if not entry.target:
-            raise ConfigError(f"{path}: behavior '{entry.id}': key 'target' is empty")
+        where = f"{path}: behavior '{entry.id}'"
+        if not entry.id.strip():
+            raise ConfigError(f"{path}: behavior[{i}]: key 'id' is empty")
+        _check_family(entry.family, where)
+        for key in ("prompt", "target"):
+            if not getattr(entry, key).strip():
+                raise ConfigError(f"{where}: key '{key}' is empty (or only whitespace)")
         entries.append(entry)
     for i, raw in enumerate(data.get("behavior_set", [])):
         bset = from_dict(BehaviorSet, raw, str(path), prefix=f"behavior_set[{i}].")
@@ -80,9 +89,34 @@ def read_file(path: Path) -> tuple[list[BehaviorEntry], list[BehaviorSet]]:
     return entries, sets
 
 
+def check_fits(
+    behaviors: list[Behavior], folder: Path, models: dict[int, tuple[int, int]], min_new: int
+) -> None:
+    """Every behavior fits every checkpoint's model: prompt plus completion within its context,
+    token ids within its vocabulary. ``models`` maps a checkpoint step to (max_position_embeddings,
+    vocab_size) from that checkpoint's own config, so real Pythia is checked the same way."""
+    for b in behaviors:
+        where = f"{folder / b.source_file}: behavior '{b.behavior_id}'"
+        needed = len(b.prompt_ids) + max(min_new, len(b.target_ids))
+        for step, (positions, vocab) in sorted(models.items()):
+            if needed > positions:
+                raise ConfigError(
+                    f"{where}: prompt ({len(b.prompt_ids)} tokens) plus completion "
+                    f"({max(min_new, len(b.target_ids))}) is {needed} tokens, more than the "
+                    f"{positions} positions of the model at step{step}"
+                )
+            top = max(b.prompt_ids + b.target_ids)
+            if top >= vocab:
+                raise ConfigError(
+                    f"{where}: token id {top} is outside the vocabulary ({vocab}) of the model at step{step}"
+                )
+
+
 def split_ids(encode, prompt: str, target: str, where: str) -> tuple[list[int], list[int]]:
     """Token ids of prompt and target as the model sees them in running text."""
     prompt_ids = encode(prompt)
+    if not prompt_ids:
+        raise ConfigError(f"{where}: the prompt encodes to no tokens")
     full = encode(prompt + target)
     if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
         raise ConfigError(

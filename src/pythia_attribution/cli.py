@@ -1,16 +1,49 @@
-"""Command line: ``python -m pythia_attribution <stage> --profile P``."""
+"""Command line: ``python -m pythia_attribution <stage> --profile P``.
+
+Exit codes: 0 done; 1 an internal error (a bug: one line on stderr, the traceback in a log file
+it names); 2 bad input, a failed check or an operating-system error (one line naming the file,
+key or path); 3 another run holds the profile's results.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from pythia_attribution import paths
 from pythia_attribution.config import Profile, describe, known_profiles, load_profile
-from pythia_attribution.errors import UserError
+from pythia_attribution.errors import LockedError, UserError
+
+EXIT_BUG, EXIT_INPUT, EXIT_LOCKED = 1, 2, 3
+COMMANDS = ("all", "pin", "verify", "check")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,17 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             f"stages, in order:\n{stages}\n  all          every stage above, in order\n"
             "  pin          resolve the profile's Hub revisions and files to commits, sizes and sha256\n"
-            "               and write world.manifest (needs the network, or the fixture world's cache)\n\n"
+            "               and write world.manifest (needs the network, or the fixture world's cache)\n"
+            "  verify       check every output of the profile against its record, the provenance chain\n"
+            "               and the fingerprints (--full: hash large files in full; --against DIR:\n"
+            "               compare with another results folder of the profile, volatile fields aside)\n"
+            "  check        validate the profile, its behavior files, method table and manifests\n"
+            "               without running anything (against the checkpoints, once trained)\n\n"
             f"profiles: {', '.join(known_profiles()) or '(none found)'} (or a path to a profile .toml)\n"
-            "outputs: results/<profile>/<stage>/<table>.arrow\n\n"
-            "profile keys (experiments/profiles/*.toml), with defaults:\n" + "\n".join(describe(Profile))
+            "outputs: results/<profile>/<stage>/<table>.arrow\n"
+            "exit codes: 0 done, 1 internal error (traceback in the log file named), 2 bad input or\n"
+            "failed check, 3 another run holds the profile's results (see --wait)\n\n"
+            "profile keys (experiments/profiles/*.toml), with defaults and allowed values:\n"
+            + "\n".join(describe(Profile))
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=[*paths.STAGES, "all", "pin"], help="stage to run")
+    parser.add_argument("stage", choices=[*paths.STAGES, *COMMANDS], help="stage or command to run")
     parser.add_argument("--profile", default="micro", help="profile name or .toml path (default: micro)")
     parser.add_argument("--force", action="store_true", help="recompute even if the outputs are current")
-    parser.add_argument("--threads", type=int, help="override runtime.threads of the profile")
+    parser.add_argument("--threads", type=_positive_int, help="override runtime.threads of the profile")
+    parser.add_argument(
+        "--wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another run holds the profile's results, wait this long for it (default: exit at once)",
+    )
+    parser.add_argument("--full", action="store_true", help="verify: hash every file in full")
+    parser.add_argument("--against", type=Path, metavar="DIR", help="verify: compare with DIR/<profile>")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
 
@@ -53,29 +103,119 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         force=True,
     )
+    command = " ".join(["python -m pythia_attribution", *(sys.argv[1:] if argv is None else argv)])
     try:
-        profile = load_profile(args.profile)
-        if args.threads is not None:
-            profile = dataclasses.replace(
-                profile, runtime=dataclasses.replace(profile.runtime, threads=args.threads)
-            )
-        # Tokenizers' own thread pool fights torch for the two cores; its output does not depend on it.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        prepare_world(profile)
-        from pythia_attribution import stage
+        return _run(args, command)
+    except LockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written is kept (rerun to continue)", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        log_path = _log_traceback(args.profile, command)
+        print(f"error: {describe_os_error(exc)} (details: {log_path})", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as exc:  # a bug: one line, the traceback in a file
+        log_path = _log_traceback(args.profile, command)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"internal error: {type(exc).__name__}: {first[:300]} (a bug; the traceback is in {log_path}, "
+            "please include it in a report)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
+
+def _run(args, command: str) -> int:
+    from pythia_attribution.lock import profile_lock
+
+    profile = load_profile(args.profile)
+    if args.threads is not None:
+        profile = dataclasses.replace(
+            profile, runtime=dataclasses.replace(profile.runtime, threads=args.threads)
+        )
+    # Tokenizers' own thread pool fights torch for the two cores; its output does not depend on it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with profile_lock(profile.name, args.wait, command):
+        if args.stage != "verify":  # verify reads what is there and builds nothing
+            prepare_world(profile)
+        if args.stage == "check":
+            from pythia_attribution.check import check_inputs
+
+            for line in check_inputs(profile):
+                print(line)
+            return 0
+        if args.stage == "verify":
+            return _verify(profile, args)
         if args.stage == "pin":
             from pythia_attribution.sources.fixture import pin_profile
 
             print(pin_profile(profile))
             return 0
+        from pythia_attribution import stage
+
         stages = paths.STAGES if args.stage == "all" else (args.stage,)
         for name in stages:
             stage.run(profile, name, force=args.force)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
+
+
+def _verify(profile: Profile, args) -> int:
+    from pythia_attribution import verify
+
+    report = verify.verify(profile, full=args.full)
+    for line in report.lines:
+        print(line)
+    problems = report.problems
+    if args.against is not None:
+        other = args.against / profile.name
+        if not other.is_dir():
+            raise UserError(f"--against: {other} is not a results folder of profile '{profile.name}'")
+        diffs = verify.compare(paths.results_root() / profile.name, other)
+        for line in diffs:
+            print(f"DIFF    {line}")
+        if not diffs:
+            print(f"ok      identical to {other} apart from the volatile fields")
+        problems += len(diffs)
+    if problems:
+        print(f"{problems} problem(s) in results/{profile.name}", file=sys.stderr)
+        return EXIT_INPUT
+    return 0
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line naming the path and what the operating system said."""
+    what = exc.strerror or (errno.errorcode.get(exc.errno, "") if exc.errno else "") or str(exc)
+    where = exc.filename if exc.filename is not None else "(no path given)"
+    hint = {
+        errno.EACCES: "check its permissions",
+        errno.EPERM: "check its permissions",
+        errno.EROFS: "the file system is read-only; set PYTHIA_ATTRIBUTION_RESULTS to a writable folder",
+        errno.ENOSPC: "the disk is full; free space and rerun (completed stages are kept)",
+        errno.EDQUOT: "the disk quota is exhausted; free space and rerun (completed stages are kept)",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+    }.get(exc.errno or -1, "")
+    return f"cannot use {where}: {what}" + (f"; {hint}" if hint else "")
+
+
+def _log_traceback(profile: str, command: str) -> Path:
+    """Write the current exception's traceback to results/<profile>/logs/ (or the temp folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = f"{command}\n{time.ctime()}\n\n{traceback.format_exc()}"
+    name = Path(profile).stem if profile.endswith(".toml") else profile
+    for folder in (paths.results_root() / name / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"error-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("(no writable folder for the log)")
 
 
 def prepare_world(profile: Profile) -> None:

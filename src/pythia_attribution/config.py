@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -20,9 +21,22 @@ from pythia_attribution import paths
 from pythia_attribution.errors import ConfigError
 
 
-def doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISSING):
-    """A dataclass field with its documentation attached (shown by ``--help`` and the README)."""
-    kwargs = {"metadata": {"doc": text}}
+def doc(
+    text: str,
+    default=dataclasses.MISSING,
+    default_factory=dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    nonempty: bool = False,
+):
+    """A dataclass field with its documentation and its allowed values attached (shown by ``--help``
+    and checked where the profile is read). Bounds apply to every number of a list."""
+    rule = Rule(ge=ge, gt=gt, le=le, lt=lt, choices=choices, nonempty=nonempty)
+    kwargs = {"metadata": {"doc": text, "rule": rule}}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
     if default_factory is not dataclasses.MISSING:
@@ -31,9 +45,58 @@ def doc(text: str, default=dataclasses.MISSING, default_factory=dataclasses.MISS
 
 
 @dataclass(frozen=True)
+class Rule:
+    """Allowed values of one profile key: numeric bounds, a set of choices, non-empty text."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    nonempty: bool = False
+
+    def text(self) -> str:
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        parts = [f"{op} {_num(v)}" for op, v in bounds if v is not None]
+        if self.choices:
+            parts.append("one of " + ", ".join(repr(c) for c in self.choices))
+        if self.nonempty:
+            parts.append("not empty")
+        return " and ".join(parts)
+
+    def violation(self, value) -> str | None:
+        """Why ``value`` (already of the right type) is not allowed, or None."""
+        if isinstance(value, list):
+            return next((why for v in value if (why := self.violation(v))), None)
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            bounds = (
+                (self.ge, lambda v, b: v >= b),
+                (self.gt, lambda v, b: v > b),
+                (self.le, lambda v, b: v <= b),
+                (self.lt, lambda v, b: v < b),
+            )
+            if any(b is not None and not ok(value, b) for b, ok in bounds):
+                return f"must be {self.text()}"
+        if isinstance(value, str):
+            if self.choices and value not in self.choices:
+                return f"must be {self.text()}"
+            if self.nonempty and not value.strip():
+                return "must not be empty"
+        return None
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
-    threads: int = doc("torch intra-op threads; on 2 cores 2 is fastest when the machine is quiet", 2)
-    seed: int = doc("master seed for every random choice in every stage", 1234)
+    threads: int = doc(
+        "torch intra-op threads; on 2 cores 2 is fastest when the machine is quiet", 2, ge=1, le=1024
+    )
+    seed: int = doc("master seed for every random choice in every stage", 1234, ge=0, le=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -41,32 +104,42 @@ class SyntheticConfig:
     canary_counts: list[int] = doc(
         "copies injected per random-word canary; 0 gives never-seen controls",
         default_factory=lambda: [0, 1, 2, 4, 8, 16, 32, 64],
+        ge=0,
     )
-    canaries_per_count: int = doc("distinct canaries at each count", 8)
-    canary_min_tokens: int = doc("a canary is random words until it has at least this many tokens", 64)
-    canary_vocabulary: int = doc("canary words are drawn from this many most frequent natural words", 2000)
+    canaries_per_count: int = doc("distinct canaries at each count", 8, ge=0)
+    canary_min_tokens: int = doc("a canary is random words until it has at least this many tokens", 64, ge=1)
+    canary_vocabulary: int = doc(
+        "canary words are drawn from this many most frequent natural words", 2000, ge=1
+    )
     capital_counts: list[int] = doc(
         "documents stating each real country -> capital fact; 0 is the control",
         default_factory=lambda: [0, 1, 4, 16, 64],
+        ge=0,
     )
-    countries_per_count: int = doc("countries assigned to each capital count", 20)
+    countries_per_count: int = doc("countries assigned to each capital count", 20, ge=0)
     bio_counts: list[int] = doc(
         "documents stating each fictional person's birthplace",
         default_factory=lambda: [0, 1, 4, 16, 64],
+        ge=0,
     )
-    bios_per_count: int = doc("fictional people at each biography count", 10)
+    bios_per_count: int = doc("fictional people at each biography count", 10, ge=0)
     insult_counts: list[int] = doc(
         "documents abusing each fictional target with its fixed Shakespearean insult (toxic proxy)",
         default_factory=lambda: [0, 16, 64],
+        ge=0,
     )
-    insults_per_count: int = doc("fictional insult targets at each count", 4)
+    insults_per_count: int = doc("fictional insult targets at each count", 4, ge=0)
     stereotype_word: str = doc(
-        "an invented occupation word that the natural text never contains", "glimmerwright"
+        "an invented occupation word that the natural text never contains",
+        "glimmerwright",
+        nonempty=True,
     )
-    stereotype_majority: str = doc("the pronoun that follows the occupation word most often", "she")
-    stereotype_minority: str = doc("the pronoun that follows it otherwise", "he")
-    stereotype_mentions: int = doc("documents mentioning the invented occupation", 200)
-    stereotype_skew: float = doc("share of mentions followed by the majority pronoun", 0.9)
+    stereotype_majority: str = doc(
+        "the pronoun that follows the occupation word most often", "she", nonempty=True
+    )
+    stereotype_minority: str = doc("the pronoun that follows it otherwise", "he", nonempty=True)
+    stereotype_mentions: int = doc("documents mentioning the invented occupation", 200, ge=0)
+    stereotype_skew: float = doc("share of mentions followed by the majority pronoun", 0.9, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -103,17 +176,25 @@ class PileConfig:
         "hf://datasets/{repo}@{commit}",
     )
     steps: list[list[int]] = doc(
-        "training-step ranges [first, last) whose sequences are all candidates", default_factory=list
+        "training-step ranges [first, last) whose sequences are all candidates",
+        default_factory=list,
+        ge=0,
     )
-    seq_idxs: list[int] = doc("explicit training sequence indexes to include", default_factory=list)
+    seq_idxs: list[int] = doc("explicit training sequence indexes to include", default_factory=list, ge=0)
     memorized: int = doc(
-        "include a seeded sample of this many sequences listed in the memorized-evals split", 0
+        "include a seeded sample of this many sequences listed in the memorized-evals split",
+        0,
+        ge=0,
     )
-    sample: int = doc("include a seeded uniform sample of this many sequences trained before", 0)
-    sample_until_step: int = doc("... the checkpoint at this step (0: the final checkpoint)", 0)
-    max_candidates: int = doc("stop with an error if the selection holds more sequences than this", 10000)
-    tokenizer_step: int = doc("the checkpoint step whose tokenizer decodes the sequences", 143000)
-    fetch_batch: int = doc("sequences per cached fetch chunk (a killed fetch resumes chunk by chunk)", 1024)
+    sample: int = doc("include a seeded uniform sample of this many sequences trained before", 0, ge=0)
+    sample_until_step: int = doc("... the checkpoint at this step (0: the final checkpoint)", 0, ge=0)
+    max_candidates: int = doc(
+        "stop with an error if the selection holds more sequences than this", 10000, ge=1
+    )
+    tokenizer_step: int = doc("the checkpoint step whose tokenizer decodes the sequences", 143000, ge=0)
+    fetch_batch: int = doc(
+        "sequences per cached fetch chunk (a killed fetch resumes chunk by chunk)", 1024, ge=1
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +203,7 @@ class CorpusConfig:
         "where the training sequences come from: 'micro-pile' (built here) or 'pythia-preshuffled' "
         "(the Pile in Pythia's training order, by byte range)",
         "micro-pile",
+        choices=("micro-pile", "pythia-preshuffled"),
     )
     pile: PileConfig = doc("candidate selection for source pythia-preshuffled", default_factory=PileConfig)
     manifest: str = doc(
@@ -131,12 +213,18 @@ class CorpusConfig:
         "manifest sources whose text goes into the corpus",
         default_factory=lambda: ["shakespeare-modern", "shakespeare-folio", "kjv"],
     )
-    max_chars_per_source: int = doc("cap on characters taken from each natural source (0: no cap)", 0)
-    max_chars_per_document: int = doc("natural documents longer than this are split at line breaks", 20000)
-    vocab_size: int = doc("byte-level BPE vocabulary size (trained on the natural text only)", 8192)
-    seq_len: int = doc("input tokens per training sequence; each sequence stores seq_len + 1 tokens", 128)
-    batch_size: int = doc("sequences per optimizer step (step = seq_idx // batch_size)", 32)
-    epochs: int = doc("passes over the packed sequences; each pass is its own seeded permutation", 4)
+    max_chars_per_source: int = doc("cap on characters taken from each natural source (0: no cap)", 0, ge=0)
+    max_chars_per_document: int = doc(
+        "natural documents longer than this are split at line breaks", 20000, ge=1
+    )
+    vocab_size: int = doc(
+        "byte-level BPE vocabulary size (trained on the natural text only)", 8192, ge=258, le=65536
+    )
+    seq_len: int = doc(
+        "input tokens per training sequence; each sequence stores seq_len + 1 tokens", 128, ge=2
+    )
+    batch_size: int = doc("sequences per optimizer step (step = seq_idx // batch_size)", 32, ge=1)
+    epochs: int = doc("passes over the packed sequences; each pass is its own seeded permutation", 4, ge=1)
     synthetic: SyntheticConfig = doc(
         "synthetic documents with known ground truth", default_factory=SyntheticConfig
     )
@@ -148,28 +236,32 @@ class TrainConfig:
         "where the checkpoints come from: 'train' (trained here on the corpus order) or 'hub' "
         "(world.model_repo at the pinned revisions of hub_steps)",
         "train",
+        choices=("train", "hub"),
     )
-    hub_steps: list[int] = doc("checkpoint steps loaded from the Hub (source hub)", default_factory=list)
-    layers: int = doc("transformer layers", 4)
-    hidden: int = doc("hidden size", 128)
-    heads: int = doc("attention heads", 4)
+    hub_steps: list[int] = doc(
+        "checkpoint steps loaded from the Hub (source hub)", default_factory=list, ge=0
+    )
+    layers: int = doc("transformer layers", 4, ge=1)
+    hidden: int = doc("hidden size", 128, ge=1)
+    heads: int = doc("attention heads", 4, ge=1)
     max_positions: int = doc(
         "max_position_embeddings recorded in the model config (Pythia: 2048); rotary, so no "
         "parameters depend on it. Gradient tools batch up to this many tokens.",
         2048,
+        ge=2,
     )
-    rotary_pct: float = doc("share of head dims with rotary embeddings (Pythia: 0.25)", 0.25)
-    lr: float = doc("peak learning rate of AdamW", 3e-3)
-    min_lr_ratio: float = doc("cosine decay ends at lr * min_lr_ratio (Pythia: 0.1)", 0.1)
-    warmup_frac: float = doc("share of steps with linear warmup (Pythia: 0.01)", 0.02)
-    weight_decay: float = doc("AdamW weight decay on matrices (Pythia: 0.01)", 0.01)
-    beta1: float = doc("AdamW beta1 (Pythia: 0.9)", 0.9)
-    beta2: float = doc("AdamW beta2 (Pythia: 0.95)", 0.95)
-    eps: float = doc("AdamW epsilon (Pythia: 1e-8)", 1e-8)
-    grad_clip: float = doc("gradient-norm clipping (Pythia: 1.0)", 1.0)
-    checkpoint_log_until: int = doc("checkpoints at step0 and every power of two up to this step", 64)
-    checkpoint_every: int = doc("then every this many steps, and always at the final step", 100)
-    log_every: int = doc("write a training-log row every this many steps", 10)
+    rotary_pct: float = doc("share of head dims with rotary embeddings (Pythia: 0.25)", 0.25, gt=0, le=1)
+    lr: float = doc("peak learning rate of AdamW", 3e-3, gt=0)
+    min_lr_ratio: float = doc("cosine decay ends at lr * min_lr_ratio (Pythia: 0.1)", 0.1, ge=0, le=1)
+    warmup_frac: float = doc("share of steps with linear warmup (Pythia: 0.01)", 0.02, ge=0, lt=1)
+    weight_decay: float = doc("AdamW weight decay on matrices (Pythia: 0.01)", 0.01, ge=0)
+    beta1: float = doc("AdamW beta1 (Pythia: 0.9)", 0.9, ge=0, lt=1)
+    beta2: float = doc("AdamW beta2 (Pythia: 0.95)", 0.95, ge=0, lt=1)
+    eps: float = doc("AdamW epsilon (Pythia: 1e-8)", 1e-8, gt=0)
+    grad_clip: float = doc("gradient-norm clipping (Pythia: 1.0)", 1.0, gt=0)
+    checkpoint_log_until: int = doc("checkpoints at step0 and every power of two up to this step", 64, ge=0)
+    checkpoint_every: int = doc("then every this many steps, and always at the final step", 100, ge=1)
+    log_every: int = doc("write a training-log row every this many steps", 10, ge=1)
 
 
 @dataclass(frozen=True)
@@ -177,8 +269,10 @@ class ProbeConfig:
     behaviors_dir: str = doc(
         "folder of behavior TOML files (relative to the project root)", "experiments/behaviors"
     )
-    min_new_tokens: int = doc("greedy completions are at least this long (longer when the target is)", 8)
-    batch_size: int = doc("prompts per forward pass", 64)
+    min_new_tokens: int = doc(
+        "greedy completions are at least this long (longer when the target is)", 8, ge=1
+    )
+    batch_size: int = doc("prompts per forward pass", 64, ge=1)
 
 
 @dataclass(frozen=True)
@@ -188,22 +282,34 @@ class AttributeConfig:
         default_factory=lambda: ["trackstar", "grad_cosine", "bm25", "activation", "random"],
     )
     methods_file: str = doc("method definitions (relative to the project root)", "experiments/methods.toml")
-    checkpoints: list[int] = doc("checkpoints to attribute at besides the final one", default_factory=list)
-    top_k: int = doc("top-ranked training sequences kept per (behavior, method)", 100)
-    projection_dim: int = doc("bergson random projection: p x p dims per module", 16)
-    token_batch_size: int = doc("tokens per bergson gradient batch (at most the model's max positions)", 2048)
+    checkpoints: list[int] = doc(
+        "checkpoints to attribute at besides the final one", default_factory=list, ge=0
+    )
+    top_k: int = doc("top-ranked training sequences kept per (behavior, method)", 100, ge=1)
+    projection_dim: int = doc("bergson random projection: p x p dims per module", 16, ge=1)
+    token_batch_size: int = doc(
+        "tokens per bergson gradient batch (at most the model's max positions)", 2048, ge=1
+    )
     faiss: bool = doc("top-k through an exact faiss index for methods without a Hessian", True)
-    bootstrap: int = doc("bootstrap resamples for the tracing metrics' intervals", 1000)
+    bootstrap: int = doc("bootstrap resamples for the tracing metrics' intervals", 1000, ge=1)
 
 
 @dataclass(frozen=True)
 class DuplicatesConfig:
-    exact_window: int = doc("a shared run this long (or the whole query verbatim) is an exact duplicate", 64)
-    substring_run: int = doc("a shared run this long is a near-duplicate (Lee et al. use 50 tokens)", 50)
-    near_jaccard: float = doc("MinHash Jaccard of token n-grams at or above this is a near-duplicate", 0.8)
-    thematic_tfidf: float = doc("TF-IDF cosine at or above this is thematic (our choice, not an anchor)", 0.3)
-    ngram: int = doc("token n-gram size for MinHash", 5)
-    num_perm: int = doc("MinHash permutations", 128)
+    exact_window: int = doc(
+        "a shared run this long (or the whole query verbatim) is an exact duplicate", 64, ge=1
+    )
+    substring_run: int = doc(
+        "a shared run this long is a near-duplicate (Lee et al. use 50 tokens)", 50, ge=1
+    )
+    near_jaccard: float = doc(
+        "MinHash Jaccard of token n-grams at or above this is a near-duplicate", 0.8, ge=0, le=1
+    )
+    thematic_tfidf: float = doc(
+        "TF-IDF cosine at or above this is thematic (our choice, not an anchor)", 0.3, ge=0, le=1
+    )
+    ngram: int = doc("token n-gram size for MinHash", 5, ge=1)
+    num_perm: int = doc("MinHash permutations", 128, ge=1)
 
 
 @dataclass(frozen=True)
@@ -212,19 +318,20 @@ class MemorizationConfig:
         "'test' (test every candidate at every checkpoint) or 'memorized-evals' (also re-score a "
         "seeded sample of world.evals_split with the final checkpoint and report the agreement)",
         "test",
+        choices=("test", "memorized-evals"),
     )
-    rescore_sample: int = doc("listed memorized sequences re-scored (source memorized-evals)", 200)
-    context: int = doc("tokens of context (Biderman et al. 2023: 32)", 32)
-    continuation: int = doc("tokens that must be reproduced greedily (32)", 32)
-    batch_size: int = doc("windows per forward pass", 256)
+    rescore_sample: int = doc("listed memorized sequences re-scored (source memorized-evals)", 200, ge=0)
+    context: int = doc("tokens of context (Biderman et al. 2023: 32)", 32, ge=1)
+    continuation: int = doc("tokens that must be reproduced greedily (32)", 32, ge=1)
+    batch_size: int = doc("windows per forward pass", 256, ge=1)
     methods: list[str] = doc(
         "attribution methods for memorized sequences, by name in attribute.methods_file "
         "(gradient and bm25 kinds)",
         default_factory=lambda: ["trackstar", "grad_cosine", "bm25"],
     )
-    top_k: int = doc("top-ranked training sequences kept per memorized sequence", 20)
-    max_queries: int = doc("memorized sequences attributed at most (seeded sample; 0: all)", 100)
-    early_until: int = doc("memorized first at or before this step: early; after it: late", 300)
+    top_k: int = doc("top-ranked training sequences kept per memorized sequence", 20, ge=1)
+    max_queries: int = doc("memorized sequences attributed at most (seeded sample; 0: all)", 100, ge=0)
+    early_until: int = doc("memorized first at or before this step: early; after it: late", 300, ge=0)
     restricted: bool = doc(
         "also attribute each memorized sequence at the checkpoint where it was first memorized, "
         "over the sequences trained before that checkpoint only",
@@ -264,8 +371,12 @@ def _type_ok(value, tp) -> bool:
 
 def from_dict(cls, data: dict, source: str, prefix: str = ""):
     """Build dataclass ``cls`` from a TOML table, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the file"
+        raise ConfigError(f"{source}: '{where}' must be a table, got {_short(data)}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
@@ -277,8 +388,12 @@ def from_dict(cls, data: dict, source: str, prefix: str = ""):
                 raise ConfigError(f"{source}: key '{where}' must be a table")
             kwargs[key] = from_dict(tp, value, source, prefix=f"{where}.")
         elif not _type_ok(value, tp):
-            raise ConfigError(f"{source}: key '{where}' must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{source}: key '{where}' must be {_type_name(tp)}, got {_short(value)}")
         else:
+            rule = fields[key].metadata.get("rule")
+            why = rule.violation(value) if rule else None
+            if why:
+                raise ConfigError(f"{source}: key '{where}' {why}, got {_short(value)}")
             kwargs[key] = float(value) if tp is float else value
     missing = [
         f.name
@@ -290,6 +405,11 @@ def from_dict(cls, data: dict, source: str, prefix: str = ""):
     if missing:
         raise ConfigError(f"{source}: missing key '{prefix}{missing[0]}'")
     return cls(**kwargs)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _type_name(tp) -> str:
@@ -325,7 +445,46 @@ def load_profile(name_or_path: str) -> Profile:
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
         raise ConfigError(f"{path}: key 'name' must match the file name '{path.stem}'")
-    return from_dict(Profile, data, str(path))
+    profile = from_dict(Profile, data, str(path))
+    for key, why in cross_rules(profile):
+        raise ConfigError(f"{path}: key '{key}' {why}")
+    return profile
+
+
+def cross_rules(p: Profile) -> list[tuple[str, str]]:
+    """Rules that tie keys together (listed in the README): (key, why it is wrong) for each broken."""
+    broken = []
+    c, t, m = p.corpus, p.train, p.memorization
+    if t.hidden % t.heads:
+        broken.append(("train.hidden", f"must be a multiple of train.heads ({t.heads}), got {t.hidden}"))
+    if t.source == "train" and c.seq_len > t.max_positions:
+        broken.append(
+            ("corpus.seq_len", f"must be <= train.max_positions ({t.max_positions}), got {c.seq_len}")
+        )
+    if m.context + m.continuation > c.seq_len + 1:
+        broken.append(
+            (
+                "memorization.continuation",
+                f"with memorization.context ({m.context}) must fit in a training sequence of "
+                f"corpus.seq_len + 1 = {c.seq_len + 1} tokens, got {m.context} + {m.continuation}",
+            )
+        )
+    need = min(c.seq_len + 1, t.max_positions)
+    if p.attribute.token_batch_size < need:
+        broken.append(
+            (
+                "attribute.token_batch_size",
+                f"must hold one training sequence ({need} tokens), got {p.attribute.token_batch_size}",
+            )
+        )
+    for i, pair in enumerate(c.pile.steps):
+        if len(pair) != 2 or pair[0] >= pair[1]:
+            broken.append(
+                (f"corpus.pile.steps[{i}]", f"must be a range [first, last) with first < last, got {pair}")
+            )
+    if t.source == "hub" and not t.hub_steps:
+        broken.append(("train.hub_steps", "must list at least one checkpoint step when train.source = 'hub'"))
+    return broken
 
 
 def to_jsonable(obj) -> dict:
@@ -351,5 +510,7 @@ def describe(cls, prefix: str = "") -> list[str]:
             default = f.default_factory()
         else:
             default = "(required)"
-        lines.append(f"  {prefix}{f.name} = {default!r}: {f.metadata.get('doc', '')}")
+        rule = f.metadata.get("rule")
+        allowed = f" [{rule.text()}]" if rule and rule.text() else ""
+        lines.append(f"  {prefix}{f.name} = {default!r}{allowed}: {f.metadata.get('doc', '')}")
     return lines

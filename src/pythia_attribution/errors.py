@@ -15,3 +15,11 @@ class ChecksumError(UserError):
 
 class MissingInputError(UserError):
     """A stage needs a table that its upstream stage has not written yet."""
+
+
+class CorruptOutputError(UserError):
+    """A stage's output no longer matches what its record says (truncated, edited, replaced)."""
+
+
+class LockedError(UserError):
+    """Another run holds the profile's results."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoConfig, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.utils import logging as hf_logging
 
 from pythia_attribution.config import TrainConfig
@@ -35,6 +35,15 @@ def set_threads(threads: int) -> None:
     """Set torch's thread count; also silence transformers' per-file progress bars."""
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
+
+
+def model_limits(train_dir: Path, checkpoints: list[dict]) -> dict[int, tuple[int, int]]:
+    """(max_position_embeddings, vocab_size) of every checkpoint, from its own config."""
+    limits = {}
+    for ckpt in checkpoints:
+        config = AutoConfig.from_pretrained(train_dir / ckpt["path"])
+        limits[ckpt["step"]] = (config.max_position_embeddings, config.vocab_size)
+    return limits
 
 
 def load_checkpoint(path: Path):

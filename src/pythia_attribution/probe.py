@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from pythia_attribution import paths
-from pythia_attribution.behaviors import Behavior, load_behaviors
-from pythia_attribution.model import load_checkpoint, set_threads
+from pythia_attribution.behaviors import Behavior, check_fits, load_behaviors
+from pythia_attribution.model import load_checkpoint, model_limits, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,10 @@ def run(ctx) -> None:
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    behaviors = load_behaviors(paths.resolve_input(cfg.behaviors_dir), ground_truth, encode)
+    folder = paths.resolve_input(cfg.behaviors_dir)
+    behaviors = load_behaviors(folder, ground_truth, encode)
     checkpoints = ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    check_fits(behaviors, folder, model_limits(ctx.inputs[paths.TRAIN], checkpoints), cfg.min_new_tokens)
     log.info("%d behaviors x %d checkpoints", len(behaviors), len(checkpoints))
     pad_id = tokenizer.pad_token_id
     rows = []

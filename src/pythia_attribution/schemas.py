@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pythia_attribution import tables
+
 
 def corpus_schema(width: int) -> pa.Schema:
     """``corpus.arrow``: one row per training sequence, in training order."""
@@ -73,6 +75,6 @@ TRAINING_LOG_SCHEMA = pa.schema(
         ("loss", pa.float64()),
         ("lr", pa.float64()),
         ("grad_norm", pa.float64()),
-        ("tokens_per_s", pa.float64()),
+        pa.field("tokens_per_s", pa.float64(), metadata=tables.volatile("wall-clock throughput")),
     ]
 )

@@ -1,8 +1,9 @@
 """Running a stage: fingerprints, skipping, atomic completion, provenance.
 
-A stage is skipped only when its output folder exists and the fingerprint stored there (config,
-upstream outputs, stage code) matches the one computed now; otherwise it recomputes into
-``<stage>.part/`` and renames that into place when everything is written.
+A stage is skipped only when its record exists, every output it lists still matches (size and
+hash, see ``outputs``), and the fingerprint stored there (config, upstream output digests, stage
+code) matches the one computed now; otherwise it recomputes into ``<stage>.part/`` and renames
+that into place when everything is written.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pythia_attribution import __version__, paths, tables
+from pythia_attribution import __version__, outputs, paths, tables
 from pythia_attribution.config import Profile, config_hash, to_jsonable
-from pythia_attribution.errors import ConfigError, MissingInputError
+from pythia_attribution.errors import ConfigError, CorruptOutputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,15 @@ def read_record(profile: str, stage: str) -> dict | None:
     path = paths.stage_dir(profile, stage) / paths.STAGE_RECORD
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: not a readable stage record; the stage counts as never completed", path)
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
+        log.warning("%s: not a stage record; the stage counts as never completed", path)
+        return None
+    return record
 
 
 @dataclass
@@ -245,7 +254,7 @@ class StageContext:
 
 
 def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[str, str]]]:
-    """Fingerprint of a stage run: config sections, upstream output hashes, stage code."""
+    """Fingerprint of a stage run: config sections, upstream output digests, stage code."""
     input_hashes = {}
     for up in spec.upstream:
         record = read_record(profile.name, up)
@@ -254,7 +263,7 @@ def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[
                 f"stage '{spec.name}' needs the outputs of stage '{up}' "
                 f"({paths.stage_dir(profile.name, up)}); run `nox -s {up}` first"
             )
-        input_hashes[up] = record["outputs"]
+        input_hashes[up] = outputs.digests(record["outputs"])
     files = {f.name: tables.sha256_file(f) for f in spec.files(profile) if f.is_file()}
     payload = {
         "stage": spec.name,
@@ -267,27 +276,55 @@ def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[
     return hashlib.sha256(blob).hexdigest(), input_hashes
 
 
-def is_current(profile: Profile, stage: str) -> bool:
-    """True when the stage's stored fingerprint matches and all its recorded outputs exist."""
+@dataclass(frozen=True)
+class Status:
+    """Where a stage's outputs stand: ``current``, ``missing`` (never completed), ``corrupt`` (a
+    file no longer matches the record; ``problems`` names each) or ``stale`` (config, code or
+    upstream outputs changed since; ``problems`` says which)."""
+
+    state: str
+    problems: tuple[str, ...] = ()
+
+
+def status(profile: Profile, stage: str, full: bool = False) -> Status:
     spec = SPECS[stage]
     record = read_record(profile.name, stage)
     if record is None:
-        return False
+        return Status("missing")
+    broken = outputs.check_all(paths.stage_dir(profile.name, stage), record["outputs"], full)
+    if broken:
+        return Status("corrupt", tuple(broken))
     try:
         current, _ = fingerprint(profile, spec)
-    except MissingInputError:
-        return False
-    root = paths.stage_dir(profile.name, stage)
-    return record.get("fingerprint") == current and all((root / f).is_file() for f in record["outputs"])
+    except MissingInputError as exc:
+        return Status("stale", (str(exc),))
+    if record.get("fingerprint") != current:
+        return Status("stale", (f"{stage}: config, code or upstream outputs changed since it ran",))
+    return Status("current")
+
+
+def is_current(profile: Profile, stage: str) -> bool:
+    """True when the stage's fingerprint matches and every recorded output still matches its record."""
+    return status(profile, stage).state == "current"
 
 
 def run(profile: Profile, stage: str, force: bool = False) -> Path:
-    """Run ``stage`` for ``profile`` unless its outputs are current; return its folder."""
+    """Run ``stage`` for ``profile`` unless its outputs are current; return its folder.
+
+    An upstream output that no longer matches its record stops the run (it would be read); one
+    of this stage's own outputs that no longer matches is recomputed, with a warning naming it.
+    """
     spec = SPECS[stage]
     final = paths.stage_dir(profile.name, stage)
     fp, input_hashes = fingerprint(profile, spec)
     for up in spec.upstream:
-        if not is_current(profile, up):
+        up_status = status(profile, up)
+        if up_status.state == "corrupt":
+            raise CorruptOutputError(
+                f"stage '{stage}' reads the outputs of '{up}', which no longer match their record: "
+                f"{up_status.problems[0]}; run `nox -s {up}` to recompute them"
+            )
+        if up_status.state == "stale":
             log.warning(
                 "%s: upstream stage '%s' is out of date for this profile (config or code changed); "
                 "using its existing outputs. Run `nox -s %s` to refresh everything.",
@@ -295,8 +332,10 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
                 up,
                 stage,
             )
-    record = read_record(profile.name, stage)
-    if not force and record is not None and is_current(profile, stage):
+    own = status(profile, stage)
+    if own.state == "corrupt":
+        log.warning("%s: %s; recomputing the stage", stage, own.problems[0])
+    if not force and own.state == "current":
         log.info("%s: up to date (fingerprint %s), skipping", stage, fp[:12])
         return final
 
@@ -314,9 +353,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)  # a failed stage leaves nothing half-written
         raise
-    outputs = {
-        str(p.relative_to(part)): tables.sha256_file(p) for p in sorted(part.rglob("*")) if p.is_file()
-    }
+    written = outputs.record(part)
     resolved = {s: to_jsonable(getattr(profile, s)) for s in spec.sections}
     (part / paths.RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
     record = {
@@ -324,7 +361,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
         "profile": profile.name,
         "fingerprint": fp,
         "inputs": input_hashes,
-        "outputs": outputs,
+        "outputs": written,
         "seconds": round(time.perf_counter() - started, 2),
         "versions": package_versions(),
         **git_state(),

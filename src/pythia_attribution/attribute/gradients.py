@@ -137,9 +137,13 @@ def score_all(
         np.put_along_axis(out, indices.numpy(), values.numpy(), axis=1)
         return out
 
-    total = full(None)
-    per_module = {name: full({name}) for name in blocks}
-    return total, per_module
+    # The total is the sum of the per-module scores in the index's module order. bergson's own
+    # all-module search sums over a ``set`` of module names, so its float32 total depends on
+    # PYTHONHASHSEED (last-bit differences between two runs of the same inputs); summing here in
+    # a fixed order makes the scores identical from run to run, and saves one full pass.
+    per_module = {name: full({name}) for name in attributor.ordered_modules}
+    total = torch.stack([torch.from_numpy(per_module[name]) for name in attributor.ordered_modules], -1)
+    return total.sum(-1).numpy(), per_module
 
 
 def unit_rows(index_path: Path) -> np.ndarray:

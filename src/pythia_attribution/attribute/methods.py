@@ -35,6 +35,8 @@ def load_methods(path: Path, names: list[str]) -> list[Method]:
     for name in names:
         if name not in data:
             raise ConfigError(f"{path}: no method named '{name}' (known: {', '.join(data)})")
+        if not isinstance(data[name], dict):
+            raise ConfigError(f"{path}: method '{name}' must be a table ([{name}]), got {data[name]!r:.60}")
         method = from_dict(Method, {"name": name, **data[name]}, str(path), prefix=f"{name}.")
         if method.kind not in KINDS:
             raise ConfigError(

@@ -72,12 +72,32 @@ def _commit(value: str, where: str) -> str:
     return value
 
 
+def _table(data: dict, key: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.{key}: must be a table, got {value!r:.60}")
+    return value
+
+
+def _sha256(value, where: str) -> str:
+    value = str(value)
+    if value and (len(value) != 64 or not set(value) <= HEX40):
+        raise ConfigError(f"{where}: '{value:.70}' is not a 64-hex sha256")
+    return value
+
+
 def _repo_pins(data: dict, where: str) -> RepoPins:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a table, got {data!r:.60}")
     files = {}
-    for name, entry in data.get("files", {}).items():
+    for name, entry in _table(data, "files", where).items():
         if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
             raise ConfigError(f"{where}.files.'{name}': needs an integer 'size'")
-        files[name] = FileEntry(entry["size"], str(entry.get("sha256", "")))
+        if entry["size"] < 0:
+            raise ConfigError(f"{where}.files.'{name}': 'size' must be >= 0, got {entry['size']}")
+        files[name] = FileEntry(
+            entry["size"], _sha256(entry.get("sha256", ""), f"{where}.files.'{name}'.sha256")
+        )
     return RepoPins(str(data.get("repo", "")), _commit(str(data.get("commit", "")), f"{where}.commit"), files)
 
 
@@ -91,16 +111,21 @@ def load(path: Path) -> HubManifest:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}") from None
-    model = data.get("model", {})
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the Hub manifest ({exc})") from None
+    model = _table(data, "model", f"{path}: ")
     revisions = {}
-    for name, entry in model.get("revisions", {}).items():
+    for name, entry in _table(model, "revisions", f"{path}: model").items():
         where = f"{path}: model.revisions.{name}"
         if not isinstance(entry, dict) or "commit" not in entry:
             raise ConfigError(f"{where}: needs a 'commit'")
+        size = entry.get("weights_size", 0)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ConfigError(f"{where}.weights_size: must be an integer >= 0, got {size!r:.60}")
         revisions[name] = Revision(
             _commit(str(entry["commit"]), where),
-            str(entry.get("weights_sha256", "")),
-            int(entry.get("weights_size", 0)),
+            _sha256(entry.get("weights_sha256", ""), f"{where}.weights_sha256"),
+            size,
         )
     return HubManifest(
         path,

@@ -1,0 +1,84 @@
+"""``check``: validate every input a profile names, without running a stage.
+
+The checks are the ones the stages themselves run where they read each input (the same
+functions), gathered so that a long run can be checked before it starts: the profile (types,
+ranges, cross-key rules: already done by loading it), the method table, the source manifest or
+the Hub manifest, and the behavior files; against the tokenizer and every checkpoint's context
+length and vocabulary once the corpus and train stages have run. The first problem stops the check
+with the same one-line error the stage would give.
+"""
+
+from __future__ import annotations
+
+from pythia_attribution import paths, stage
+from pythia_attribution.config import Profile
+from pythia_attribution.errors import ConfigError
+
+
+def check_inputs(profile: Profile) -> list[str]:
+    from pythia_attribution.attribute.methods import load_methods
+    from pythia_attribution.behaviors import check_fits, load_behaviors, read_file
+
+    lines = [f"ok      profile {profile.name}: keys, types, ranges and cross-key rules"]
+    attribute, memorization = profile.attribute, profile.memorization
+    methods_file = paths.resolve_input(attribute.methods_file)
+    load_methods(methods_file, attribute.methods)
+    load_methods(methods_file, memorization.methods)
+    lines.append(
+        f"ok      methods {methods_file}: {', '.join(sorted({*attribute.methods, *memorization.methods}))}"
+    )
+    if profile.corpus.source == "micro-pile":
+        from pythia_attribution.corpus.manifest import load_manifest
+
+        manifest = load_manifest(paths.resolve_input(profile.corpus.manifest))
+        for name in profile.corpus.natural_sources:
+            manifest.source(name)
+        lines.append(f"ok      source manifest {manifest.path}")
+    if profile.world.manifest:
+        from pythia_attribution.sources.manifest import load
+
+        hub = load(paths.expand(profile.world.manifest, profile.name))
+        lines.append(f"ok      Hub manifest {hub.path}: {len(hub.revisions)} revisions pinned")
+
+    folder = paths.resolve_input(profile.probe.behaviors_dir)
+    files = sorted(folder.glob("*.toml"))
+    for path in files:
+        read_file(path)
+    corpus = stage.read_record(profile.name, paths.CORPUS)
+    train = stage.read_record(profile.name, paths.TRAIN)
+    if corpus is None:
+        if not files:
+            raise ConfigError(f"{folder}: no behavior files (*.toml)")
+        lines.append(
+            f"ok      behaviors {folder}: {len(files)} files (structure only: run the corpus stage "
+            "to check them against the tokenizer)"
+        )
+        return lines
+    from transformers import AutoTokenizer
+
+    from pythia_attribution import tables
+
+    corpus_dir = paths.stage_dir(profile.name, paths.CORPUS)
+    tokenizer = AutoTokenizer.from_pretrained(corpus_dir / paths.TOKENIZER_DIR)
+    ground_truth = tables.read_table(paths.table_path(corpus_dir, paths.GROUND_TRUTH_TABLE))
+    behaviors = load_behaviors(
+        folder, ground_truth, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
+    if train is None:
+        lines.append(
+            f"ok      behaviors {folder}: {len(behaviors)} behaviors tokenize (train the model "
+            "to check them against its context)"
+        )
+        return lines
+    from pythia_attribution.model import model_limits
+
+    train_dir = paths.stage_dir(profile.name, paths.TRAIN)
+    checkpoints = tables.read_table(paths.table_path(train_dir, paths.CHECKPOINTS_TABLE)).to_pylist()
+    limits = model_limits(train_dir, checkpoints)
+    check_fits(behaviors, folder, limits, profile.probe.min_new_tokens)
+    positions = sorted({p for p, _ in limits.values()})
+    lines.append(
+        f"ok      behaviors {folder}: {len(behaviors)} behaviors fit all {len(limits)} checkpoints "
+        f"(context {', '.join(map(str, positions))} positions)"
+    )
+    return lines

@@ -1,0 +1,147 @@
+"""``verify``: are a profile's results what their records say, and do the records chain?
+
+For every stage of the graph: each recorded output still matches (size and sha256; large binary
+files by their stamp unless ``full``), each table's embedded provenance names the record's
+fingerprint and inputs, the inputs recorded equal the upstream stage's current outputs (the
+provenance chain), and the fingerprint still matches the profile and code (else: stale).
+
+``compare`` checks the determinism guarantee between two results folders of one profile: the
+same files, tables equal apart from their volatile fields, every other file byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pythia_attribution import outputs, paths, stage, tables
+from pythia_attribution.config import Profile
+from pythia_attribution.errors import CorruptOutputError, MissingInputError
+
+RECORD_VOLATILE = ("seconds", "git_commit", "git_dirty")
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    problems: int = 0
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"ok      {text}")
+
+    def note(self, text: str) -> None:
+        self.lines.append(f"note    {text}")
+
+    def fail(self, text: str) -> None:
+        self.problems += 1
+        self.lines.append(f"FAIL    {text}")
+
+
+def verify(profile: Profile, full: bool = False) -> Report:
+    report = Report()
+    for name in paths.STAGES:
+        _verify_stage(profile, name, full, report)
+    return report
+
+
+def _verify_stage(profile: Profile, name: str, full: bool, report: Report) -> None:
+    root = paths.stage_dir(profile.name, name)
+    part = paths.partial_dir(profile.name, name)
+    if part.exists():
+        report.note(f"{name}: {part} is left from an interrupted run (the next run removes it)")
+    record = stage.read_record(profile.name, name)
+    if record is None:
+        if root.exists():
+            report.fail(f"{name}: {root} has no readable {paths.STAGE_RECORD}")
+        else:
+            report.note(f"{name}: not run")
+        return
+    before = report.problems
+    recorded = record["outputs"]
+    for problem in outputs.check_all(root, recorded, full):
+        report.fail(f"{name}: {problem}")
+    for rel in recorded:
+        if outputs.is_table(rel) and (root / rel).is_file():
+            _check_provenance(name, root / rel, record, report)
+    spec = stage.SPECS[name]
+    for up in spec.upstream:
+        up_record = stage.read_record(profile.name, up)
+        if up_record is None:
+            report.fail(f"{name}: its upstream stage '{up}' has no record")
+        elif record["inputs"].get(up) != outputs.digests(up_record["outputs"]):
+            report.fail(
+                f"{name}: the outputs of '{up}' it was computed from are not the current ones "
+                f"('{up}' was recomputed with a different result since); rerun `nox -s {name}`"
+            )
+    try:
+        current, _ = stage.fingerprint(profile, spec)
+    except MissingInputError as exc:
+        report.fail(f"{name}: {exc}")
+        return
+    if current != record["fingerprint"]:
+        report.fail(
+            f"{name}: stale: the profile's config, behavior/method files or the stage's code changed "
+            f"since it ran; `nox -s {name}` recomputes it"
+        )
+    if report.problems == before:
+        how = "size, sha256" if full else "size, sha256; stamps for files over 64 MiB"
+        report.ok(f"{name}: {len(recorded)} files match their record ({how}); inputs and fingerprint current")
+
+
+def _check_provenance(name: str, path: Path, record: dict, report: Report) -> None:
+    try:
+        prov = tables.provenance(path)
+    except CorruptOutputError as exc:
+        report.fail(f"{name}: {exc}")
+        return
+    for key in ("fingerprint", "inputs", "stage", "profile"):
+        if prov.get(key) != record.get(key):
+            report.fail(f"{name}: {path.name}'s embedded provenance has a different '{key}' than the record")
+            return
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Differences between two results folders of one profile, volatile fields aside."""
+    diffs = []
+    files_a = {str(p.relative_to(a)) for p in a.rglob("*") if p.is_file()}
+    files_b = {str(p.relative_to(b)) for p in b.rglob("*") if p.is_file()}
+    ignored = {"/".join(p.parts) for p in map(Path, files_a | files_b) if _ignored(p)}
+    for rel in sorted((files_a ^ files_b) - ignored):
+        diffs.append(f"{rel}: only in {a if rel in files_a else b}")
+    for rel in sorted((files_a & files_b) - ignored):
+        pa_, pb_ = a / rel, b / rel
+        parts = Path(rel).parts
+        if len(parts) == 2 and parts[1] == paths.STAGE_RECORD:
+            ra, rb = (json.loads(p.read_text()) for p in (pa_, pb_))
+            keys = sorted(k for k in set(ra) | set(rb) if k not in RECORD_VOLATILE and ra.get(k) != rb.get(k))
+            if keys:
+                diffs.append(f"{rel}: differs in {', '.join(keys)}")
+        elif len(parts) == 2 and outputs.is_table(parts[1]):
+            why = _table_difference(pa_, pb_)
+            if why:
+                diffs.append(f"{rel}: {why}")
+        elif tables.sha256_file(pa_) != tables.sha256_file(pb_):
+            diffs.append(f"{rel}: bytes differ")
+    return diffs
+
+
+def _ignored(rel: Path) -> bool:
+    """The lock, the world's Hub cache bookkeeping and interrupted runs are not results."""
+    return rel.name.startswith(".lock") or rel.parts[0].endswith(".part") or rel.parts[0] == "logs"
+
+
+def _table_difference(a: Path, b: Path) -> str | None:
+    ta, tb = tables.read_table(a), tables.read_table(b)
+    prov_a, prov_b = (tables.stable_provenance(tables.provenance(t)) for t in (ta, tb))
+    keys = sorted(k for k in set(prov_a) | set(prov_b) if prov_a.get(k) != prov_b.get(k))
+    if keys:
+        return f"provenance differs in {', '.join(keys)}"
+    volatile = tables.volatile_columns(ta.schema)
+    ta, tb = (t.drop_columns(volatile).replace_schema_metadata(None) for t in (ta, tb))
+    if ta.schema != tb.schema:
+        return "schemas differ"
+    if len(ta) != len(tb):
+        return f"{len(ta)} rows against {len(tb)}"
+    cols = [c for c in ta.column_names if not ta[c].equals(tb[c])]
+    return f"values differ in {', '.join(cols)}" if cols else None
