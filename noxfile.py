@@ -130,6 +130,21 @@ def pin(session: nox.Session) -> None:
 
 
 @nox.session
+def verify(session: nox.Session) -> None:
+    """Check every output of the profile against its record, the provenance chain and fingerprints.
+
+    `-- --full` hashes large files in full; `-- --against DIR` compares with DIR/<profile>.
+    """
+    _stage(session, "verify")
+
+
+@nox.session
+def check(session: nox.Session) -> None:
+    """Validate the profile, behavior files, method table and manifests without running anything."""
+    _stage(session, "check")
+
+
+@nox.session
 def paper(session: nox.Session) -> None:
     """Render paper/ to HTML and PDF from the profile's tables: Quarto if on PATH, else pandoc + typst.
 

@@ -62,6 +62,11 @@ def load_manifest(path: Path) -> Manifest:
     unknown = set(data) - {"description", "artifact", "source"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}'")
+    for key in ("artifact", "source"):
+        if not isinstance(data.get(key, []), list):
+            raise ConfigError(
+                f"{path}: '{key}' must be an array of tables ([[{key}]]), got {data[key]!r:.60}"
+            )
     artifacts = {}
     for i, raw in enumerate(data.get("artifact", [])):
         art = from_dict(Artifact, raw, str(path), prefix=f"artifact[{i}].")

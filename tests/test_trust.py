@@ -1,0 +1,290 @@
+"""What the pipeline guarantees, checked on nano: outputs verified before they are trusted, a lock
+per profile, runs killed at seeded moments and rerun give the same tables, two cold runs agree
+apart from the volatile fields, and every bad input ends in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pythia_attribution import paths, stage, tables, verify
+from pythia_attribution.cli import main
+from pythia_attribution.config import load_profile
+
+
+def _one_line(capsys, prefix: str = "error: ") -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(prefix) and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def nano_copy(nano_run, tmp_path, monkeypatch):
+    """A private copy of the session's nano results (the reference stays untouched)."""
+    root = tmp_path / "results"
+    shutil.copytree(nano_run["results"], root / "nano")
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(root))
+    # other session fixtures point the source cache elsewhere; nano's artifacts live in its own world
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_CACHE", str(nano_run["root"] / "world" / "cache"))
+    return {"profile": str(nano_run["profile"]), "results": root / "nano", "reference": nano_run["results"]}
+
+
+def _env(results_root: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHIA_ATTRIBUTION_RESULTS": str(results_root), **extra}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pythia_attribution", *args]
+
+
+def test_a_truncated_table_is_caught_by_verify_and_all(nano_copy, capsys):
+    profile, results = nano_copy["profile"], nano_copy["results"]
+    probes = paths.table_path(results / paths.PROBE, paths.PROBES_TABLE)
+    original = probes.read_bytes()
+    probes.write_bytes(original[: len(original) // 3])
+
+    assert main(["verify", "--profile", profile, "-q"]) == 2
+    out = capsys.readouterr().out
+    assert f"FAIL    probe: {probes}" in out and "truncated" in out
+    assert out.count("FAIL") == 2  # the size, and the table no longer opens
+
+    # a stage that reads it stops with one line naming it, instead of a pyarrow traceback
+    assert main(["attribute", "--force", "--profile", profile, "-q"]) == 2
+    err = _one_line(capsys)
+    assert str(probes) in err and "nox -s probe" in err
+
+    # `all` recomputes the stage that owns it (with a warning) and keeps everything downstream
+    downstream = (results / paths.ATTRIBUTE / paths.STAGE_RECORD).read_text()
+    assert main(["all", "--profile", profile, "-q"]) == 0
+    assert probes.read_bytes() == original
+    assert (results / paths.ATTRIBUTE / paths.STAGE_RECORD).read_text() == downstream
+    assert main(["verify", "--profile", profile, "-q"]) == 0
+
+
+def test_an_edited_table_of_the_same_size_is_caught(nano_copy, capsys):
+    profile, results = nano_copy["profile"], nano_copy["results"]
+    path = paths.table_path(results / paths.DUPLICATES, paths.COMPOSITION_TABLE)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main(["verify", "--profile", profile, "-q"]) == 2
+    assert "sha256 differs" in capsys.readouterr().out
+    assert not stage.is_current(load_profile(profile), paths.DUPLICATES)
+
+
+def test_verify_names_a_broken_provenance_chain(nano_copy, capsys):
+    """A stage whose recorded inputs are not its upstream's current outputs fails verification."""
+    profile, results = nano_copy["profile"], nano_copy["results"]
+    record_path = results / paths.PROBE / paths.STAGE_RECORD
+    record = json.loads(record_path.read_text())
+    record["outputs"][paths.PROBES_TABLE + ".arrow"]["digest"] = "0" * 64
+    record_path.write_text(json.dumps(record))
+    assert main(["verify", "--profile", profile, "-q"]) == 2
+    out = capsys.readouterr().out
+    assert "attribute: the outputs of 'probe' it was computed from are not the current ones" in out
+    assert "duplicates: the outputs of 'probe'" in out
+
+
+def test_code_fingerprint_covers_every_imported_module(nano_run, tmp_path, monkeypatch):
+    """Editing any module a stage imports, however indirectly, makes the stage stale."""
+    copy = tmp_path / "pythia_attribution"
+    shutil.copytree(paths.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(paths, "PACKAGE_ROOT", copy)
+    profile = load_profile(str(nano_run["profile"]))
+    spec = stage.SPECS[paths.MEMORIZATION]
+    modules = stage._imported_modules(spec.module_for(profile))
+    names = {str(p.relative_to(copy)) for p in modules}
+    # memorization calls attribute's candidate and truth helpers and the shared model code
+    assert {"memorization.py", "attribute/stage.py", "attribute/gradients.py", "model.py"} <= names
+    before = stage._code_hash(spec, profile)
+    for path in modules:
+        text = path.read_text()
+        path.write_text(text + "\n# edited\n")
+        assert stage._code_hash(spec, profile) != before, path
+        path.write_text(text)
+    assert stage._code_hash(spec, profile) == before
+
+
+def test_a_second_run_waits_or_stops_naming_the_holder(nano_copy):
+    """Two concurrent `probe --force`: one completes, the other exits 3 naming the first; with
+    --wait the second queues behind the first and completes too."""
+    profile, results = nano_copy["profile"], nano_copy["results"]
+    env = _env(results.parent)
+    first = subprocess.Popen(
+        _cli("probe", "--force", "--profile", profile, "-q"), env=env, stderr=subprocess.PIPE
+    )
+    holder = results / ".lock.holder"
+    deadline = time.monotonic() + 60
+    while not holder.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(
+        _cli("probe", "--force", "--profile", profile, "-q"), env=env, capture_output=True, text=True
+    )
+    queued = subprocess.Popen(
+        _cli("probe", "--force", "--profile", profile, "-q", "--wait", "120"), env=env, stderr=subprocess.PIPE
+    )
+    assert first.wait(timeout=120) == 0
+    assert queued.wait(timeout=120) == 0
+    assert second.returncode == 3
+    err = second.stderr.strip()
+    assert "\n" not in err and f"pid {first.pid}" in err and "probe --force" in err, err
+    assert verify.compare(results, nano_copy["reference"], stages=(paths.PROBE,)) == []
+    assert not holder.exists()
+
+
+def test_a_killed_holder_leaves_no_lock(nano_copy, capsys):
+    profile, results = nano_copy["profile"], nano_copy["results"]
+    shutil.rmtree(results / paths.PROBE)
+    proc = subprocess.Popen(_cli("probe", "--profile", profile, "-q"), env=_env(results.parent))
+    while not (results / ".lock.holder").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (results / ".lock.holder").exists()  # the note stays; the kernel dropped the lock itself
+    started = time.monotonic()
+    assert main(["verify", "--profile", profile, "-q"]) == 2  # probe is gone, but nothing is locked
+    assert "in use" not in capsys.readouterr().err
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage_name", paths.STAGES)
+def test_sigkill_at_seeded_moments_then_rerun_gives_the_same_tables(nano_copy, stage_name):
+    """Kill the stage at two seeded moments while it runs, then rerun it: its tables equal an
+    uninterrupted run's (volatile fields aside), and nothing of the killed runs remains."""
+    profile, results, reference = nano_copy["profile"], nano_copy["results"], nano_copy["reference"]
+    seconds = json.loads((reference / stage_name / paths.STAGE_RECORD).read_text())["seconds"]
+    rng = random.Random(f"kill-{stage_name}")
+    shutil.rmtree(results / stage_name)
+    part = paths.partial_dir("nano", stage_name)
+    assert part == results.parent / "nano" / f"{stage_name}.part"
+    interrupted = 0
+    for fraction in sorted(rng.uniform(0.1, 0.9) for _ in range(2)):
+        proc = subprocess.Popen(
+            _cli(stage_name, "--profile", profile, "-q"), env=_env(results.parent), stderr=subprocess.DEVNULL
+        )
+        while not part.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(fraction * seconds)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        interrupted += part.exists()
+        assert not (results / stage_name / paths.STAGE_RECORD).exists() or stage.is_current(
+            load_profile(profile), stage_name
+        ), "a killed run left a stage that looks complete but is not"
+    assert interrupted, "no kill landed while the stage was running"
+    assert main([stage_name, "--profile", profile, "-q"]) == 0
+    assert not part.exists()
+    assert verify.compare(results, reference, stages=(stage_name,)) == []
+
+
+@pytest.mark.slow
+def test_two_cold_runs_agree_apart_from_volatile_fields(nano_run, tmp_path):
+    """A second cold run, in another process with another hash seed, gives the same tables; the
+    only differences allowed are the fields documented as volatile."""
+    root = tmp_path / "results"
+    proc = subprocess.run(
+        _cli("all", "--profile", str(nano_run["profile"]), "-q"),
+        env=_env(
+            root, PYTHONHASHSEED="12345", PYTHIA_ATTRIBUTION_CACHE=str(nano_run["root"] / "world" / "cache")
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert verify.compare(root / "nano", nano_run["results"]) == []
+    # and the volatile field really is volatile: the check is not vacuous
+    log_a, log_b = (
+        tables.read_table(paths.table_path(r / paths.TRAIN, paths.TRAINING_LOG_TABLE))
+        for r in (root / "nano", nano_run["results"])
+    )
+    assert tables.volatile_columns(log_a.schema) == ["tokens_per_s"]
+    assert log_a.drop_columns(["tokens_per_s"]).equals(log_b.drop_columns(["tokens_per_s"]))
+
+
+def test_compare_reports_a_changed_value(nano_copy):
+    results, reference = nano_copy["results"], nano_copy["reference"]
+    path = paths.table_path(results / paths.PROBE, paths.PROBE_SUMMARY_TABLE)
+    table = tables.read_table(path)
+    n = table["n"].to_pylist()
+    n[0] += 1
+    field = table.schema.field("n")
+    changed = table.set_column(table.column_names.index("n"), field, pa.array(n, field.type))
+    tables.write_table(path, changed, tables.provenance(table))
+    assert verify.compare(results, reference, stages=(paths.PROBE,)) == [
+        "probe/behavior_summary.arrow: values differ in n"
+    ]
+
+
+# ---- bad input: one line, non-zero, nothing half-written ------------------------------------
+
+
+def test_zero_batch_size_is_one_line(world, capsys, tmp_path):
+    bad = world.parent / "nano.toml"
+    bad.write_text(world.read_text().replace("batch_size = 8", "batch_size = 0"))
+    assert main(["all", "--profile", str(bad), "-q"]) == 2
+    err = _one_line(capsys)
+    assert "corpus.batch_size" in err and ">= 1" in err and "got 0" in err
+    assert not list((tmp_path / "results" / "nano").glob("*/"))
+
+
+def test_cross_key_rule_names_both_keys(world, capsys):
+    bad = world.parent / "nano.toml"
+    bad.write_text(world.read_text().replace("heads = 2", "heads = 3"))
+    assert main(["corpus", "--profile", str(bad), "-q"]) == 2
+    assert "train.hidden" in _one_line(capsys)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_probing(nano_copy, tmp_path, capsys):
+    folder = tmp_path / "behaviors"
+    shutil.copytree(paths.project_root() / "experiments" / "behaviors", folder)
+    (folder / "long.toml").write_text(
+        '[[behavior]]\nid = "long"\nfamily = "style"\nprompt = "'
+        + "the king said " * 1200
+        + '"\ntarget = " pass"\n'
+    )
+    text = Path(nano_copy["profile"]).read_text()
+    profile = tmp_path / "nano.toml"
+    profile.write_text(text.replace('behaviors_dir = "experiments/behaviors"', f'behaviors_dir = "{folder}"'))
+    before = (nano_copy["results"] / paths.PROBE / paths.STAGE_RECORD).read_text()
+    for command in ("check", "probe"):
+        assert main([command, "--profile", str(profile), "-q"]) == 2
+        err = _one_line(capsys)
+        assert "long.toml: behavior 'long'" in err and "positions of the model at step0" in err
+    assert (nano_copy["results"] / paths.PROBE / paths.STAGE_RECORD).read_text() == before
+    assert not (nano_copy["results"] / "probe.part").exists()
+
+
+def test_an_unusable_results_root_is_one_line(world, capsys, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(blocker / "results"))
+    assert main(["corpus", "--profile", str(world), "-q"]) == 2
+    err = _one_line(capsys)
+    assert str(blocker / "results") in err and "Not a directory" in err
+
+
+def test_a_bug_is_one_line_and_a_log_with_the_traceback(nano_copy, capsys, monkeypatch):
+    import pythia_attribution.duplicates as duplicates
+
+    def broken(ctx):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(duplicates, "run", broken)
+    assert main(["duplicates", "--force", "--profile", nano_copy["profile"], "-q"]) == 1
+    err = _one_line(capsys, prefix="internal error: ZeroDivisionError")
+    log_path = Path(err.split("traceback is in ")[1].split(",")[0])
+    assert log_path.parent == nano_copy["results"] / "logs"
+    assert "Traceback" in log_path.read_text() and "in broken" in log_path.read_text()
+    assert not (nano_copy["results"] / "duplicates.part").exists()
+    assert main(["verify", "--profile", nano_copy["profile"], "-q"]) == 0  # the old outputs survive
