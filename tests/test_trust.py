@@ -185,7 +185,8 @@ def test_sigkill_at_seeded_moments_then_rerun_gives_the_same_tables(nano_copy, s
     assert interrupted, "no kill landed while the stage was running"
     assert main([stage_name, "--profile", profile, "-q"]) == 0
     assert not part.exists()
-    assert verify.compare(results, reference, stages=(stage_name,)) == []
+    diffs = verify.compare(results, reference, stages=(stage_name,))
+    assert diffs == [], "\n".join(diffs)
 
 
 @pytest.mark.slow
@@ -202,7 +203,8 @@ def test_two_cold_runs_agree_apart_from_volatile_fields(nano_run, tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert verify.compare(root / "nano", nano_run["results"]) == []
+    diffs = verify.compare(root / "nano", nano_run["results"])
+    assert diffs == [], "\n".join(diffs)
     # and the volatile field really is volatile: the check is not vacuous
     log_a, log_b = (
         tables.read_table(paths.table_path(r / paths.TRAIN, paths.TRAINING_LOG_TABLE))

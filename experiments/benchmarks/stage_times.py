@@ -5,6 +5,12 @@
 Runs each stage as the CLI does, in a fresh results folder (source artifacts come from the
 usual cache), and prints one line per stage plus totals. Pass ``--results DIR`` to keep the
 outputs.
+
+Machine calibration, measured in the same run (before the stages and again after them, since a
+machine's speed drifts): plain forward + backward tokens/s of the profile's model on random
+tokens at the profile's thread count. Each stage's time is also printed in units of that
+calibration (Mtok: the stage costs as much as this many million calibration tokens), which is
+what to compare between machines.
 """
 
 from __future__ import annotations
@@ -27,6 +33,34 @@ def timed(stage: str, profile: str, env: dict) -> float:
     return time.perf_counter() - start
 
 
+def calibrate(profile_name: str, steps: int = 8) -> float:
+    """Forward + backward tokens/s of the profile's model (random tokens, its batch shape)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPTNeoXForCausalLM
+
+    from pythia_attribution.config import load_profile
+    from pythia_attribution.model import pythia_config
+
+    profile = load_profile(profile_name)
+    torch.set_num_threads(profile.runtime.threads)
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(pythia_config(profile.train, profile.corpus.vocab_size))
+    shape = (profile.corpus.batch_size, profile.corpus.seq_len + 1)
+    tokens = torch.randint(0, profile.corpus.vocab_size, shape)
+
+    def step() -> None:
+        logits = model(input_ids=tokens[:, :-1]).logits
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * shape[0] * (shape[1] - 1) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,13 +71,21 @@ def main() -> None:
     args = parser.parse_args()
     results = args.results or tempfile.mkdtemp(prefix="pythia-attribution-bench-")
     env = {**os.environ, "PYTHIA_ATTRIBUTION_RESULTS": results}
+    before = calibrate(args.profile)
     cold = {s: timed(s, args.profile, env) for s in args.stages}
     warm = {s: timed(s, args.profile, env) for s in args.stages}
+    after = calibrate(args.profile)
+    calibration = (before + after) / 2
     print(f"profile {args.profile}, results in {results}")
-    print(f"{'stage':<12} {'cold (s)':>10} {'second run (s)':>15}")
+    print(
+        f"calibration: forward+backward {before:,.0f} tokens/s before the stages, {after:,.0f} after "
+        f"(mean {calibration:,.0f}; 1 Mtok = {1e6 / calibration:.1f} s on this machine)"
+    )
+    print(f"{'stage':<12} {'cold (s)':>10} {'cold (Mtok)':>12} {'second run (s)':>15}")
     for s in args.stages:
-        print(f"{s:<12} {cold[s]:>10.1f} {warm[s]:>15.1f}")
-    print(f"{'total':<12} {sum(cold.values()):>10.1f} {sum(warm.values()):>15.1f}")
+        print(f"{s:<12} {cold[s]:>10.1f} {cold[s] * calibration / 1e6:>12.2f} {warm[s]:>15.1f}")
+    total = sum(cold.values())
+    print(f"{'total':<12} {total:>10.1f} {total * calibration / 1e6:>12.2f} {sum(warm.values()):>15.1f}")
 
 
 if __name__ == "__main__":

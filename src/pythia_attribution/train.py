@@ -95,7 +95,10 @@ def run(ctx) -> None:
     set_threads(ctx.profile.runtime.threads)
     torch.manual_seed(ctx.profile.runtime.seed)
     corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
-    tokenizer = AutoTokenizer.from_pretrained(ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(
+        ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR,
+        local_files_only=True,  # a local folder; also keeps the saved config independent of HF_HUB_OFFLINE
+    )
     batch_size = int(corpus["batch_pos"].to_numpy().max()) + 1
     tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy(), dtype=np.int64)
     width = corpus.schema.field("input_ids").type.list_size

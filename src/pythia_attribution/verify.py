@@ -59,6 +59,12 @@ def _verify_stage(profile: Profile, name: str, full: bool, report: Report) -> No
         return
     before = report.problems
     recorded = record["outputs"]
+    if any(not isinstance(entry, dict) for entry in recorded.values()):
+        report.fail(
+            f"{name}: recorded by an older version of the package (no sizes or digests); "
+            f"`nox -s {name}` recomputes it"
+        )
+        return
     for problem in outputs.check_all(root, recorded, full):
         report.fail(f"{name}: {problem}")
     for rel in recorded:

@@ -242,7 +242,7 @@ def run(ctx) -> None:
     tokens = pile.read(chosen, chunk=cfg.pile.fetch_batch)
 
     _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step), manifest)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)  # saved config: env-independent
     tokenizer.save_pretrained(ctx.out_dir / paths.TOKENIZER_DIR)
     texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
     n = len(chosen)
