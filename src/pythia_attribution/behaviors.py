@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pythia_attribution.config import from_dict, read_toml
+from pythia_attribution.config import array_of_tables, from_dict, read_toml
 from pythia_attribution.errors import ConfigError
 
 FAMILIES = ("factual", "fictional_fact", "memorized", "stereotype", "toxic", "style")
@@ -66,13 +66,8 @@ def read_file(path: Path) -> tuple[list[BehaviorEntry], list[BehaviorSet]]:
     unknown = set(data) - {"behavior", "behavior_set"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: behavior, behavior_set)")
-    for key in ("behavior", "behavior_set"):
-        if not isinstance(data.get(key, []), list):
-            raise ConfigError(
-                f"{path}: '{key}' must be an array of tables ([[{key}]]), got {data[key]!r:.60}"
-            )
     entries, sets = [], []
-    for i, raw in enumerate(data.get("behavior", [])):
+    for i, raw in enumerate(array_of_tables(data, "behavior", path)):
         entry = from_dict(BehaviorEntry, raw, str(path), prefix=f"behavior[{i}].")
         where = f"{path}: behavior '{entry.id}'"
         if not entry.id.strip():
@@ -82,7 +77,7 @@ def read_file(path: Path) -> tuple[list[BehaviorEntry], list[BehaviorSet]]:
             if not getattr(entry, key).strip():
                 raise ConfigError(f"{where}: key '{key}' is empty (or only whitespace)")
         entries.append(entry)
-    for i, raw in enumerate(data.get("behavior_set", [])):
+    for i, raw in enumerate(array_of_tables(data, "behavior_set", path)):
         bset = from_dict(BehaviorSet, raw, str(path), prefix=f"behavior_set[{i}].")
         _check_family(bset.family, f"{path}: behavior_set[{i}]")
         sets.append(bset)
@@ -97,15 +92,16 @@ def check_fits(
     vocab_size) from that checkpoint's own config, so real Pythia is checked the same way."""
     for b in behaviors:
         where = f"{folder / b.source_file}: behavior '{b.behavior_id}'"
-        needed = len(b.prompt_ids) + max(min_new, len(b.target_ids))
+        completion = max(min_new, len(b.target_ids))
+        needed = len(b.prompt_ids) + completion
+        top = max(b.prompt_ids + b.target_ids)
         for step, (positions, vocab) in sorted(models.items()):
             if needed > positions:
                 raise ConfigError(
                     f"{where}: prompt ({len(b.prompt_ids)} tokens) plus completion "
-                    f"({max(min_new, len(b.target_ids))}) is {needed} tokens, more than the "
+                    f"({completion}) is {needed} tokens, more than the "
                     f"{positions} positions of the model at step{step}"
                 )
-            top = max(b.prompt_ids + b.target_ids)
             if top >= vocab:
                 raise ConfigError(
                     f"{where}: token id {top} is outside the vocabulary ({vocab}) of the model at step{step}"

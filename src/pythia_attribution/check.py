@@ -17,7 +17,7 @@ from pythia_attribution.errors import ConfigError
 
 def check_inputs(profile: Profile) -> list[str]:
     from pythia_attribution.attribute.methods import load_methods
-    from pythia_attribution.behaviors import check_fits, load_behaviors, read_file
+    from pythia_attribution.behaviors import read_file
 
     lines = [f"ok      profile {profile.name}: keys, types, ranges and cross-key rules"]
     attribute, memorization = profile.attribute, profile.memorization
@@ -41,12 +41,10 @@ def check_inputs(profile: Profile) -> list[str]:
         lines.append(f"ok      Hub manifest {hub.path}: {len(hub.revisions)} revisions pinned")
 
     folder = paths.resolve_input(profile.probe.behaviors_dir)
-    files = sorted(folder.glob("*.toml"))
-    for path in files:
-        read_file(path)
-    corpus = stage.read_record(profile.name, paths.CORPUS)
-    train = stage.read_record(profile.name, paths.TRAIN)
-    if corpus is None:
+    if stage.read_record(profile.name, paths.CORPUS) is None:
+        files = sorted(folder.glob("*.toml"))
+        for path in files:
+            read_file(path)
         if not files:
             raise ConfigError(f"{folder}: no behavior files (*.toml)")
         lines.append(
@@ -54,31 +52,20 @@ def check_inputs(profile: Profile) -> list[str]:
             "to check them against the tokenizer)"
         )
         return lines
-    from transformers import AutoTokenizer
+    from pythia_attribution.probe import read_behaviors
 
-    from pythia_attribution import tables
-
-    corpus_dir = paths.stage_dir(profile.name, paths.CORPUS)
-    tokenizer = AutoTokenizer.from_pretrained(corpus_dir / paths.TOKENIZER_DIR)
-    ground_truth = tables.read_table(paths.table_path(corpus_dir, paths.GROUND_TRUTH_TABLE))
-    behaviors = load_behaviors(
-        folder, ground_truth, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    )
-    if train is None:
+    trained = stage.read_record(profile.name, paths.TRAIN) is not None
+    train_dir = paths.stage_dir(profile.name, paths.TRAIN) if trained else None
+    inputs = read_behaviors(profile.probe, paths.stage_dir(profile.name, paths.CORPUS), train_dir)
+    if inputs.limits is None:
         lines.append(
-            f"ok      behaviors {folder}: {len(behaviors)} behaviors tokenize (train the model "
+            f"ok      behaviors {folder}: {len(inputs.behaviors)} behaviors tokenize (train the model "
             "to check them against its context)"
         )
-        return lines
-    from pythia_attribution.model import model_limits
-
-    train_dir = paths.stage_dir(profile.name, paths.TRAIN)
-    checkpoints = tables.read_table(paths.table_path(train_dir, paths.CHECKPOINTS_TABLE)).to_pylist()
-    limits = model_limits(train_dir, checkpoints)
-    check_fits(behaviors, folder, limits, profile.probe.min_new_tokens)
-    positions = sorted({p for p, _ in limits.values()})
-    lines.append(
-        f"ok      behaviors {folder}: {len(behaviors)} behaviors fit all {len(limits)} checkpoints "
-        f"(context {', '.join(map(str, positions))} positions)"
-    )
+    else:
+        positions = sorted({p for p, _ in inputs.limits.values()})
+        lines.append(
+            f"ok      behaviors {folder}: {len(inputs.behaviors)} behaviors fit all {len(inputs.limits)} "
+            f"checkpoints (context {', '.join(map(str, positions))} positions)"
+        )
     return lines

@@ -426,6 +426,15 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
 
+def array_of_tables(data: dict, key: str, path: Path) -> list:
+    """``data[key]`` of a TOML file, which must be an array of tables (``[[key]]``); [] if absent.
+    The tables themselves are checked by ``from_dict``."""
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: '{key}' must be an array of tables ([[{key}]]), got {_short(value)}")
+    return value
+
+
 def known_profiles() -> list[str]:
     return sorted(p.stem for p in paths.profiles_dir().glob("*.toml"))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pythia_attribution import paths
+from pythia_attribution import paths, tables
 from pythia_attribution.behaviors import Behavior, check_fits, load_behaviors
 from pythia_attribution.model import load_checkpoint, model_limits, set_threads
 
@@ -80,20 +82,43 @@ def greedy(model, behaviors: list[Behavior], batch_size: int, min_new: int, pad_
     return result
 
 
-def run(ctx) -> None:
-    cfg = ctx.config
-    set_threads(ctx.profile.runtime.threads)
-    corpus_dir = ctx.inputs[paths.CORPUS]
+class ProbeInputs(NamedTuple):
+    behaviors: list[Behavior]
+    tokenizer: object
+    checkpoints: list[dict] | None  # rows of checkpoints.arrow; None before the train stage has run
+    limits: dict[int, tuple[int, int]] | None  # step -> (context positions, vocabulary size)
+
+
+def read_behaviors(cfg, corpus_dir: Path, train_dir: Path | None) -> ProbeInputs:
+    """The behaviors the probe runs on: read, tokenized with the corpus tokenizer, and (when the
+    train stage's folder is given) checked against every checkpoint's context and vocabulary.
+    ``check`` calls this too, so it checks exactly what the probe would."""
     tokenizer = AutoTokenizer.from_pretrained(corpus_dir / paths.TOKENIZER_DIR)
-    ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    ground_truth = tables.read_table(
+        paths.table_path(corpus_dir, paths.GROUND_TRUTH_TABLE), made_by=paths.CORPUS
+    )
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     folder = paths.resolve_input(cfg.behaviors_dir)
     behaviors = load_behaviors(folder, ground_truth, encode)
-    checkpoints = ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
-    check_fits(behaviors, folder, model_limits(ctx.inputs[paths.TRAIN], checkpoints), cfg.min_new_tokens)
+    if train_dir is None:
+        return ProbeInputs(behaviors, tokenizer, None, None)
+    checkpoints = tables.read_table(
+        paths.table_path(train_dir, paths.CHECKPOINTS_TABLE), made_by=paths.TRAIN
+    ).to_pylist()
+    limits = model_limits(train_dir, checkpoints)
+    check_fits(behaviors, folder, limits, cfg.min_new_tokens)
+    return ProbeInputs(behaviors, tokenizer, checkpoints, limits)
+
+
+def run(ctx) -> None:
+    cfg = ctx.config
+    set_threads(ctx.profile.runtime.threads)
+    behaviors, tokenizer, checkpoints, _ = read_behaviors(
+        cfg, ctx.inputs[paths.CORPUS], ctx.inputs[paths.TRAIN]
+    )
     log.info("%d behaviors x %d checkpoints", len(behaviors), len(checkpoints))
     pad_id = tokenizer.pad_token_id
     rows = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pythia_attribution import paths
-from pythia_attribution.config import from_dict, read_toml
+from pythia_attribution.config import array_of_tables, from_dict, read_toml
 from pythia_attribution.errors import ChecksumError, ConfigError, UserError
 from pythia_attribution.tables import sha256_file
 
@@ -62,19 +62,14 @@ def load_manifest(path: Path) -> Manifest:
     unknown = set(data) - {"description", "artifact", "source"}
     if unknown:
         raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}'")
-    for key in ("artifact", "source"):
-        if not isinstance(data.get(key, []), list):
-            raise ConfigError(
-                f"{path}: '{key}' must be an array of tables ([[{key}]]), got {data[key]!r:.60}"
-            )
     artifacts = {}
-    for i, raw in enumerate(data.get("artifact", [])):
+    for i, raw in enumerate(array_of_tables(data, "artifact", path)):
         art = from_dict(Artifact, raw, str(path), prefix=f"artifact[{i}].")
         if art.registry != "pypi":
             raise ConfigError(f"{path}: artifact '{art.name}': registry must be 'pypi', got '{art.registry}'")
         artifacts[art.name] = art
     sources = {}
-    for i, raw in enumerate(data.get("source", [])):
+    for i, raw in enumerate(array_of_tables(data, "source", path)):
         src = from_dict(Source, raw, str(path), prefix=f"source[{i}].")
         if src.artifact not in artifacts:
             raise ConfigError(f"{path}: source '{src.name}' names unknown artifact '{src.artifact}'")
