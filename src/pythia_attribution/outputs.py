@@ -84,14 +84,12 @@ def record(root: Path) -> dict[str, dict]:
 
 def digests(outputs: dict[str, dict]) -> dict[str, str]:
     """What a downstream stage's fingerprint holds of an upstream stage's outputs."""
-    return {rel: entry if isinstance(entry, str) else entry["digest"] for rel, entry in outputs.items()}
+    return {rel: entry["digest"] for rel, entry in outputs.items()}
 
 
 def check(root: Path, rel: str, entry: dict, full: bool = False) -> str | None:
     """Why ``root/rel`` no longer matches its record, or None when it does."""
     path = root / rel
-    if not isinstance(entry, dict):
-        return f"{path}: recorded by an older version of the package (no size or stamp)"
     try:
         key = _stat_key(path)
     except FileNotFoundError:

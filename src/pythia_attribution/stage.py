@@ -209,6 +209,13 @@ def read_record(profile: str, stage: str) -> dict | None:
     if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
         log.warning("%s: not a stage record; the stage counts as never completed", path)
         return None
+    if not all(isinstance(entry, dict) for entry in record["outputs"].values()):
+        log.warning(
+            "%s: recorded by an older version of the package (no sizes or digests); the stage counts "
+            "as never completed",
+            path,
+        )
+        return None
     return record
 
 
