@@ -29,6 +29,7 @@ nox.options.sessions = ["all"]
 ROOT = Path(__file__).parent
 VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements" / "cpu.lock"
+CUDA_LOCK = ROOT / "requirements" / "cuda.lock"
 TORCH = "torch==2.13.0"
 STAMP = VENV / ".lock-sha256"
 
@@ -171,6 +172,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def image(session: nox.Session) -> None:
+    """Check the CUDA image without a Docker engine: hadolint, then replay its install steps in a
+    fresh venv (.ci/replay-image-install: the lock resolves with every hash, the project installs)."""
+    python = _python(session)
+    session.run(str(Path(python).parent / "hadolint"), "Dockerfile", external=True)
+    session.run(python, str(ROOT / ".ci" / "replay-image-install"), external=True)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """Lint with ruff."""
     session.run(
@@ -180,27 +190,26 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="venv")
 def lock(session: nox.Session) -> None:
-    """Recompile requirements/cpu.lock from pyproject.toml with uv (needs the network)."""
+    """Recompile requirements/cpu.lock and requirements/cuda.lock from pyproject.toml with uv (network).
+
+    The CUDA lock is resolved under the CPU lock's versions as constraints, so the two differ only
+    in the CUDA-specific wheels (torch's CUDA runtime, triton, faiss-gpu instead of faiss-cpu):
+    tests/test_image.py checks that.
+    """
     session.install("uv==0.13.8")
+    common = ["--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"]
+    common += ["--generate-hashes", "--no-header"]
     session.run(
-        "uv",
-        "pip",
-        "compile",
-        "pyproject.toml",
-        "--extra",
-        "cpu",
-        "--extra",
-        "dev",
-        "--excludes",
-        "requirements/excludes-cpu.txt",
-        "--no-emit-package",
-        "torch",
-        "--python-version",
-        "3.11",
-        "--python-platform",
-        "x86_64-manylinux_2_28",
-        "--generate-hashes",
-        "--no-header",
-        "-o",
-        str(LOCK),
-    )
+        "uv", "pip", "compile", "pyproject.toml", "--extra", "cpu", "--extra", "dev",
+        "--excludes", "requirements/excludes-cpu.txt", "--no-emit-package", "torch",
+        *common, "-o", str(LOCK),
+    )  # fmt: skip
+    lines = LOCK.read_text().splitlines()
+    pins = [line.split(" ")[0] for line in lines if "==" in line and not line[0].isspace()]
+    constraints = Path(session.create_tmp()) / "cpu-versions.txt"
+    constraints.write_text("\n".join(p for p in pins if not p.startswith("faiss-")) + "\n")
+    session.run(
+        "uv", "pip", "compile", "pyproject.toml", "--extra", "cuda", "--extra", "dev",
+        "--excludes", "requirements/excludes-cuda.txt", "-c", str(constraints),
+        *common, "-o", str(CUDA_LOCK),
+    )  # fmt: skip
