@@ -23,7 +23,7 @@ def test_index_row_is_packed_sequence(nano_run, final_checkpoint, tmp_path):
     """Row p of the training index is the gradient of packed sequence p."""
     ckpt, step = final_checkpoint
     index = nano_run["results"] / paths.ATTRIBUTE / "indexes" / f"step{step}" / "raw" / "train"
-    grads, _ = gradients.module_blocks(index)
+    grads = np.concatenate([gradients.module_blocks(shard)[0] for shard in gradients.shards_of(index)])
     cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
     assert len(grads) == len(cands.tokens)
     for p in (0, len(cands.tokens) // 2, len(cands.tokens) - 1):
@@ -69,7 +69,8 @@ def test_planted_verbatim_copy_ranks_first(nano_run, final_checkpoint, tmp_path)
         query = gradients.build_index(tmp_path / name / "queries", ckpt, q_rows, labels=labels, **common)
         hessian = gradients.autocorrelation_hessian(train, tmp_path / name / "hessian")
         for h in (None, hessian):
-            total, _ = gradients.score_all(train, query, unit_norm=True, hessian_path=h)
+            scorer = gradients.GradientScorer(train, query, unit_norm=True, hessian_path=h, chunk_rows=100)
+            total = np.concatenate([block for _, block in scorer.chunks()], axis=1)
             assert (total.argmax(axis=1) == planted).all(), (name, h)
     texts = cands.texts + [q["prompt"] + q["target"] for q in queries]
     bm25 = baselines.bm25_scores(texts, [q["prompt"] + q["target"] for q in queries])
@@ -132,3 +133,66 @@ def test_faiss_and_exact_topk_agree():
     exact_ids, exact_scores = baselines.topk(queries @ keys.T, 10)
     assert (ids == exact_ids).all()
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+
+
+def _attributor_scores(index, query, unit_norm, hessian):
+    """The reference: bergson's own Attributor over the whole index, module by module."""
+    import torch
+    from bergson import Attributor
+
+    attributor = Attributor(str(index), device="cpu", unit_norm=unit_norm, hessian_path=hessian)
+    q_grads, blocks = gradients.module_blocks(query)
+    per_module = []
+    for name in attributor.ordered_modules:
+        queries = {
+            n: torch.from_numpy(np.array(q_grads[:, lo:hi], dtype=np.float32))
+            for n, (lo, hi) in blocks.items()
+        }
+        values, indices = attributor.search(queries, k=None, modules={name})
+        out = np.empty(values.shape, dtype=np.float32)
+        np.put_along_axis(out, indices.numpy(), values.numpy(), axis=1)
+        per_module.append(out)
+    return torch.stack([torch.from_numpy(m) for m in per_module], -1).sum(-1).numpy(), per_module
+
+
+@pytest.mark.parametrize(
+    "index_name, hessian, unit_norm", [("adam", True, True), ("raw", False, True), ("raw", True, False)]
+)
+def test_streamed_gradient_scores_equal_bergsons_attributor(
+    nano_run, final_checkpoint, index_name, hessian, unit_norm, tmp_path
+):
+    """GradientScorer (chunked, any chunk size) gives bergson's Attributor scores: TrackStar's two-sided
+    Hessian with unit norm, plain cosine, and the one-sided inverse Hessian without unit norm."""
+    _, step = final_checkpoint
+    folder = nano_run["results"] / paths.ATTRIBUTE / "indexes" / f"step{step}" / index_name
+    (shard,) = gradients.shards_of(folder / "train")
+    h = folder / "hessian" if hessian else None
+    if h is not None and not h.exists():  # nano's methods use no Hessian on the raw index
+        h = gradients.autocorrelation_hessian(folder / "train", tmp_path / "hessian")
+    reference, per_module = _attributor_scores(shard, folder / "queries", unit_norm, h)
+    for chunk in (100_000, 37):
+        scorer = gradients.GradientScorer(
+            folder / "train", folder / "queries", unit_norm=unit_norm, hessian_path=h, chunk_rows=chunk
+        )
+        total = np.concatenate([block for _, block in scorer.chunks()], axis=1)
+        if chunk >= scorer.n_rows:  # one chunk: bergson's arithmetic exactly
+            assert (total == reference).all()
+        np.testing.assert_allclose(total, reference, rtol=1e-5, atol=1e-6)
+        rows = np.array([0, 5, scorer.n_rows - 1])
+        np.testing.assert_allclose(scorer.totals(rows), reference[:, rows], rtol=1e-5, atol=1e-6)
+        for (name, got), want in zip(scorer.per_module(rows).items(), per_module, strict=True):
+            np.testing.assert_allclose(got, want[:, rows], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_streamed_hessian_equals_one_product(nano_run, final_checkpoint, tmp_path):
+    """The autocorrelation Hessian summed over chunks equals the one-product Hessian."""
+    import torch
+
+    _, step = final_checkpoint
+    train = nano_run["results"] / paths.ATTRIBUTE / "indexes" / f"step{step}" / "raw" / "train"
+    whole = gradients.autocorrelation_hessian(train, tmp_path / "whole", chunk_rows=10**9)
+    chunked = gradients.autocorrelation_hessian(train, tmp_path / "chunked", chunk_rows=37)
+    a, b = (torch.load(p / "hessians.pth", weights_only=True) for p in (whole, chunked))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import torch
 
@@ -50,7 +51,7 @@ def main() -> None:
     model, _ = load_checkpoint(ckpt)
     start = time.perf_counter()
     for i in range(0, len(rows), per_batch):
-        batch = torch.from_numpy(rows[i : i + per_batch])
+        batch = torch.from_numpy(rows[i : i + per_batch].astype(np.int64))
         logits = model(input_ids=batch[:, :-1]).logits
         torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum"
@@ -65,7 +66,7 @@ def main() -> None:
             "token_batch_size": profile.attribute.token_batch_size,
         }
         start = time.perf_counter()
-        index = gradients.build_index(Path(tmp) / "train", ckpt, rows.tolist(), labels=None, **common)
+        index = gradients.build_index(Path(tmp) / "train", ckpt, rows, labels=None, **common)
         collect = n_tokens / (time.perf_counter() - start)
 
         probes = table(paths.PROBE, paths.PROBES_TABLE)
@@ -76,7 +77,9 @@ def main() -> None:
         labels = [[-100] * len(q["prompt_ids"]) + q["target_ids"] for q in queries]
         query = gradients.build_index(Path(tmp) / "queries", ckpt, q_rows, labels=labels, **common)
         hessian = gradients.autocorrelation_hessian(index, Path(tmp) / "hessian")
-        gradients.score_all(index, query, unit_norm=True, hessian_path=hessian)
+        scorer = gradients.GradientScorer(index, query, unit_norm=True, hessian_path=hessian)
+        for _ in scorer.chunks():
+            pass
         query_s = time.perf_counter() - start
 
     shape = f"{len(rows)} sequences x {rows.shape[1] - 1} tokens"

@@ -23,7 +23,7 @@ from pythia_attribution.config import Profile, describe, known_profiles, load_pr
 from pythia_attribution.errors import LockedError, UserError
 
 EXIT_BUG, EXIT_INPUT, EXIT_LOCKED = 1, 2, 3
-COMMANDS = ("all", "pin", "verify", "check")
+COMMANDS = ("all", "pin", "verify", "check", "index-shard")
 
 
 def _positive_int(text: str) -> int:
@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
             "               and the fingerprints (--full: hash large files in full; --against DIR:\n"
             "               compare with another results folder of the profile, volatile fields aside)\n"
             "  check        validate the profile, its behavior files, method table and manifests\n"
-            "               without running anything (against the checkpoints, once trained)\n\n"
+            "               without running anything (against the checkpoints, once trained)\n"
+            "  index-shard  build shard --shard I of the training indexes (attribute.index_shards) into\n"
+            "               results/<profile>/shards/, for another machine's attribute stage to adopt;\n"
+            "               takes no lock, so several shards can be built at once\n\n"
             f"profiles: {', '.join(known_profiles()) or '(none found)'} (or a path to a profile .toml)\n"
             "outputs: results/<profile>/<stage>/<table>.arrow\n"
             "exit codes: 0 done, 1 internal error (traceback in the log file named), 2 bad input or\n"
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--full", action="store_true", help="verify: hash every file in full")
     parser.add_argument("--against", type=Path, metavar="DIR", help="verify: compare with DIR/<profile>")
+    parser.add_argument("--shard", type=int, metavar="I", help="index-shard: which shard (0-based)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
 
@@ -140,6 +144,15 @@ def _run(args, command: str) -> int:
         )
     # Tokenizers' own thread pool fights torch for the two cores; its output does not depend on it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.stage == "index-shard":  # no lock: shards are written atomically, one folder each
+        from pythia_attribution.attribute.shards import build_for_profile
+
+        if args.shard is None:
+            raise UserError("index-shard needs --shard I (0-based, below attribute.index_shards)")
+        prepare_world(profile)
+        for path in build_for_profile(profile, args.shard):
+            print(path)
+        return 0
     with profile_lock(profile.name, args.wait, command):
         if args.stage != "verify":  # verify reads what is there and builds nothing
             prepare_world(profile)

@@ -290,8 +290,26 @@ class AttributeConfig:
     token_batch_size: int = doc(
         "tokens per bergson gradient batch (at most the model's max positions)", 2048, ge=1
     )
-    faiss: bool = doc("top-k through an exact faiss index for methods without a Hessian", True)
+    faiss: bool = doc("top-k through faiss's exact kernel for methods without a Hessian (GPU if any)", True)
     bootstrap: int = doc("bootstrap resamples for the tracing metrics' intervals", 1000, ge=1)
+    chunk_rows: int = doc(
+        "candidate rows scored per block: memory holds one block of the index, not all of it", 16384, ge=1
+    )
+    summary_sample: int = doc(
+        "score_summary's quantiles, top shares and tail exponent come from a seeded sample of this many "
+        "candidates (all of them when there are fewer); max, min, mean and counts are exact",
+        100_000,
+        ge=100,
+    )
+    index_shards: int = doc(
+        "the training index is built as this many shards by row range; shards built elsewhere by "
+        "`python -m pythia_attribution index-shard --shard I` are adopted",
+        1,
+        ge=1,
+    )
+    nproc_per_node: int = doc(
+        "workers of bergson's own launcher per index build (0: one per visible GPU, or one on a CPU)", 0, ge=0
+    )
 
 
 @dataclass(frozen=True)

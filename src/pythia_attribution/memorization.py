@@ -28,7 +28,8 @@ from transformers import AutoTokenizer
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
 from pythia_attribution.attribute.methods import load_methods
-from pythia_attribution.attribute.stage import load_candidates, truth_sets
+from pythia_attribution.attribute.ranking import Ranking
+from pythia_attribution.attribute.stage import compute_device, load_candidates, truth_sets
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, memorization_test, set_threads
@@ -234,11 +235,12 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
     if chosen:
         q_rows = windows[chosen].tolist()
         q_texts = [items[i]["prompt"] + items[i]["target"] for i in chosen]
-        scores = window_scores(ctx, cands, final_step, None, q_rows, q_texts, "canaries")
-        for method, s in scores.items():
-            order = np.argsort(-s, axis=1, kind="stable")
+        own = [truth[items[i]["item_id"]] for i in chosen]
+        rankings = window_rankings(ctx, cands, final_step, None, q_rows, q_texts, "canaries", own)
+        for method, ranking in rankings.items():
+            order, _ = ranking.top()
             for qi, i in enumerate(chosen):
-                own = np.isin(order[qi], truth[items[i]["item_id"]])
+                traced = ranking.tracing(qi)
                 out.append(
                     {
                         "item_id": items[i]["item_id"],
@@ -246,8 +248,8 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
                         "method": method,
                         "checkpoint": final_step,
                         "top1_packed_id": int(order[qi, 0]),
-                        "top1_is_own_copy": bool(own[0]),
-                        "first_own_copy_rank": int(np.argmax(own)) + 1,
+                        "top1_is_own_copy": traced["top1_hit"],
+                        "first_own_copy_rank": traced["first_hit_rank"],
                     }
                 )
     ctx.write_table(paths.CANARY_ATTRIBUTION_TABLE, pa.Table.from_pylist(out, CANARY_ATTRIBUTION_SCHEMA))
@@ -292,9 +294,11 @@ CANARY_ATTRIBUTION_SCHEMA = pa.schema(
 )
 
 
-def window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting) -> dict[str, np.ndarray]:
-    """Scores of 64-token windows (loss on the last ``continuation`` tokens) against the packed
-    sequences in ``allowed`` (all when None), by every configured method, at checkpoint ``step``.
+def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=None) -> dict[str, Ranking]:
+    """Rankings of 64-token windows (loss on the last ``continuation`` tokens) against the packed
+    sequences in ``allowed`` (all when None; rows of a ranking are positions in ``allowed``), by
+    every configured method, at checkpoint ``step``, streamed as the attribute stage streams them
+    (top k, and the first rank of each query's ``truth`` rows when given).
 
     Over all candidates, the attribute stage's training index and Hessian at that checkpoint are
     reused when it has them; otherwise the index is built here.
@@ -306,10 +310,26 @@ def window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting) -> dict[s
     work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
     work.mkdir(parents=True, exist_ok=True)
     opt = ckpt_dir / "optimizer.pt"
-    scores = {}
-    for method in load_methods(paths.resolve_input(ctx.profile.attribute.methods_file), cfg.methods):
+    attribute_cfg = ctx.profile.attribute
+    truth = truth if truth is not None else [None] * len(q_rows)
+
+    def rank(blocks, totals=None) -> Ranking:
+        ranking = Ranking(len(q_rows), len(keys), cfg.top_k, truth, sample_size=0)
+        if totals is not None and any(t is not None for t in truth):
+            union = np.unique(np.concatenate([t for t in truth if t is not None]))
+            s = totals(union)
+            ranking.set_truth_best(
+                {q: s[q, np.searchsorted(union, t)] for q, t in enumerate(truth) if t is not None}
+            )
+        for start, block, queries in blocks:
+            ranking.add(start, block, queries)
+        return ranking
+
+    rankings = {}
+    for method in load_methods(paths.resolve_input(attribute_cfg.methods_file), cfg.methods):
         if method.kind == "bm25":
-            scores[method.name] = baselines.bm25_scores([cands.texts[i] for i in keys], q_texts)
+            per_query = baselines.bm25_query_scores([cands.texts[i] for i in keys], q_texts)
+            rankings[method.name] = rank((0, s[None], [qi]) for qi, s in enumerate(per_query))
             continue
         if method.kind != "gradient":
             raise ConfigError(
@@ -322,15 +342,15 @@ def window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting) -> dict[s
             continue
         common = {
             "optimizer_state": opt if normalize else None,
-            "projection_dim": ctx.profile.attribute.projection_dim,
-            "token_batch_size": ctx.profile.attribute.token_batch_size,
+            "projection_dim": attribute_cfg.projection_dim,
+            "token_batch_size": attribute_cfg.token_batch_size,
         }
         name = method.index_name
         shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name
         own = allowed is not None or not (shared / "train").exists()
         train = work / f"{name}-train" if own else shared / "train"
         if not train.exists():
-            gradients.build_index(train, ckpt_dir, cands.tokens[keys].tolist(), labels=None, **common)
+            gradients.build_index(train, ckpt_dir, cands.tokens[keys], labels=None, **common)
         query = gradients.build_index(
             work / f"{name}-queries-{method.name}", ckpt_dir, q_rows, labels=labels, **common
         )
@@ -340,11 +360,17 @@ def window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting) -> dict[s
             if own or not hessian.exists():  # never write into the attribute stage's outputs
                 hessian = work / f"{name}-hessian"
                 if not hessian.exists():
-                    gradients.autocorrelation_hessian(train, hessian)
-        scores[method.name], _ = gradients.score_all(
-            train, query, unit_norm=method.unit_norm, hessian_path=hessian
+                    gradients.autocorrelation_hessian(train, hessian, attribute_cfg.chunk_rows)
+        scorer = gradients.GradientScorer(
+            train,
+            query,
+            unit_norm=method.unit_norm,
+            hessian_path=hessian,
+            chunk_rows=attribute_cfg.chunk_rows,
+            device=compute_device(),
         )
-    return scores
+        rankings[method.name] = rank(((a, b, slice(None)) for a, b in scorer.chunks()), scorer.totals)
+    return rankings
 
 
 def checkpoint_dir(ctx, step: int) -> Path:
@@ -463,7 +489,6 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step) -> None
 
 
 def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, early_late, setting) -> None:
-    cfg = ctx.config
     if not len(mem):
         return
     q_ids = mem["packed_id"].to_numpy()
@@ -471,10 +496,10 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
     tokenizer = AutoTokenizer.from_pretrained(ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR)
     q_texts = tokenizer.batch_decode(q_rows)  # the 64-token windows, as BM25 and TF-IDF see them
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
-    scores = window_scores(ctx, cands, step, allowed, q_rows, q_texts, setting)
+    rankings = window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting)
     tfidf = tfidf_matrix([cands.texts[i] for i in keys], q_texts)
-    for method, s in scores.items():
-        order, top = baselines.topk(s, cfg.top_k)
+    for method, ranking in rankings.items():
+        order, top = ranking.top()
         for qi, q in enumerate(q_ids):
             for rank, (col, score) in enumerate(zip(order[qi], top[qi], strict=True), start=1):
                 pid = int(keys[col])

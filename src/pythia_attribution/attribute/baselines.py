@@ -6,19 +6,29 @@ import numpy as np
 import torch
 
 
-def bm25_scores(train_texts: list[str], query_texts: list[str]) -> np.ndarray:
-    """BM25 (bm25s, its default Lucene variant) of every query against every training text."""
+def bm25_query_scores(train_texts: list[str], query_texts: list[str]):
+    """BM25 (bm25s, its default Lucene variant) of each query against every training text, one
+    query at a time (a vector over the candidates), after indexing the texts once."""
     import bm25s
 
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(train_texts, stopwords=None, show_progress=False), show_progress=False)
-    out = np.zeros((len(query_texts), len(train_texts)), dtype=np.float32)
     vocab = retriever.vocab_dict
-    for i, query in enumerate(query_texts):
+    for query in query_texts:
         tokens = bm25s.tokenize([query], stopwords=None, return_ids=False, show_progress=False)[0]
         known = [t for t in tokens if t in vocab]
-        if known:
-            out[i] = retriever.get_scores(known)
+        yield (
+            retriever.get_scores(known).astype(np.float32)
+            if known
+            else np.zeros(len(train_texts), np.float32)
+        )
+
+
+def bm25_scores(train_texts: list[str], query_texts: list[str]) -> np.ndarray:
+    """BM25 of every query against every training text (queries x texts)."""
+    out = np.zeros((len(query_texts), len(train_texts)), dtype=np.float32)
+    for i, scores in enumerate(bm25_query_scores(train_texts, query_texts)):
+        out[i] = scores
     return out
 
 
@@ -44,9 +54,17 @@ def mean_activations(model, rows: list[list[int]], layer: int, batch_size: int =
     return result / np.maximum(norms, 1e-12)
 
 
-def random_scores(n_queries: int, n_train: int, seed: int) -> np.ndarray:
+def random_query_scores(n_queries: int, n_train: int, seed: int):
+    """Uniform random scores, one query's vector at a time (the rows of ``random_scores``)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-    return rng.random((n_queries, n_train), dtype=np.float32)
+    for _ in range(n_queries):
+        yield rng.random(n_train, dtype=np.float32)
+
+
+def random_scores(n_queries: int, n_train: int, seed: int) -> np.ndarray:
+    return (
+        np.stack(list(random_query_scores(n_queries, n_train, seed))) if n_queries else np.zeros((0, n_train))
+    )
 
 
 def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,14 +74,45 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return order, np.take_along_axis(scores, order, axis=1)
 
 
-def faiss_topk(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner products through an exact faiss index (IndexFlatIP), as at real scale.
+class FaissTopK:
+    """Exact top-k inner products through faiss's brute-force kernel (``faiss.knn``; ``knn_gpu`` on
+    a GPU build with a GPU present), fed chunk by chunk of keys, so memory holds one chunk.
 
     Only for methods without a Hessian: faiss cannot apply bergson's preconditioner correctly.
+    Ties are broken by the lower row, as the exact ranking breaks them.
     """
-    import faiss
 
-    index = faiss.IndexFlatIP(keys.shape[1])
-    index.add(np.ascontiguousarray(keys, dtype=np.float32))
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(keys)))
-    return ids, scores
+    def __init__(self, queries: np.ndarray, k: int):
+        import faiss
+
+        self.faiss = faiss
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)
+        self.k = k
+        self.ids = np.zeros((len(queries), 0), dtype=np.int64)
+        self.scores = np.zeros((len(queries), 0), dtype=np.float32)
+        self.gpu = (
+            faiss.StandardGpuResources() if hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() else None
+        )
+
+    def add(self, start: int, keys: np.ndarray) -> None:
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        k = min(self.k, len(keys))
+        metric = self.faiss.METRIC_INNER_PRODUCT
+        if self.gpu is not None:
+            scores, ids = self.faiss.knn_gpu(self.gpu, self.queries, keys, k, metric=metric)
+        else:
+            scores, ids = self.faiss.knn(self.queries, keys, k, metric=metric)
+        ids = np.concatenate([self.ids, ids.astype(np.int64) + start], axis=1)
+        scores = np.concatenate([self.scores, scores], axis=1)
+        order = np.lexsort((ids, -scores), axis=1)[:, : self.k]
+        self.ids, self.scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.ids, self.scores
+
+
+def faiss_topk(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of all ``keys`` in one chunk (see :class:`FaissTopK`)."""
+    top = FaissTopK(queries, k)
+    top.add(0, keys)
+    return top.result()

@@ -3,8 +3,14 @@
 The training index has one row per packed training sequence (row ``p`` = ``packed_id`` p);
 every epoch trains on the same packed sequences, so at a fixed checkpoint all copies of a
 sequence share one gradient. Query gradients are built the same way (same projection, same
-optimizer normalizer) with the loss on the target tokens only. Scoring goes through bergson's
-``Attributor``, which applies the Hessian and unit normalization exactly as its TrackStar does.
+optimizer normalizer) with the loss on the target tokens only.
+
+At scale the training index is a list of **shards**, each a bergson index over a contiguous range
+of rows (``shard-00000-of-00004/``, ...), built by one process, by bergson's own launcher over
+several GPUs (``nproc_per_node``), or by separate machines (``python -m pythia_attribution
+index-shard``) and merged here at query time. Scoring streams over the shards in chunks of rows
+(:class:`GradientScorer`), applying the Hessian and unit normalization exactly as bergson's
+``Attributor`` does (its arithmetic, module by module), so memory holds one chunk, not the index.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 
@@ -39,14 +47,17 @@ def _bergson():
 def build_index(
     run_path: Path,
     checkpoint: Path,
-    rows: list[list[int]],
+    rows,
     *,
     labels: list[list[int]] | None,
     optimizer_state: Path | None,
     projection_dim: int,
     token_batch_size: int,
+    nproc_per_node: int = 0,
 ) -> Path:
-    """Build a bergson gradient index over ``rows`` (token ids) with the checkpoint's model.
+    """Build a bergson gradient index over ``rows`` (token ids: a 2-D array or a list of lists)
+    with the checkpoint's model; ``nproc_per_node`` > 0 runs it through bergson's launcher with
+    that many workers (0: bergson's default, one per visible GPU or one on a CPU).
 
     Rows longer than the model's context are cut to it: a Pythia training sequence holds 2,049
     tokens (2,048 inputs, each predicting the next), bergson's token batches cannot exceed the
@@ -57,18 +68,28 @@ def build_index(
     from transformers import AutoConfig
 
     limit = AutoConfig.from_pretrained(checkpoint).max_position_embeddings
-    if any(len(r) > limit for r in rows):
+    width = rows.shape[1] if isinstance(rows, np.ndarray) else max((len(r) for r in rows), default=0)
+    if width > limit:
         log.info("rows cut to the model's %d positions (one prediction of %d dropped)", limit, limit)
-        rows = [r[:limit] for r in rows]
+        rows = rows[:, :limit] if isinstance(rows, np.ndarray) else [r[:limit] for r in rows]
         labels = None if labels is None else [lab[:limit] for lab in labels]
     from bergson import DataConfig, IndexConfig, PreprocessConfig
     from bergson.build import build
+    from bergson.config import DistributedConfig
 
     data_dir = run_path.with_name(run_path.name + ".data")
-    columns = {"input_ids": rows}
-    if labels is not None:
-        columns["labels"] = labels
-    Dataset.from_dict(columns).save_to_disk(str(data_dir))
+    if isinstance(rows, np.ndarray):
+        flat = pa.array(np.ascontiguousarray(rows, dtype=np.int64).reshape(-1))
+        columns = {
+            "input_ids": pa.ListArray.from_arrays(np.arange(0, len(flat) + 1, max(rows.shape[1], 1)), flat)
+        }
+        if labels is not None:
+            columns["labels"] = labels
+        dataset = Dataset(pa.table(columns))
+    else:
+        dataset = Dataset.from_dict({"input_ids": rows, **({"labels": labels} if labels is not None else {})})
+    dataset.save_to_disk(str(data_dir))
+    distributed = DistributedConfig(nproc_per_node=nproc_per_node) if nproc_per_node else DistributedConfig()
     cfg = IndexConfig(
         run_path=str(run_path),
         model=str(checkpoint),
@@ -76,10 +97,34 @@ def build_index(
         projection_dim=projection_dim,
         token_batch_size=token_batch_size,
         optimizer_state=str(optimizer_state) if optimizer_state else "",
+        distributed=distributed,
     )
     build(cfg, PreprocessConfig())
     shutil.rmtree(data_dir)
     return run_path
+
+
+def shard_ranges(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges of ``n_shards`` near-equal shards (the first ones one row longer)."""
+    bounds = np.linspace(0, n_rows, n_shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"shard-{i:05d}-of-{n:05d}"
+
+
+def shards_of(folder: Path) -> list[Path]:
+    """An index folder's shards in row order (a plain bergson index is its own single shard)."""
+    if (folder / "info.json").exists():
+        return [folder]
+    found = sorted(p for p in folder.glob("shard-*-of-*") if (p / "info.json").exists())
+    if not found:
+        raise FileNotFoundError(f"no bergson index or shards in {folder}")
+    total = int(found[0].name.rsplit("-", 1)[1])
+    if len(found) != total:
+        raise FileNotFoundError(f"{folder}: {len(found)} of {total} shards present")
+    return found
 
 
 def module_blocks(index_path: Path) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
@@ -90,64 +135,149 @@ def module_blocks(index_path: Path) -> tuple[np.ndarray, dict[str, tuple[int, in
     return load_gradients(str(index_path)), dict(column_offsets(grad_sizes))
 
 
-def autocorrelation_hessian(index_path: Path, out: Path) -> Path:
+def autocorrelation_hessian(index: Path | list[Path], out: Path, chunk_rows: int = 16384) -> Path:
     """TrackStar's Hessian: per-module autocorrelation of the index's (normalized, projected)
     gradients, reduced and eigendecomposed by bergson, saved where bergson's preconditioner
-    loader looks. Computed from the stored rows, so no second pass over the training data."""
+    loader looks. Computed from the stored rows, so no second pass over the training data; the
+    sum of g^T g streams over shards and chunks of ``chunk_rows`` rows (one chunk: one product)."""
     _bergson()
     from bergson.gradients import GradientProcessor
     from bergson.process_autocorrelation import process_autocorrelation_matrices
 
-    grads, blocks = module_blocks(index_path)
-    processor = GradientProcessor.load(index_path, map_location="cpu")
-    hessians = {}
-    for name, (lo, hi) in blocks.items():
-        g = torch.from_numpy(np.array(grads[:, lo:hi], dtype=np.float32, order="C"))
-        hessians[name] = g.mT @ g
-    sizes = {name: hi - lo for name, (lo, hi) in blocks.items()}
-    process_autocorrelation_matrices(processor, hessians, len(grads), sizes, rank=0)
+    shards = index if isinstance(index, list) else shards_of(index)
+    hessians: dict[str, torch.Tensor] = {}
+    n_rows = 0
+    for shard in shards:
+        grads, blocks = module_blocks(shard)
+        n_rows += len(grads)
+        for start in range(0, len(grads), chunk_rows):
+            chunk = grads[start : start + chunk_rows]
+            for name, (lo, hi) in blocks.items():
+                g = torch.from_numpy(np.array(chunk[:, lo:hi], dtype=np.float32, order="C"))
+                hessians[name] = g.mT @ g if name not in hessians else hessians[name] + g.mT @ g
+    processor = GradientProcessor.load(shards[0], map_location="cpu")
+    sizes = {name: hi - lo for name, (lo, hi) in module_blocks(shards[0])[1].items()}
+    process_autocorrelation_matrices(processor, hessians, n_rows, sizes, rank=0)
     processor.save(out)
     return out
 
 
-def score_all(
-    index_path: Path, query_path: Path, *, unit_norm: bool, hessian_path: Path | None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Scores of every query against every index row, in index order, in total and per module."""
-    _bergson()
-    from bergson import Attributor
+class GradientScorer:
+    """Scores of queries against a sharded training index, chunk by chunk.
 
-    attributor = Attributor(
-        str(index_path),
-        device="cpu",
-        unit_norm=unit_norm,
-        hessian_path=str(hessian_path) if hessian_path else None,
-    )
-    q_grads, blocks = module_blocks(query_path)
-    blocks_np = {
-        name: np.array(q_grads[:, lo:hi], dtype=np.float32, order="C") for name, (lo, hi) in blocks.items()
-    }
+    The arithmetic is bergson ``Attributor``'s, module by module: the query is preconditioned
+    (H^-1/2 two-sided with unit norm, H^-1 one-sided without) and divided by its norm plus eps;
+    each chunk of training rows is preconditioned (two-sided only), divided by its norm over all
+    modules (NaN and inf set to 0); the total is the sum of the per-module scores in the index's
+    module order (bergson sums over a set, whose order follows PYTHONHASHSEED). Memory: one chunk
+    of rows and its per-module scores, whatever the number of rows.
+    """
 
-    def full(modules: set[str] | None) -> np.ndarray:
-        # Fresh copies: Attributor.search normalizes the query tensors in place (and the index
-        # files are read-only memory maps, where an in-place write segfaults).
-        queries = {name: torch.from_numpy(block.copy()) for name, block in blocks_np.items()}
-        values, indices = attributor.search(queries, k=None, modules=modules)
-        out = np.empty(values.shape, dtype=np.float32)
-        np.put_along_axis(out, indices.numpy(), values.numpy(), axis=1)
+    def __init__(
+        self,
+        index: Path | list[Path],
+        query_path: Path,
+        *,
+        unit_norm: bool,
+        hessian_path: Path | None,
+        chunk_rows: int = 16384,
+        device: str = "cpu",
+    ):
+        _bergson()
+        from bergson.config import InversionConfig
+        from bergson.gradients import GradientProcessor
+        from bergson.hessians.preconditioner import load_preconditioner
+
+        self.shards = index if isinstance(index, list) else shards_of(index)
+        self.maps = [module_blocks(shard) for shard in self.shards]
+        self.blocks = self.maps[0][1]
+        if any(blocks != self.blocks for _, blocks in self.maps):
+            raise ValueError(f"shards of {self.shards[0].parent} differ in their modules")
+        self.offsets = np.cumsum([0] + [len(g) for g, _ in self.maps])
+        self.n_rows = int(self.offsets[-1])
+        self.modules = list(self.blocks)
+        self.unit_norm, self.chunk_rows, self.device = unit_norm, chunk_rows, device
+        processor = GradientProcessor.load(self.shards[0], map_location="cpu")
+        processor.check_projection_version()
+        self.preconditioner = None
+        if hessian_path is not None:
+            processor.check_saved_projection(hessian_path, "The Hessian")
+            self.preconditioner = load_preconditioner(
+                hessian_path,
+                inversion_cfg=InversionConfig(),
+                power=-0.5 if unit_norm else -1.0,
+                device=device,
+            )
+        q_grads, q_blocks = module_blocks(query_path)
+        q = {n: _tensor(q_grads[:, lo:hi], device) for n, (lo, hi) in q_blocks.items()}
+        if self.preconditioner is not None:
+            q = {n: g.to(torch.float32) for n, g in self.preconditioner.apply(q).items()}
+        if unit_norm:
+            norm = torch.cat([q[n] for n in self.modules], dim=1).norm(dim=1, keepdim=True)
+            q = {n: g / (norm + torch.finfo(norm.dtype).eps) for n, g in q.items()}
+        self.queries = q
+        self.n_queries = len(q_grads)
+
+    def _rows(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Training rows (any dtype), per module, prepared as the Attributor prepares its index."""
+        g = {n: _tensor(rows[:, lo:hi], self.device) for n, (lo, hi) in self.blocks.items()}
+        if self.unit_norm:
+            if self.preconditioner is not None:
+                g = {n: t.to(torch.float32) for n, t in self.preconditioner.apply(g).items()}
+            norm = sum((torch.square(g[n]).sum(dim=1, keepdim=True) for n in self.modules), start=0.0) ** 0.5
+            g = {n: torch.nan_to_num(t / norm, nan=0.0, posinf=0.0, neginf=0.0) for n, t in g.items()}
+        return g
+
+    def _per_module(self, rows: np.ndarray) -> torch.Tensor:
+        """queries x rows x modules, in the index's module order."""
+        g = self._rows(rows)
+        return torch.stack([self.queries[n] @ g[n].mT for n in self.modules], dim=-1)
+
+    def chunks(self, on_rows: Callable[[int, np.ndarray], None] | None = None):
+        """(first row, totals: queries x rows) over the whole index, in row order; ``on_rows``
+        also receives each chunk's stored rows (all modules concatenated, unit norm) for faiss."""
+        for (grads, _), offset in zip(self.maps, self.offsets[:-1], strict=True):
+            for start in range(0, len(grads), self.chunk_rows):
+                rows = grads[start : start + self.chunk_rows]
+                if on_rows is not None:
+                    on_rows(int(offset + start), unit(rows))
+                yield int(offset + start), self._per_module(rows).sum(-1).cpu().numpy()
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """The stored rows with global ids ``ids`` (any order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        width = self.maps[0][0].shape[1]
+        out = np.empty((len(ids), width), dtype=self.maps[0][0].dtype)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.maps[s][0][ids[sel] - self.offsets[s]]
         return out
 
-    # The total is the sum of the per-module scores in the index's module order. bergson's own
-    # all-module search sums over a ``set`` of module names, so its float32 total depends on
-    # PYTHONHASHSEED (last-bit differences between two runs of the same inputs); summing here in
-    # a fixed order makes the scores identical from run to run, and saves one full pass.
-    per_module = {name: full({name}) for name in attributor.ordered_modules}
-    total = torch.stack([torch.from_numpy(per_module[name]) for name in attributor.ordered_modules], -1)
-    return total.sum(-1).numpy(), per_module
+    def totals(self, ids: np.ndarray) -> np.ndarray:
+        """queries x len(ids) total scores of the given rows."""
+        return self._per_module(self.gather(ids)).sum(-1).cpu().numpy()
+
+    def per_module(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Each module's queries x len(ids) scores of the given rows."""
+        scores = self._per_module(self.gather(ids)).cpu().numpy()
+        return {n: scores[..., i] for i, n in enumerate(self.modules)}
+
+
+def _tensor(block: np.ndarray, device: str) -> torch.Tensor:
+    from bergson.utils.utils import numpy_to_tensor
+
+    # a copy: the index is a read-only memory map, which torch will not wrap
+    return numpy_to_tensor(np.array(block, order="C")).to(device=device, dtype=torch.float32)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    """Rows (all modules concatenated) scaled to unit norm: cosine as an inner product."""
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
 
 
 def unit_rows(index_path: Path) -> np.ndarray:
-    """The index's rows, all modules concatenated and scaled to unit norm (cosine as inner product)."""
+    """An index's rows, all modules concatenated, unit norm (a query index: a few rows)."""
     grads, _ = module_blocks(index_path)
-    rows = np.asarray(grads, dtype=np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+    return unit(grads)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,8 +19,9 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute import baselines, gradients, metrics
+from pythia_attribution.attribute import baselines, gradients, metrics, shards
 from pythia_attribution.attribute.methods import Method, load_methods
+from pythia_attribution.attribute.ranking import Ranking
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
 
@@ -62,9 +64,10 @@ def load_candidates(corpus: pa.Table) -> Candidates:
     tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, width)
     texts = corpus["text"].to_pylist()
     steps = corpus["step"].to_numpy().astype(np.int64)
+    identity = len(first_row) == len(packed) and bool((first_row == np.arange(len(packed))).all())
     return Candidates(
-        tokens[first_row].astype(np.int64),
-        [texts[i] for i in first_row],
+        tokens if identity else tokens[first_row],  # the corpus' uint16, not a 4x larger int64 copy
+        texts if identity else [texts[i] for i in first_row],
         seq_idx[first_row].astype(np.int64),
         steps[first_row],
         seq_idx.astype(np.int64),
@@ -84,12 +87,28 @@ def truth_sets(ground_truth: pa.Table, cands: Candidates) -> dict[str, np.ndarra
 
 
 class Scored(NamedTuple):
-    """One method's scores for every query: all candidates in total, per module (gradient
-    methods), and the faiss top-k where faiss was used."""
+    """One method's result at one checkpoint: the streamed ranking of every query, per-module
+    scores of chosen rows (gradient methods), and the faiss top-k where faiss was used."""
 
-    total: np.ndarray
-    per_module: dict[str, np.ndarray] | None = None
+    ranking: Ranking
+    per_module: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
     faiss: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def stream_rank(cfg, seed, n_queries, n_rows, truth, blocks: Iterable, totals=None) -> Ranking:
+    """Feed ``blocks`` ((first row, scores, queries)) into a :class:`Ranking`; ``totals(ids)``
+    scores given rows for every query (needed when a query's rows come in several blocks)."""
+    ranking = Ranking(n_queries, n_rows, cfg.top_k, truth, sample_size=cfg.summary_sample, seed=seed)
+    with_truth = [q for q, t in enumerate(truth) if t is not None]
+    if totals is not None and with_truth:
+        union = np.unique(np.concatenate([truth[q] for q in with_truth]))
+        s = totals(union)
+        ranking.set_truth_best({q: s[q, np.searchsorted(union, truth[q])] for q in with_truth})
+    for start, block, queries in blocks:
+        ranking.add(start, block, queries)
+    if not ranking.complete:
+        raise RuntimeError("a ranking did not see every candidate row")
+    return ranking
 
 
 def layer_of(module: str) -> int:
@@ -124,7 +143,15 @@ def run(ctx) -> None:
         paths.ATTRIBUTIONS_TABLE, pa.Table.from_pylist(tables["attributions"], ATTRIBUTION_SCHEMA)
     )
     ctx.write_table(paths.LAYER_SCORES_TABLE, pa.Table.from_pylist(tables["layers"], LAYER_SCHEMA))
-    ctx.write_table(paths.SCORE_SUMMARY_TABLE, pa.Table.from_pylist(tables["summary"]))
+    ctx.write_table(
+        paths.SCORE_SUMMARY_TABLE,
+        pa.Table.from_pylist(tables["summary"]),
+        rows=(
+            "max, min, mean, n_candidates and n_positive over every candidate; quantiles, top shares and "
+            f"the tail exponent over every candidate when there are at most {cfg.summary_sample}, else over "
+            f"a seeded uniform sample of {cfg.summary_sample} (attribute.summary_sample)"
+        ),
+    )
     ctx.write_table(paths.SKIPPED_TABLE, pa.Table.from_pylist(tables["skipped"], SKIPPED_SCHEMA))
     per_behavior = pa.Table.from_pylist(tables["tracing"], TRACING_SCHEMA)
     ctx.write_table(paths.TRACING_TABLE, per_behavior)
@@ -158,10 +185,16 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
         log.warning("step%d: no exhibited behavior; nothing to attribute", step)
         return
     q_rows = [p["prompt_ids"] + p["target_ids"] for p in queries]
+    q_truth = [truth.get(p["item_id"]) for p in queries]
+    n_rows = len(cands.texts)
     work = ctx.out_dir / "indexes" / f"step{step}"
     all_scores: dict[str, Scored] = {}
     opt_state = ckpt_dir / "optimizer.pt"
     indexes: dict[str, tuple] = {}
+
+    def rank(blocks, totals=None) -> Ranking:
+        return stream_rank(cfg, seed, len(queries), n_rows, q_truth, blocks, totals)
+
     for method in tqdm(methods, desc=f"attribute step{step}", unit="method"):
         if method.kind == "gradient":
             if method.optimizer_normalize and not opt_state.is_file():
@@ -177,71 +210,94 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
                 continue
             if method.index_name not in indexes:
                 indexes[method.index_name] = build_indexes(
-                    cfg,
-                    work / method.index_name,
-                    ckpt_dir,
-                    cands,
-                    queries,
-                    q_rows,
+                    ctx, step, ckpt, method.index_name, cands, queries, q_rows,
                     opt_state if method.optimizer_normalize else None,
-                )
-            train_idx, query_idx = indexes[method.index_name]
+                )  # fmt: skip
+            train_shards, query_idx = indexes[method.index_name]
             hessian = None
             if method.hessian == "autocorrelation":
                 hessian = work / method.index_name / "hessian"
                 if not hessian.exists():
-                    gradients.autocorrelation_hessian(train_idx, hessian)
-            total, per_module = gradients.score_all(
-                train_idx, query_idx, unit_norm=method.unit_norm, hessian_path=hessian
-            )
-            found = None
+                    gradients.autocorrelation_hessian(train_shards, hessian, cfg.chunk_rows)
+            scorer = gradients.GradientScorer(
+                train_shards, query_idx, unit_norm=method.unit_norm, hessian_path=hessian,
+                chunk_rows=cfg.chunk_rows, device=compute_device(),
+            )  # fmt: skip
+            top = None
             if cfg.faiss and hessian is None and method.unit_norm:
-                keys, q = gradients.unit_rows(train_idx), gradients.unit_rows(query_idx)
-                found = baselines.faiss_topk(keys, q, cfg.top_k)
-            all_scores[method.name] = Scored(total, per_module, found)
+                top = baselines.FaissTopK(gradients.unit_rows(query_idx), cfg.top_k)
+            blocks = scorer.chunks(on_rows=top.add if top else None)
+            ranking = rank(((start, block, slice(None)) for start, block in blocks), scorer.totals)
+            all_scores[method.name] = Scored(ranking, scorer.per_module, top.result() if top else None)
         elif method.kind == "bm25":
             texts = [p["prompt"] + p["target"] for p in queries]
-            all_scores[method.name] = Scored(baselines.bm25_scores(cands.texts, texts))
+            per_query = baselines.bm25_query_scores(cands.texts, texts)
+            all_scores[method.name] = Scored(rank((0, s[None], [qi]) for qi, s in enumerate(per_query)))
         elif method.kind == "activation":
             model, _ = load_checkpoint(ckpt_dir)
             layer = baselines.middle_layer(model.config.num_hidden_layers)
-            keys = baselines.mean_activations(model, cands.tokens[:, :-1].tolist(), layer)
             q = baselines.mean_activations(model, q_rows, layer)
-            found = baselines.faiss_topk(keys, q, cfg.top_k) if cfg.faiss else None
-            all_scores[method.name] = Scored(q @ keys.T, faiss=found)
+
+            def keys(ids, model=model, layer=layer):
+                return baselines.mean_activations(model, cands.tokens[ids, :-1].tolist(), layer)
+
+            top = baselines.FaissTopK(q, cfg.top_k) if cfg.faiss else None
+
+            def blocks(keys=keys, q=q, top=top):
+                for start in range(0, n_rows, cfg.chunk_rows):
+                    k = keys(np.arange(start, min(start + cfg.chunk_rows, n_rows)))
+                    if top is not None:
+                        top.add(start, k)
+                    yield start, q @ k.T, slice(None)
+
+            ranking = rank(blocks(), lambda ids, keys=keys, q=q: q @ keys(ids).T)
+            all_scores[method.name] = Scored(ranking, faiss=top.result() if top else None)
         elif method.kind == "random":
-            all_scores[method.name] = Scored(
-                baselines.random_scores(len(queries), len(cands.texts), seed + step)
-            )
+            per_query = baselines.random_query_scores(len(queries), n_rows, seed + step)
+            all_scores[method.name] = Scored(rank((0, s[None], [qi]) for qi, s in enumerate(per_query)))
     for method in methods:
         if method.name in all_scores:
-            record(tables, step, method, queries, all_scores[method.name], cands, truth, cfg.top_k)
+            record(tables, step, method, queries, all_scores[method.name], cands, cfg.top_k)
 
 
-def build_indexes(cfg, folder, ckpt_dir, cands, queries, q_rows, opt_state):
+def compute_device() -> str:
+    """Where gradient scores are computed: the first GPU when there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_indexes(ctx, step, ckpt, name, cands, queries, q_rows, opt_state):
+    """The training index (as shards, adopting any built by ``index-shard``) and the query index."""
+    cfg = ctx.config
+    folder = ctx.out_dir / "indexes" / f"step{step}" / name
     folder.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = ctx.inputs[paths.TRAIN] / ckpt["path"]
+    train = shards.build_or_adopt(
+        ctx.profile, cfg, folder / "train", step, ckpt, name, cands, opt_state, ckpt_dir
+    )
     common = {
         "optimizer_state": opt_state,
         "projection_dim": cfg.projection_dim,
         "token_batch_size": cfg.token_batch_size,
     }
-    log.info("bergson index over %d training sequences (%s)", len(cands.texts), folder.name)
-    train_idx = gradients.build_index(
-        folder / "train", ckpt_dir, cands.tokens.tolist(), labels=None, **common
-    )
     labels = [[-100] * len(p["prompt_ids"]) + p["target_ids"] for p in queries]
     query_idx = gradients.build_index(folder / "queries", ckpt_dir, q_rows, labels=labels, **common)
-    return train_idx, query_idx
+    return train, query_idx
 
 
-def record(tables, step, method: Method, queries, scored: Scored, cands, truth, top_k) -> None:
-    total, per_module = scored.total, scored.per_module
-    order, top_scores = baselines.topk(total, top_k)
+def record(tables, step, method: Method, queries, scored: Scored, cands, top_k) -> None:
+    ranking = scored.ranking
+    order, top_scores = ranking.top()
     if scored.faiss is not None:  # faiss top-k for a method without a Hessian; the exact pass checks it
         f_ids, f_scores = scored.faiss
         if not np.allclose(np.sort(f_scores, axis=1), np.sort(top_scores, axis=1), atol=1e-4):
             log.warning("%s: faiss and exact top-k scores differ", method.name)
         order, top_scores = f_ids, f_scores
+    per_module, column = None, {}
+    if scored.per_module is not None:  # per-module scores of the top-k rows only
+        rows = np.unique(order)
+        per_module, column = scored.per_module(rows), {int(r): j for j, r in enumerate(rows)}
     for qi, p in enumerate(queries):
         base = {
             "behavior_id": p["behavior_id"],
@@ -268,14 +324,13 @@ def record(tables, step, method: Method, queries, scored: Scored, cands, truth, 
                             "packed_id": int(pid),
                             "module": module,
                             "layer": layer_of(module),
-                            "score": float(block[qi, pid]),
+                            "score": float(block[qi, column[int(pid)]]),
                         }
                     )
-        tables["summary"].append({**base, **metrics.concentration(total[qi])})
-        item = p["item_id"]
-        if item in truth:
+        tables["summary"].append({**base, **ranking.summary(qi)})
+        if ranking.truth[qi] is not None:
             tables["tracing"].append(
-                {**base, "item_id": item, "count": p["count"], **metrics.tracing(total[qi], truth[item])}
+                {**base, "item_id": p["item_id"], "count": p["count"], **ranking.tracing(qi)}
             )
 
 

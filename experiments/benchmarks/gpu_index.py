@@ -1,0 +1,131 @@
+"""bergson index building against plain forward + backward, on a GPU, at Pythia's real shapes.
+
+A randomly initialised GPTNeoX with pythia-70m's and pythia-160m's exact configurations (their
+public config.json values below; the weights do not change the cost), random training sequences
+of 2,049 tokens cut to the model's 2,048 positions as the attribute stage cuts them, then in the
+same run: (a) plain forward + backward over the same batches (one sequence each: bergson's token
+batch cannot exceed 2,048), in float32 as bergson collects by default, and (b) ``gradients.build_index``,
+the attribute stage's own call (per-module projection 16, no optimizer normalizer). Prints
+tokens/s of both and their ratio, and the GPU. bergson reports about 80k tokens/s per GPU for
+pythia-70m. Never needed for CI; run whenever a GPU is at hand:
+
+    python experiments/benchmarks/gpu_index.py --models 70m 160m --sequences 256
+
+On a CPU it runs too (``--models tiny --sequences 4``), to check the script, not to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# config.json of EleutherAI/pythia-70m-deduped and -160m-deduped (architecture fields only)
+SHAPES = {
+    "70m": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "intermediate_size": 2048},
+    "160m": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},
+}
+COMMON = {
+    "vocab_size": 50304,
+    "max_position_embeddings": 2048,
+    "rotary_pct": 0.25,
+    "rotary_emb_base": 10000,
+    "use_parallel_residual": True,
+    "layer_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "hidden_act": "gelu",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain(model, rows: np.ndarray, device: str, dtype) -> float:
+    """tokens/s of forward + backward, one sequence per batch (after one warm-up batch)."""
+    model = model.to(device=device, dtype=dtype)
+
+    def step(row):
+        ids = torch.from_numpy(row[None].astype(np.int64)).to(device)
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step(rows[0])
+    sync(device)
+    start = time.perf_counter()
+    for row in rows:
+        step(row)
+    sync(device)
+    return len(rows) * (rows.shape[1] - 1) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from pythia_attribution.attribute import gradients
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["70m", "160m"], choices=list(SHAPES))
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--projection-dim", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = (
+        torch.cuda.get_device_name() if device == "cuda" else "CPU (a check of the script, not a measurement)"
+    )
+    dtype = torch.float32  # bergson's default precision, which the attribute stage uses
+    print(f"device: {name}; torch {torch.__version__}; plain pass in {dtype}")
+    rng = np.random.default_rng(args.seed)
+    rows = rng.integers(2, COMMON["vocab_size"], size=(args.sequences, 2049), dtype=np.int64)
+    for key in args.models:
+        torch.manual_seed(args.seed)
+        config = GPTNeoXConfig(**COMMON, **SHAPES[key])
+        model = GPTNeoXForCausalLM(config)
+        cut = rows[:, : config.max_position_embeddings]  # what build_index keeps of a 2,049-token row
+        base = plain(model, cut, device, dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.to(torch.float32).save_pretrained(Path(tmp) / "model")
+            kwargs = {"labels": None, "optimizer_state": None, "projection_dim": args.projection_dim}
+            start = time.perf_counter()
+            gradients.build_index(
+                Path(tmp) / "warm", Path(tmp) / "model", cut[:2], token_batch_size=2048, **kwargs
+            )
+            sync(device)
+            setup = time.perf_counter() - start  # mostly loading the model; two rows' compute besides
+            start = time.perf_counter()
+            gradients.build_index(
+                Path(tmp) / "index", Path(tmp) / "model", cut, token_batch_size=2048, **kwargs
+            )
+            sync(device)
+            seconds = time.perf_counter() - start
+            built = len(cut) * (cut.shape[1] - 1) / seconds
+            steady = len(cut) * (cut.shape[1] - 1) / max(seconds - setup, 1e-9)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(
+            f"pythia-{key} shapes ({params:.0f}M parameters), {len(cut)} x {cut.shape[1]} tokens: "
+            f"plain forward+backward {base:,.0f} tokens/s; bergson index {built:,.0f} tokens/s per call "
+            f"(ratio {built / base:.2f}), {steady:,.0f} without the {setup:.1f} s setup of a call "
+            f"(ratio {steady / base:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

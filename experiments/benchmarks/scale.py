@@ -1,0 +1,172 @@
+"""Scoring at scale: queries x candidates per second and peak memory, from 10^4 to 10^5 rows.
+
+A synthetic training index in bergson's on-disk format (random rows standing for projected
+gradients: the scoring cost does not depend on where the rows came from) with pythia-70m's module
+layout (6 layers x 4 Linear modules, projection 16: 24 x 256 = 6,144 dims per row, float16 as a GPU
+build stores them), and a set of query rows. Each size runs in its own process, which builds the
+files (not timed), then runs what the attribute stage runs for TrackStar: the autocorrelation
+Hessian streamed over the index, then streaming scores with the running top-k, the tracing counts
+against a truth set per query and the sampled summary, then per-module scores of the top-k rows.
+
+Memory is sampled every 20 ms from /proc/self/status: ``RssAnon`` (the process's own memory:
+what must stay flat) and ``RssFile`` (pages of the memory-mapped index, which the kernel can drop
+at will). Usage:
+
+    python experiments/benchmarks/scale.py --sizes 10000 100000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def memory_kib() -> tuple[int, int]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0])
+    return fields["RssAnon"], fields["RssFile"]
+
+
+class PeakMemory:
+    """Peak RssAnon / RssFile over a block, sampled on a thread."""
+
+    def __enter__(self):
+        self.peak_anon, self.peak_file = memory_kib()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.02):
+            anon, file = memory_kib()
+            self.peak_anon, self.peak_file = max(self.peak_anon, anon), max(self.peak_file, file)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def write_index(folder: Path, rows: int, modules: int, dim: int, dtype: str, seed: int) -> None:
+    import numpy as np
+    from bergson.gradients import GradientProcessor
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    grads = np.memmap(folder / "gradients.bin", mode="w+", dtype=dtype, shape=(rows, modules * dim))
+    for start in range(0, rows, 8192):
+        n = min(8192, rows - start)
+        grads[start : start + n] = rng.standard_normal((n, modules * dim), dtype=np.float32)
+    grads.flush()
+    del grads
+    sizes = {f"layers.{m // 4}.module{m % 4}": dim for m in range(modules)}
+    info = {
+        "attribute_tokens": False,
+        "num_items": rows,
+        "num_grads": rows,
+        "grad_sizes": sizes,
+        "base_dtype": dtype,
+    }
+    (folder / "info.json").write_text(json.dumps(info))
+    GradientProcessor(projection_dim=int(dim**0.5)).save(folder)
+
+
+def child(args) -> dict:
+    import numpy as np
+    import torch
+
+    from pythia_attribution.attribute import gradients
+    from pythia_attribution.attribute.ranking import Ranking
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        train, queries = Path(tmp) / "train", Path(tmp) / "queries"
+        write_index(train, args.rows, args.modules, args.dim, args.dtype, seed=1)
+        write_index(queries, args.queries, args.modules, args.dim, "float32", seed=2)
+        rng = np.random.default_rng(3)
+        truth = [np.sort(rng.choice(args.rows, size=8, replace=False)) for _ in range(args.queries)]
+        out = {"rows": args.rows, "queries": args.queries, "dims": args.modules * args.dim}
+        baseline_anon, _ = memory_kib()
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            hessian = gradients.autocorrelation_hessian(train, Path(tmp) / "hessian", args.chunk_rows)
+            out["hessian_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            scorer = gradients.GradientScorer(
+                train, queries, unit_norm=True, hessian_path=hessian, chunk_rows=args.chunk_rows
+            )
+            ranking = Ranking(args.queries, args.rows, args.k, truth, sample_size=args.sample, seed=0)
+            union = np.unique(np.concatenate(truth))
+            s = scorer.totals(union)
+            ranking.set_truth_best({q: s[q, np.searchsorted(union, t)] for q, t in enumerate(truth)})
+            for first, block in scorer.chunks():
+                ranking.add(first, block)
+            ids, _ = ranking.top()
+            scorer.per_module(np.unique(ids))
+            [ranking.summary(q) for q in range(args.queries)]
+            [ranking.tracing(q) for q in range(args.queries)]
+            out["score_s"] = time.perf_counter() - start
+        out["pairs_per_s"] = args.rows * args.queries / out["score_s"]
+        out["peak_anon_mib"] = (peak.peak_anon - baseline_anon) / 1024
+        out["peak_file_mib"] = peak.peak_file / 1024
+        out["index_mib"] = (train / "gradients.bin").stat().st_size / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--modules", type=int, default=24, help="pythia-70m: 6 layers x 4 Linear modules")
+    parser.add_argument("--dim", type=int, default=256, help="per-module dims (projection 16: 16 x 16)")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument(
+        "--chunk-rows", type=int, default=4096, help="attribute.chunk_rows (the stage's default: 16384)"
+    )
+    parser.add_argument("--sample", type=int, default=100_000, help="attribute.summary_sample")
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tmp", default=None, help="where the synthetic indexes are written")
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)  # set in the child process
+    args = parser.parse_args()
+    if args.rows is not None:
+        print(json.dumps(child(args)))
+        return
+    print(
+        f"synthetic index: {args.modules} modules x {args.dim} dims ({args.dtype}), {args.queries} queries, "
+        f"top {args.k}, chunks of {args.chunk_rows} rows, summary sample {args.sample}, "
+        f"{args.threads} threads"
+    )
+    columns = ("index MiB", "hessian s", "score s", "q x c / s", "peak anon MiB", "peak file MiB")
+    print(f"{'rows':>9} " + " ".join(f"{c:>9}" for c in columns))
+    results = []
+    for rows in args.sizes:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--rows", str(rows)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(
+            f"{r['rows']:>9} {r['index_mib']:>9.0f} {r['hessian_s']:>9.2f} {r['score_s']:>8.2f} "
+            f"{r['pairs_per_s']:>9.3g} {r['peak_anon_mib']:>13.0f} {r['peak_file_mib']:>13.0f}"
+        )
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(
+            f"{b['rows'] / a['rows']:.0f}x the rows: {b['score_s'] / a['score_s']:.1f}x the scoring time, "
+            f"{b['peak_anon_mib'] / max(a['peak_anon_mib'], 1):.2f}x the peak anonymous memory"
+        )
+
+
+if __name__ == "__main__":
+    main()

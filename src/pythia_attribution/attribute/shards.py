@@ -1,0 +1,168 @@
+"""The training index in shards: built here, or elsewhere and adopted.
+
+Two ways to spread an index build, for two situations:
+
+- **One machine, several GPUs, or several machines sharing a file system**: bergson's own launcher
+  (``attribute.nproc_per_node``, and its ``nnode``/``node_rank`` through the environment). Its
+  workers write their rows into one shared ``gradients.bin``.
+- **Machines without a shared file system** (or separate jobs on a cluster): shards by row range.
+  ``attribute.index_shards = N`` splits the candidates into N contiguous ranges; each machine runs
+  ``python -m pythia_attribution index-shard --profile P --shard I`` (after ``nox -s train``),
+  which writes ``results/P/shards/step{S}/{index}/shard-I-of-N/`` for every checkpoint and
+  index the attribute stage needs. Copied into the main machine's ``results/P/shards/``, they are
+  adopted (moved into the attribute stage's outputs) when their key matches: the checkpoint's
+  sha256, the rows' tokens, the projection, the token batch, the optimizer state and bergson's
+  version. Anything missing or mismatched is built by the stage itself.
+
+Each shard is a complete bergson index (``gradients.bin`` + ``info.json`` + ...) plus
+``shard.json`` (its row range and key); scoring reads them in row order (``gradients.shards_of``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from pythia_attribution import paths
+from pythia_attribution.attribute import gradients
+from pythia_attribution.errors import UserError
+
+log = logging.getLogger(__name__)
+SHARD_RECORD = "shard.json"
+
+
+def prebuilt_dir(profile_name: str, step: int, index_name: str) -> Path:
+    return paths.results_root() / profile_name / "shards" / f"step{step}" / index_name
+
+
+def shard_key(cfg, ckpt: dict, index_name: str, rows: np.ndarray, lo: int, hi: int, opt_state) -> dict:
+    """Everything a shard's rows depend on."""
+    return {
+        "checkpoint": ckpt["step"],
+        "model_sha256": ckpt["model_sha256"],
+        "rows": [lo, hi],
+        "tokens_sha256": hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest(),
+        "index": index_name,
+        "projection_dim": cfg.projection_dim,
+        "token_batch_size": cfg.token_batch_size,
+        "optimizer_state_sha256": _sha256(opt_state) if opt_state else None,
+        "bergson": version("bergson"),
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_shard(cfg, dest: Path, key: dict, rows: np.ndarray, ckpt_dir: Path, opt_state) -> Path:
+    """Build one shard into ``dest`` (through ``dest``.part, so a killed build leaves nothing)."""
+    part = dest.with_name(dest.name + ".part")
+    for stale in (part, part.with_name(part.name + ".data"), part.with_name(part.name + ".part")):
+        shutil.rmtree(stale, ignore_errors=True)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    gradients.build_index(
+        part,
+        ckpt_dir,
+        rows,
+        labels=None,
+        optimizer_state=opt_state,
+        projection_dim=cfg.projection_dim,
+        token_batch_size=cfg.token_batch_size,
+        nproc_per_node=cfg.nproc_per_node,
+    )
+    (part / SHARD_RECORD).write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(part, dest)
+    return dest
+
+
+def build_or_adopt(
+    profile, cfg, folder: Path, step, ckpt, index_name, cands, opt_state, ckpt_dir
+) -> list[Path]:
+    """The training index's shards in ``folder``, in row order."""
+    ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
+    out = []
+    for i, (lo, hi) in enumerate(ranges):
+        name = gradients.shard_name(i, len(ranges))
+        rows = cands.tokens[lo:hi]
+        key = shard_key(cfg, ckpt, index_name, rows, lo, hi, opt_state)
+        dest = folder / name
+        prebuilt = prebuilt_dir(profile.name, step, index_name) / name
+        if (prebuilt / SHARD_RECORD).exists():
+            if json.loads((prebuilt / SHARD_RECORD).read_text()) == key:
+                log.info("adopting %s (built elsewhere)", prebuilt)
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.move(prebuilt, dest)
+                out.append(dest)
+                continue
+            log.warning(
+                "%s does not match this run (checkpoint, rows or settings differ); rebuilding", prebuilt
+            )
+        log.info("bergson index over rows %d-%d of %d (%s, %s)", lo, hi, len(cands.tokens), index_name, name)
+        out.append(build_shard(cfg, dest, key, rows, ckpt_dir, opt_state))
+    return out
+
+
+def build_for_profile(profile, shard: int) -> list[Path]:
+    """``index-shard``: build shard ``shard`` of every training index the attribute stage will need."""
+    from pythia_attribution import stage, tables
+    from pythia_attribution.attribute.methods import load_methods
+    from pythia_attribution.attribute.stage import load_candidates
+    from pythia_attribution.model import set_threads
+
+    cfg = profile.attribute
+    if not 0 <= shard < cfg.index_shards:
+        raise UserError(
+            f"--shard {shard}: attribute.index_shards is {cfg.index_shards} (shards 0-{cfg.index_shards - 1})"
+        )
+    for up in (paths.CORPUS, paths.TRAIN):
+        if stage.status(profile, up).state != "current":
+            raise UserError(
+                f"index-shard reads the '{up}' stage's outputs, which are not current: "
+                f"run `nox -s {up}` first"
+            )
+    set_threads(profile.runtime.threads)
+    corpus_dir, train_dir = (paths.stage_dir(profile.name, s) for s in (paths.CORPUS, paths.TRAIN))
+    cands = load_candidates(tables.read_table(paths.table_path(corpus_dir, paths.CORPUS_TABLE)))
+    ckpts = {
+        c["step"]: c
+        for c in tables.read_table(paths.table_path(train_dir, paths.CHECKPOINTS_TABLE)).to_pylist()
+    }
+    kinds = {
+        m.index_name: m
+        for m in load_methods(paths.resolve_input(cfg.methods_file), cfg.methods)
+        if m.kind == "gradient"
+    }
+    ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
+    lo, hi = ranges[shard]
+    built = []
+    for step in sorted({max(ckpts), *cfg.checkpoints}):
+        ckpt_dir = train_dir / ckpts[step]["path"]
+        for name, method in sorted(kinds.items()):
+            opt_state = ckpt_dir / "optimizer.pt" if method.optimizer_normalize else None
+            if opt_state is not None and not opt_state.is_file():
+                continue
+            rows = cands.tokens[lo:hi]
+            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, opt_state)
+            dest = prebuilt_dir(profile.name, step, name) / gradients.shard_name(shard, len(ranges))
+            if (dest / SHARD_RECORD).exists() and json.loads((dest / SHARD_RECORD).read_text()) == key:
+                log.info("%s is already built", dest)  # a rerun after a kill resumes here
+            else:
+                log.info(
+                    "shard %d of %d: rows %d-%d, step%d, %s index", shard, len(ranges), lo, hi, step, name
+                )
+                build_shard(cfg, dest, key, rows, ckpt_dir, opt_state)
+            built.append(dest)
+    return built
