@@ -43,6 +43,10 @@ def test_two_shards_built_by_two_processes_equal_one_index(nano_run, tmp_path, m
     assert "\nfaiss = true\n" in text
     profile.write_text(text.replace("\nfaiss = true\n", "\nfaiss = true\nindex_shards = 2\n"))
 
+    # a shard that does not exist, or none named: one line, exit 2
+    assert main(["index-shard", "--shard", "2", "--profile", str(profile), "-q"]) == 2
+    assert main(["index-shard", "--profile", str(profile), "-q"]) == 2
+
     # two separate processes, at the same time, each building one shard of every index
     procs = [
         subprocess.Popen(

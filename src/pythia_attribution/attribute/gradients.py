@@ -254,13 +254,23 @@ class GradientScorer:
             out[sel] = self.maps[s][0][ids[sel] - self.offsets[s]]
         return out
 
+    def _of_rows(self, ids: np.ndarray) -> np.ndarray:
+        """queries x len(ids) x modules scores of the given rows, ``chunk_rows`` rows at a time."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((self.n_queries, len(ids), len(self.modules)), dtype=np.float32)
+        for a in range(0, len(ids), self.chunk_rows):
+            rows = self.gather(ids[a : a + self.chunk_rows])
+            out[:, a : a + self.chunk_rows] = self._per_module(rows).cpu()
+        return out
+
     def totals(self, ids: np.ndarray) -> np.ndarray:
         """queries x len(ids) total scores of the given rows."""
-        return self._per_module(self.gather(ids)).sum(-1).cpu().numpy()
+        per_module = self._of_rows(ids)
+        return torch.from_numpy(per_module).sum(-1).numpy()
 
     def per_module(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Each module's queries x len(ids) scores of the given rows."""
-        scores = self._per_module(self.gather(ids)).cpu().numpy()
+        scores = self._of_rows(ids)
         return {n: scores[..., i] for i, n in enumerate(self.modules)}
 
 
