@@ -29,8 +29,8 @@ def _truth(scores):
 def test_streamed_topk_tracing_and_summary_equal_an_exact_sort(chunk):
     scores = _scores()
     truth = _truth(scores)
-    ranking = Ranking(len(scores), scores.shape[1], 20, truth, sample_size=5000)
-    ranking.set_truth_best({q: scores[q, t] for q, t in enumerate(truth) if t is not None})
+    ranking = Ranking(len(scores), scores.shape[1], 20, {"t": truth}, sample_size=5000)
+    ranking.prime(lambda ids: scores[:, ids])
     for start in range(0, scores.shape[1], chunk):
         ranking.add(start, scores[:, start : start + chunk])
     assert ranking.complete
@@ -41,24 +41,28 @@ def test_streamed_topk_tracing_and_summary_equal_an_exact_sort(chunk):
     for q, t in enumerate(truth):
         assert ranking.summary(q) == metrics.concentration(scores[q])
         if t is not None:
-            assert ranking.tracing(q) == metrics.tracing(scores[q], t), q
+            assert ranking.tracing(q, "t") == metrics.tracing(scores[q], t), q
 
 
 def test_blocks_per_query_need_no_threshold():
     scores = _scores()
     truth = _truth(scores)
-    ranking = Ranking(len(scores), scores.shape[1], 20, truth)
+    # two definitions at once: the sets, and the sets' first rows alone
+    firsts = [None if t is None else t[:1] for t in truth]
+    ranking = Ranking(len(scores), scores.shape[1], 20, {"all": truth, "first": firsts})
     for q in range(len(scores)):
         ranking.add(0, scores[q][None], [q])
     for q, t in enumerate(truth):
+        assert ranking.has_truth(q, "all") == (t is not None)
         if t is not None:
-            assert ranking.tracing(q) == metrics.tracing(scores[q], t)
+            assert ranking.tracing(q, "all") == metrics.tracing(scores[q], t)
+            assert ranking.tracing(q, "first") == metrics.tracing(scores[q], t[:1])
 
 
 def test_partial_blocks_without_a_threshold_are_refused():
     scores = _scores()
-    ranking = Ranking(len(scores), scores.shape[1], 20, _truth(scores))
-    with pytest.raises(ValueError, match="set_truth_best"):
+    ranking = Ranking(len(scores), scores.shape[1], 20, {"t": _truth(scores)})
+    with pytest.raises(ValueError, match="prime"):
         ranking.add(0, scores[:, :10])
 
 

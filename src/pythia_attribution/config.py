@@ -331,6 +331,20 @@ class DuplicatesConfig:
 
 
 @dataclass(frozen=True)
+class CausalConfig:
+    methods: list[str] = doc(
+        "methods to tail-patch (default: every method attribute ran)", default_factory=list
+    )
+    top_k: int = doc("sequences patched per (behavior, method): the method's top k (TrackStar: 10)", 10, ge=1)
+    max_behaviors: int = doc("cap on the exhibited behaviors patched, a seeded sample (0: all)", 0, ge=0)
+    reference_truth: str = doc(
+        "truth definition of the ground-truth reference sequences",
+        "complete",
+        choices=("complete", "partial"),
+    )
+
+
+@dataclass(frozen=True)
 class MemorizationConfig:
     source: str = doc(
         "'test' (test every candidate at every checkpoint) or 'memorized-evals' (also re-score a "
@@ -369,6 +383,7 @@ class Profile:
     attribute: AttributeConfig = doc("attribute stage", default_factory=AttributeConfig)
     duplicates: DuplicatesConfig = doc("duplicates stage", default_factory=DuplicatesConfig)
     memorization: MemorizationConfig = doc("memorization stage", default_factory=MemorizationConfig)
+    causal: CausalConfig = doc("causal stage (tail-patch)", default_factory=CausalConfig)
 
 
 def _type_ok(value, tp) -> bool:

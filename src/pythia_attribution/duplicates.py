@@ -100,7 +100,7 @@ def pair_features(cfg, hasher, query_key, query_tokens, cand_key, cand_tokens, t
 def run(ctx) -> None:
     cfg: DuplicatesConfig = ctx.config
     cands = load_candidates(ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE))
-    truth = truth_sets(ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE), cands)
+    truth = truth_sets(ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE), cands, "partial")
     attributions = ctx.input_table(paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pylist()
     probes = {
         (p["behavior_id"], p["checkpoint"]): p
@@ -133,7 +133,12 @@ def run(ctx) -> None:
     table = pa.Table.from_pylist(rows, SCHEMA)
     thresholds = asdict(cfg)
     comp = composition(table)
-    ctx.write_table(paths.DUPLICATES_TABLE, table, thresholds=thresholds)
+    ctx.write_table(
+        paths.DUPLICATES_TABLE,
+        table,
+        thresholds=thresholds,
+        truth="ground-truth membership under the partial definition (a sequence touching a source document)",
+    )
     ctx.write_table(paths.COMPOSITION_TABLE, comp, thresholds=thresholds)
     for (family, method), g in comp.to_pandas().groupby(["family", "method"]):
         shares = ", ".join(f"{r.category} {r.share:.2f}" for r in g.itertuples())

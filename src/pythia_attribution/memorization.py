@@ -157,7 +157,7 @@ def run(ctx) -> None:
     final_step = steps[-1]
     final_mem = results[final_step][0]
     injected = np.zeros(len(windows), dtype=np.int32)
-    canary_truth = truth_sets(ground.filter(pa.compute.equal(ground["kind"], "canary")), cands)
+    canary_truth = truth_sets(ground.filter(pa.compute.equal(ground["kind"], "canary")), cands, "partial")
     counts_by_item = dict(zip(ground["item_id"].to_pylist(), ground["count"].to_pylist(), strict=True))
     for item, packed in canary_truth.items():
         injected[packed] = np.maximum(injected[packed], counts_by_item[item])
@@ -205,7 +205,7 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
     """Canaries by injected count: memorized share at every checkpoint (the same test on each
     canary's own 64 tokens), and whether attribution's top-1 for a memorized canary is one of its
     own copies (query: the canary's 64 tokens, loss on the last 32)."""
-    truth = truth_sets(ground, cands)
+    truth = truth_sets(ground, cands, "partial")
     rows = []
     for step, mem in canary_mem.items():
         for count in sorted({it["count"] for it in items}):
@@ -240,7 +240,7 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
         for method, ranking in rankings.items():
             order, _ = ranking.top()
             for qi, i in enumerate(chosen):
-                traced = ranking.tracing(qi)
+                traced = ranking.tracing(qi, "own")
                 out.append(
                     {
                         "item_id": items[i]["item_id"],
@@ -252,7 +252,11 @@ def canaries(ctx, cands, ground, items, windows, canary_mem, final_step) -> None
                         "first_own_copy_rank": traced["first_hit_rank"],
                     }
                 )
-    ctx.write_table(paths.CANARY_ATTRIBUTION_TABLE, pa.Table.from_pylist(out, CANARY_ATTRIBUTION_SCHEMA))
+    ctx.write_table(
+        paths.CANARY_ATTRIBUTION_TABLE,
+        pa.Table.from_pylist(out, CANARY_ATTRIBUTION_SCHEMA),
+        truth="own copy = partial: a packed sequence touching a document that carries the canary",
+    )
     for method in ctx.config.methods:
         hits = [r["top1_is_own_copy"] for r in out if r["method"] == method]
         if hits:
@@ -314,13 +318,9 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
     truth = truth if truth is not None else [None] * len(q_rows)
 
     def rank(blocks, totals=None) -> Ranking:
-        ranking = Ranking(len(q_rows), len(keys), cfg.top_k, truth, sample_size=0)
-        if totals is not None and any(t is not None for t in truth):
-            union = np.unique(np.concatenate([t for t in truth if t is not None]))
-            s = totals(union)
-            ranking.set_truth_best(
-                {q: s[q, np.searchsorted(union, t)] for q, t in enumerate(truth) if t is not None}
-            )
+        ranking = Ranking(len(q_rows), len(keys), cfg.top_k, {"own": truth}, sample_size=0)
+        if totals is not None:
+            ranking.prime(totals)
         for start, block, queries in blocks:
             ranking.add(start, block, queries)
         return ranking

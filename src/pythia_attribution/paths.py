@@ -58,8 +58,8 @@ def expand(template: str, profile: str) -> Path:
 
 # Stages, in pipeline order, and the tables each one writes.
 CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
-MEMORIZATION = "memorization"
-STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION)
+MEMORIZATION, CAUSAL = "memorization", "causal"
+STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION, CAUSAL)
 
 # The stage graph: each stage and the stages whose tables it reads. Declared once, here, in plain
 # data (this module imports nothing outside the standard library, so the noxfile reads it too);
@@ -71,6 +71,7 @@ GRAPH: dict[str, tuple[str, ...]] = {
     ATTRIBUTE: (CORPUS, TRAIN, PROBE),
     DUPLICATES: (CORPUS, PROBE, ATTRIBUTE),
     MEMORIZATION: (CORPUS, TRAIN, ATTRIBUTE),
+    CAUSAL: (CORPUS, TRAIN, PROBE, ATTRIBUTE),
 }
 STAGE_HELP: dict[str, str] = {
     CORPUS: "the training sequences in training order: micro-Pile built here, or the Pile by byte range",
@@ -79,6 +80,7 @@ STAGE_HELP: dict[str, str] = {
     ATTRIBUTE: "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
     DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
     MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
+    CAUSAL: "tail-patch: one training step on each retrieved sequence, and the change in the target",
 }
 
 CORPUS_TABLE = "corpus"
@@ -105,6 +107,8 @@ MEMORIZED_COMPOSITION_TABLE = "memorized_composition"
 CANARY_MEMORIZATION_TABLE = "canary_memorization"
 CANARY_ATTRIBUTION_TABLE = "canary_attribution"
 EVALS_RESCORE_TABLE = "evals_rescore"
+TAIL_PATCH_TABLE = "tail_patch"
+TAIL_PATCH_METRICS_TABLE = "tail_patch_metrics"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"

@@ -135,6 +135,13 @@ SPECS: dict[str, StageSpec] = {
         _files(_method_files, _world_files),
         help=paths.STAGE_HELP[paths.MEMORIZATION],
     ),
+    paths.CAUSAL: StageSpec(
+        paths.CAUSAL,
+        "pythia_attribution.causal",
+        paths.GRAPH[paths.CAUSAL],
+        ("runtime", "causal", "train", "attribute"),
+        help=paths.STAGE_HELP[paths.CAUSAL],
+    ),
 }
 
 PACKAGES = ("torch", "transformers", "tokenizers", "pyarrow", "numpy", "faker", "bergson")

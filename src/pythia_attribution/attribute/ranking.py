@@ -7,14 +7,17 @@ summary (exact max, min, mean and positive count; quantiles, top-share and tail 
 seeded sample of rows, or from every row when there are no more than ``sample_size``). Memory is
 queries x (k + sample_size), independent of the number of candidates.
 
-The first-hit rank is exact. When the best ground-truth row is in the top k, it is its position
-there. Otherwise it is one plus the number of non-truth rows that rank ahead of it, counted
-while streaming against the best truth score, which the caller computes beforehand from the
-truth rows alone (:meth:`Ranking.set_truth_best`); a block that spans every row of its queries
-needs no threshold.
+The first-hit rank is exact, under each truth definition given (named sets of ground-truth rows
+per query, e.g. ``complete`` and ``partial``). When the best ground-truth row is in the top k, it
+is its position there. Otherwise it is one plus the number of non-truth rows that rank ahead of
+it, counted while streaming against the best truth score, which :meth:`Ranking.prime` computes
+beforehand from the truth rows alone; a block that spans every row of its queries needs no
+threshold.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -23,13 +26,26 @@ from pythia_attribution.attribute import metrics
 TRACING_TOP = 10  # recall@10 and precision@10 need the top 10 even when k is smaller
 
 
+class _Truth:
+    """What the tracing metrics need under one truth definition."""
+
+    def __init__(self, sets: list[np.ndarray | None], n_queries: int):
+        if len(sets) != n_queries:
+            raise ValueError(f"{len(sets)} truth sets for {n_queries} queries")
+        self.sets = sets
+        self.best_score = np.full(n_queries, np.nan, dtype=np.float32)
+        self.best_row = np.full(n_queries, -1, dtype=np.int64)
+        self.ahead = np.zeros(n_queries, dtype=np.int64)  # non-truth rows ranking before the best truth row
+        self.exact_first = np.full(n_queries, -1, dtype=np.int64)
+
+
 class Ranking:
     def __init__(
         self,
         n_queries: int,
         n_rows: int,
         k: int,
-        truth: list[np.ndarray | None] | None = None,
+        truth: Mapping[str, list[np.ndarray | None]] | None = None,
         *,
         sample_size: int = 100_000,
         seed: int = 0,
@@ -37,7 +53,7 @@ class Ranking:
         self.n_queries, self.n_rows = n_queries, n_rows
         self.k = min(k, n_rows)
         self.keep = min(max(k, TRACING_TOP), n_rows)
-        self.truth = truth if truth is not None else [None] * n_queries
+        self.truths = {name: _Truth(sets, n_queries) for name, sets in (truth or {}).items()}
         self.top_ids = np.zeros((n_queries, self.keep), dtype=np.int64)
         self.top_scores = np.zeros((n_queries, self.keep), dtype=np.float32)
         self.filled = np.zeros(n_queries, dtype=np.int64)
@@ -51,21 +67,24 @@ class Ranking:
         self.total = np.zeros(n_queries)
         self.positive = np.zeros(n_queries, dtype=np.int64)
         self.seen = np.zeros(n_queries, dtype=np.int64)
-        self.best_score = np.full(n_queries, np.nan, dtype=np.float32)
-        self.best_row = np.full(n_queries, -1, dtype=np.int64)
-        self.ahead = np.zeros(n_queries, dtype=np.int64)  # non-truth rows ranking before the best truth row
-        self.exact_first = np.full(n_queries, -1, dtype=np.int64)
 
     @property
     def complete(self) -> bool:
         return bool((self.seen == self.n_rows).all())
 
-    def set_truth_best(self, scores: dict[int, np.ndarray]) -> None:
-        """Scores of each query's truth rows (in the order of ``truth[q]``), computed before streaming."""
-        for q, s in scores.items():
-            rows = self.truth[q]
-            best = np.lexsort((rows, -s))[0]
-            self.best_score[q], self.best_row[q] = s[best], rows[best]
+    def prime(self, totals: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Score every query's truth rows (``totals(ids)``: queries x len(ids)) before streaming."""
+        sets = [t for truth in self.truths.values() for t in truth.sets if t is not None]
+        if not sets:
+            return
+        union = np.unique(np.concatenate(sets))
+        scores = totals(union)
+        for truth in self.truths.values():
+            for q, rows in enumerate(truth.sets):
+                if rows is not None:
+                    s = scores[q, np.searchsorted(union, rows)]
+                    best = np.lexsort((rows, -s))[0]
+                    truth.best_score[q], truth.best_row[q] = s[best], rows[best]
 
     def add(self, start: int, scores: np.ndarray, queries: slice | np.ndarray = slice(None)) -> None:
         """A block of scores: ``scores[i, j]`` for query ``queries[i]`` and row ``start + j``."""
@@ -91,22 +110,23 @@ class Ranking:
         self.seen[qs] += width
         lo, hi = np.searchsorted(self.sample, [start, start + width])
         self.sampled[np.ix_(qs, np.arange(lo, hi))] = scores[:, self.sample[lo:hi] - start]
-        # tracing: rows ahead of the best truth row
-        for i, q in enumerate(qs):
-            truth = self.truth[q]
-            if truth is None:
-                continue
-            if width == self.n_rows:  # the whole ranking of this query at once
-                self.exact_first[q] = metrics.tracing(scores[i], truth)["first_hit_rank"]
-                continue
-            if np.isnan(self.best_score[q]):
-                raise ValueError(
-                    "Ranking.set_truth_best must come before a partial block of a query with truth"
-                )
-            s, t, r = scores[i], self.best_score[q], self.best_row[q]
-            beats = (s > t) | ((s == t) & (rows < r))
-            beats &= ~np.isin(rows, truth)
-            self.ahead[q] += int(beats.sum())
+        # tracing: rows ahead of the best truth row, under each definition
+        for name, truth in self.truths.items():
+            for i, q in enumerate(qs):
+                rows_q = truth.sets[q]
+                if rows_q is None:
+                    continue
+                if width == self.n_rows:  # the whole ranking of this query at once
+                    truth.exact_first[q] = metrics.tracing(scores[i], rows_q)["first_hit_rank"]
+                    continue
+                if np.isnan(truth.best_score[q]):
+                    raise ValueError(
+                        f"Ranking.prime must come before a partial block of a query with {name} truth"
+                    )
+                s, t, r = scores[i], truth.best_score[q], truth.best_row[q]
+                beats = (s > t) | ((s == t) & (rows < r))
+                beats &= ~np.isin(rows, rows_q)
+                truth.ahead[q] += int(beats.sum())
 
     def top(self) -> tuple[np.ndarray, np.ndarray]:
         """Top-k row ids and scores per query, best first."""
@@ -129,22 +149,27 @@ class Ranking:
         )
         return out
 
-    def tracing(self, q: int) -> dict:
-        """metrics.tracing of query q against its truth rows, without the full ranking."""
-        truth = self.truth[q]
-        hits = np.isin(self.top_ids[q], truth)
-        if self.exact_first[q] > 0:
-            first = int(self.exact_first[q])
+    def has_truth(self, q: int, definition: str) -> bool:
+        return definition in self.truths and self.truths[definition].sets[q] is not None
+
+    def tracing(self, q: int, definition: str) -> dict:
+        """metrics.tracing of query q against its truth rows under ``definition``, without the
+        full ranking."""
+        truth = self.truths[definition]
+        rows = truth.sets[q]
+        hits = np.isin(self.top_ids[q], rows)
+        if truth.exact_first[q] > 0:
+            first = int(truth.exact_first[q])
         elif hits.any():
             first = int(np.argmax(hits)) + 1
         else:
-            first = int(self.ahead[q]) + 1
+            first = int(truth.ahead[q]) + 1
         top10 = int(hits[:TRACING_TOP].sum())
         return {
             "mrr": 1.0 / first,
             "first_hit_rank": first,
-            "recall_at_10": float(top10 / len(truth)),
+            "recall_at_10": float(top10 / len(rows)),
             "precision_at_10": float(top10 / TRACING_TOP),
             "top1_hit": bool(hits[0]),
-            "n_truth": int(len(truth)),
+            "n_truth": int(len(rows)),
         }

@@ -75,11 +75,27 @@ def load_candidates(corpus: pa.Table) -> Candidates:
     )
 
 
-def truth_sets(ground_truth: pa.Table, cands: Candidates) -> dict[str, np.ndarray]:
-    """Ground-truth packed sequences per item: those touching any document that carries it."""
+# Truth definitions: which packed sequences count as a source of an item.
+TRUTHS = {
+    # the sequence holds the whole item: the statement, or the canary's 64 tokens
+    "complete": "seq_idxs",
+    # the sequence touches a document that carries the item, however small the fragment
+    "partial": "seq_idxs_partial",
+}
+TRUTH_TEXT = {
+    "complete": "packed sequences holding a complete copy of the behavior's ground-truth item",
+    "partial": "packed sequences touching any document that carries the behavior's ground-truth item",
+}
+
+
+def truth_sets(
+    ground_truth: pa.Table, cands: Candidates, definition: str = "partial"
+) -> dict[str, np.ndarray]:
+    """Ground-truth packed sequences per item under a truth definition (``TRUTHS``); items with
+    no such sequence are left out."""
     out = {}
     for item, seqs in zip(
-        ground_truth["item_id"].to_pylist(), ground_truth["seq_idxs_partial"].to_pylist(), strict=True
+        ground_truth["item_id"].to_pylist(), ground_truth[TRUTHS[definition]].to_pylist(), strict=True
     ):
         if seqs:
             out[item] = np.unique(cands.packed_of(seqs))
@@ -99,11 +115,8 @@ def stream_rank(cfg, seed, n_queries, n_rows, truth, blocks: Iterable, totals=No
     """Feed ``blocks`` ((first row, scores, queries)) into a :class:`Ranking`; ``totals(ids)``
     scores given rows for every query (needed when a query's rows come in several blocks)."""
     ranking = Ranking(n_queries, n_rows, cfg.top_k, truth, sample_size=cfg.summary_sample, seed=seed)
-    with_truth = [q for q, t in enumerate(truth) if t is not None]
-    if totals is not None and with_truth:
-        union = np.unique(np.concatenate([truth[q] for q in with_truth]))
-        s = totals(union)
-        ranking.set_truth_best({q: s[q, np.searchsorted(union, truth[q])] for q in with_truth})
+    if totals is not None:
+        ranking.prime(totals)
     for start, block, queries in blocks:
         ranking.add(start, block, queries)
     if not ranking.complete:
@@ -123,7 +136,8 @@ def run(ctx) -> None:
     methods = load_methods(paths.resolve_input(cfg.methods_file), cfg.methods)
     corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
     cands = load_candidates(corpus)
-    truth = truth_sets(ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE), cands)
+    ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    truth = {name: truth_sets(ground_truth, cands, name) for name in TRUTHS}
     probes = ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
     ckpts = {c["step"]: c for c in ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()}
     final = max(ckpts)
@@ -159,7 +173,7 @@ def run(ctx) -> None:
         paths.TRACING_METRICS_TABLE,
         aggregate_tracing(per_behavior, seed, cfg.bootstrap),
         bootstrap=f"percentile bootstrap over behaviors, {cfg.bootstrap} resamples, 95% interval",
-        truth="packed sequences touching any document that carries the behavior's ground-truth item",
+        truth="; ".join(f"{name}: {text}" for name, text in TRUTH_TEXT.items()),
     )
 
 
@@ -185,7 +199,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
         log.warning("step%d: no exhibited behavior; nothing to attribute", step)
         return
     q_rows = [p["prompt_ids"] + p["target_ids"] for p in queries]
-    q_truth = [truth.get(p["item_id"]) for p in queries]
+    q_truth = {name: [sets.get(p["item_id"]) for p in queries] for name, sets in truth.items()}
     n_rows = len(cands.texts)
     work = ctx.out_dir / "indexes" / f"step{step}"
     all_scores: dict[str, Scored] = {}
@@ -328,10 +342,12 @@ def record(tables, step, method: Method, queries, scored: Scored, cands, top_k) 
                         }
                     )
         tables["summary"].append({**base, **ranking.summary(qi)})
-        if ranking.truth[qi] is not None:
-            tables["tracing"].append(
-                {**base, "item_id": p["item_id"], "count": p["count"], **ranking.tracing(qi)}
-            )
+        for definition in TRUTHS:
+            if ranking.has_truth(qi, definition):
+                tables["tracing"].append(
+                    {**base, "truth": definition, "item_id": p["item_id"], "count": p["count"],
+                     **ranking.tracing(qi, definition)}
+                )  # fmt: skip
 
 
 def aggregate_tracing(per_behavior: pa.Table, seed: int, n_boot: int) -> pa.Table:
@@ -342,8 +358,14 @@ def aggregate_tracing(per_behavior: pa.Table, seed: int, n_boot: int) -> pa.Tabl
     df = df.assign(top1_hit=df["top1_hit"].astype(float))
     groups = [("all", df)] + list(df.groupby("family"))
     for family, sub in groups:
-        for (method, step), g in sub.groupby(["method", "checkpoint"]):
-            row = {"method": method, "family": family, "checkpoint": int(step), "n_behaviors": len(g)}
+        for (truth, method, step), g in sub.groupby(["truth", "method", "checkpoint"]):
+            row = {
+                "truth": truth,
+                "method": method,
+                "family": family,
+                "checkpoint": int(step),
+                "n_behaviors": len(g),
+            }
             for metric in ("mrr", "recall_at_10", "precision_at_10", "top1_hit"):
                 lo, hi = metrics.bootstrap_ci(g[metric].to_numpy(), seed, n_boot)
                 row.update({metric: float(g[metric].mean()), f"{metric}_lo": lo, f"{metric}_hi": hi})
@@ -367,6 +389,7 @@ SKIPPED_SCHEMA = pa.schema([*QUERY_KEY, ("reason", pa.string())])
 TRACING_SCHEMA = pa.schema(
     [
         *QUERY_KEY,
+        ("truth", pa.string()),
         ("item_id", pa.string()),
         ("count", pa.int32()),
         ("mrr", pa.float64()),
@@ -379,6 +402,7 @@ TRACING_SCHEMA = pa.schema(
 )
 TRACING_METRICS_SCHEMA = pa.schema(
     [
+        ("truth", pa.string()),
         ("method", pa.string()),
         ("family", pa.string()),
         ("checkpoint", pa.int64()),

@@ -233,3 +233,20 @@ def interval_level(note: str, what: str) -> str:
     if not m:
         raise ValueError(f"the {what} table's provenance does not state its interval level: {note!r}")
     return f"{m.group(1)}%"
+
+
+def causal_ranks(study: Study) -> dict[str, dict[str, str]]:
+    """Each method's rank (1 = best) by tail-patch effect and by tracing MRR under each truth
+    definition, over the methods present in both (the ground-truth reference is not ranked)."""
+    tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
+    tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
+    methods = set(tp["method"].to_list()) & set(tm["method"].to_list())
+    out: dict[str, dict[str, str]] = {m: {} for m in methods}
+    orders = {"causal": tp.filter(pl.col("method").is_in(list(methods))).sort("effect", descending=True)}
+    for truth in ("partial", "complete"):
+        sub = tm.filter((pl.col("truth") == truth) & pl.col("method").is_in(list(methods)))
+        orders[truth] = sub.sort("mrr", descending=True)
+    for key, frame in orders.items():
+        for rank, m in enumerate(frame["method"].to_list(), start=1):
+            out[m][key] = str(rank)
+    return out

@@ -19,6 +19,7 @@ from plotnine import (
     facet_wrap,
     geom_boxplot,
     geom_col,
+    geom_hline,
     geom_jitter,
     geom_line,
     geom_point,
@@ -107,11 +108,13 @@ def learning(study: Study):
 
 
 def tracing(study: Study):
-    """Ground-truth tracing: MRR and recall@10 per family and method, with bootstrap intervals."""
+    """Ground-truth tracing: MRR and recall@10 per family and method, with bootstrap intervals,
+    under both truth definitions (a row of panels each)."""
     tm = study.frame(paths.TRACING_METRICS_TABLE)
     long = pl.concat(
         [
             tm.select(
+                pl.col("truth").map_elements(TRUTH_LABELS.get, return_dtype=pl.Utf8).alias("truth"),
                 "method",
                 "family",
                 pl.lit(label).alias("metric"),
@@ -133,10 +136,38 @@ def tracing(study: Study):
     plot = (
         ggplot(data, aes("family_label", "value", ymin="lo", ymax="hi", colour="method"))
         + geom_pointrange(position=dodge, size=0.3, fatten=1.5)
-        + facet_wrap("metric", scales="free_x")
+        + facet_grid("truth ~ metric", scales="free_x")
         + coord_flip()
         + _method_scales(methods)
         + labs(x="", y="")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 7.0)
+
+
+# How the paper names the truth definitions of attribute's tracing tables.
+TRUTH_LABELS = {"partial": "partial: touches a source document", "complete": "complete: holds the whole item"}
+
+
+def causal(study: Study):
+    """Tail-patch: effect of one training step on each method's top-k, per family, with intervals."""
+    tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE)
+    if tp.is_empty():
+        return _no_data("causal"), (6.0, 1.5)
+    methods = derive.ordered_methods(tp["method"].unique())
+    data = tp.with_columns(
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
+    ).to_pandas()
+    order = _family_order(tp["family"].unique())
+    data["family_label"] = data["family_label"].astype("category").cat.set_categories(order[::-1])
+    data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    plot = (
+        ggplot(data, aes("family_label", "effect", ymin="effect_lo", ymax="effect_hi", colour="method"))
+        + geom_hline(yintercept=0, colour="#999999", size=0.3)
+        + geom_pointrange(position=position_dodge(width=0.75), size=0.3, fatten=1.5)
+        + coord_flip()
+        + _method_scales(methods)
+        + labs(x="", y="Change in the target's log-probability (beyond the momentum-only step)")
         + _theme()
     )
     return plot, (style.FIGURE_WIDTH_IN, 4.4)
@@ -306,6 +337,7 @@ log = logging.getLogger(__name__)
 FIGURES = {
     "learning": learning,
     "tracing": tracing,
+    "causal": causal,
     "composition": composition,
     "layers": layers,
     "concentration": concentration,

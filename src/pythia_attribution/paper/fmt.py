@@ -27,6 +27,19 @@ def interval(lo: float | None, hi: float | None, digits: int = 3, as_pct: bool =
     return f"[{dec(lo, digits)}, {dec(hi, digits)}]"
 
 
+def sci(x: float | None, digits: int = 2) -> str:
+    """A small signed quantity (a log-probability change) in significant digits: 0.0012, -3.4e-05."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def interval_sci(lo: float | None, hi: float | None, digits: int = 2) -> str:
+    if lo is None or hi is None:
+        return "[n/a]"
+    return f"[{sci(lo, digits)}, {sci(hi, digits)}]"
+
+
 def count(n: int) -> str:
     return f"{int(n):,}"
 

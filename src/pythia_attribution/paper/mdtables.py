@@ -107,30 +107,79 @@ def behaviors(study: Study) -> str:
     )
 
 
+def causal(study: Study) -> str:
+    """Tail-patch effect next to tracing MRR, per method, and the two rankings."""
+    tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
+    tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
+    prov = study.provenance(paths.TAIL_PATCH_METRICS_TABLE)
+    level = derive.interval_level(prov.get("bootstrap", ""), "tail_patch_metrics")
+    ranks = derive.causal_ranks(study)
+    rows = []
+    for m in derive.ordered_methods(tp["method"].unique()):
+        r = tp.filter(pl.col("method") == m).row(0, named=True)
+        mrr = {
+            truth: tm.filter((pl.col("method") == m) & (pl.col("truth") == truth))["mrr"].to_list()
+            for truth in ("partial", "complete")
+        }
+        rows.append(
+            [
+                style.method_label(m),
+                str(r["n_behaviors"]),
+                f"{fmt.sci(r['effect'])} {fmt.interval_sci(r['effect_lo'], r['effect_hi'])}",
+                fmt.pct(r["positive"]),
+                ranks.get(m, {}).get("causal", "n/a"),
+                fmt.dec(mrr["partial"][0]) if mrr["partial"] else "n/a",
+                ranks.get(m, {}).get("partial", "n/a"),
+                fmt.dec(mrr["complete"][0]) if mrr["complete"] else "n/a",
+                ranks.get(m, {}).get("complete", "n/a"),
+            ]
+        )
+    k = study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]
+    return pipe_table(
+        ["Method", "n", "Tail-patch effect", "> 0", "Rank", "MRR partial", "Rank", "MRR complete", "Rank"],
+        rows,
+        f"Tail-patch: the change in the target's log-probability after one training step (the run's "
+        f"AdamW state, final learning rate) on each of a method's top {k} sequences, beyond the same step "
+        f"with a zero gradient, averaged over the top {k} and then over n behaviors ({level} "
+        f'percentile-bootstrap intervals); "> 0": the share of behaviors whose mean effect is positive. '
+        f"Beside it, tracing MRR under both truth definitions and each criterion's ranking of the "
+        f"methods (ground truth, a reference rather than a method, is not ranked).",
+        "tbl-causal",
+        "lrrrrrrrr",
+        [3, 1, 5, 2, 1, 2, 1, 2, 1],
+    )
+
+
 def tracing(study: Study) -> str:
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
     prov = study.provenance(paths.TRACING_METRICS_TABLE)
     level = derive.interval_level(prov.get("bootstrap", ""), "tracing_metrics")
     rows = []
-    for m in derive.ordered_methods(tm["method"].unique()):
-        r = tm.filter(pl.col("method") == m).row(0, named=True)
-        rows.append(
-            [style.method_label(m), str(r["n_behaviors"])]
-            + [
-                f"{fmt.dec(r[c])} {fmt.interval(r[c + '_lo'], r[c + '_hi'])}"
-                for c in ("mrr", "recall_at_10", "precision_at_10", "top1_hit")
-            ]
-        )
+    for truth in ("partial", "complete"):
+        for m in derive.ordered_methods(tm["method"].unique()):
+            sub = tm.filter((pl.col("method") == m) & (pl.col("truth") == truth))
+            if sub.is_empty():
+                continue
+            r = sub.row(0, named=True)
+            rows.append(
+                [truth, style.method_label(m), str(r["n_behaviors"])]
+                + [
+                    f"{fmt.dec(r[c])} {fmt.interval(r[c + '_lo'], r[c + '_hi'])}"
+                    for c in ("mrr", "recall_at_10", "precision_at_10", "top1_hit")
+                ]
+            )
     k = study.config(paths.TRACING_METRICS_TABLE, "attribute")["top_k"]
     return pipe_table(
-        ["Method", "n", "MRR", "Recall@10", "Precision@10", "Top-1 is ground truth"],
+        ["Truth", "Method", "n", "MRR", "Recall@10", "Precision@10", "Top-1 is ground truth"],
         rows,
-        f"Ground-truth tracing over all n attributed behaviors (top {k} of every method), with {level} "
-        f"percentile-bootstrap intervals over behaviors. The ground truth of a behavior is every "
-        f"packed training sequence touching a document that states its item.",
+        f"Ground-truth tracing over the n attributed behaviors with a source under each truth "
+        f"definition (top {k} of every method), with {level} percentile-bootstrap intervals over "
+        f"behaviors. Partial: the sources of a behavior are every packed training sequence touching "
+        f"a document that states its item, however small the fragment. Complete: only those holding "
+        f"the whole item (the statement, or all of a canary's tokens).",
         "tbl-tracing",
-        "lrrrrr",
-        [3, 1, 5, 5, 5, 5],
+        "llrrrrr",
+        [2, 3, 1, 5, 5, 5, 5],
     )
 
 
@@ -214,6 +263,7 @@ TABLES = {
     "corpus": corpus,
     "behaviors": behaviors,
     "tracing": tracing,
+    "causal": causal,
     "surprise": surprise,
     "top-examples": top_examples,
 }

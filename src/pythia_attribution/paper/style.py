@@ -13,6 +13,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "bm25": ("BM25", "#E69F00"),
     "activation": ("Activation similarity", "#CC79A7"),
     "random": ("Random", "#999999"),
+    "ground_truth": ("Ground truth (reference)", "#000000"),
 }
 
 FAMILIES: dict[str, str] = {

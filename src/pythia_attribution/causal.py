@@ -1,0 +1,238 @@
+"""Causal stage: does what attribution retrieves *change* the behavior? Tail-patch.
+
+Tail-patch (Chang et al. 2024, TrackStar's causal metric): from the final checkpoint, one more
+optimizer step on one training sequence, then the change in the target's log-probability given
+the prompt. A method's score for a behavior is the mean change over its top k; the ``random``
+method's top k (seeded random sequences) is the floor and the behavior's own ground-truth
+sequences (complete copies) are the reference.
+
+The step is the training run's: AdamW with the saved moments and step count, the learning rate
+and weight decay the run ended with, the sequence's training loss (mean next-token cross-entropy
+over the whole sequence), the run's gradient clipping. With the saved first moment, part of every
+step is the momentum the run carried (``beta1 * m``), the same whatever the sequence; the stage
+also takes that step with a zero gradient and reports each sequence's ``effect`` as the change
+beyond it. Rankings between methods are the same either way; the effect isolates the sequence.
+
+The patched model depends on the training sequence only, so each distinct sequence is patched
+once and every behavior that retrieved it is measured on that one patched model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from pythia_attribution import paths
+from pythia_attribution.attribute import metrics
+from pythia_attribution.attribute.stage import load_candidates, truth_sets
+from pythia_attribution.errors import ConfigError
+from pythia_attribution.model import load_checkpoint, set_threads
+
+log = logging.getLogger(__name__)
+REFERENCE = "ground_truth"
+
+
+class TailPatch:
+    """One AdamW step of the saved training state on a sequence, and target log-probabilities."""
+
+    def __init__(self, model, optimizer_state: dict, grad_clip: float):
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = {n: p.detach() for n, p in model.named_parameters()}
+        group = optimizer_state["param_groups"][0]
+        self.lr, (self.beta1, self.beta2), self.eps = group["lr"], group["betas"], group["eps"]
+        decay = {}
+        for g in optimizer_state.get("param_groups_by_name", []):
+            decay.update(dict.fromkeys(g["param_names"], g["weight_decay"]))
+        self.decay = {n: decay.get(n, group.get("weight_decay", 0.0)) for n in self.names}
+        state = {entry["param_name"]: entry for entry in optimizer_state["state"].values()}
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ConfigError(f"optimizer state has no moments for {missing[0]} ({len(missing)} parameters)")
+        self.m = {n: state[n]["exp_avg"].float() for n in self.names}
+        self.v = {n: state[n]["exp_avg_sq"].float() for n in self.names}
+        self.t = float(state[self.names[0]]["step"]) + 1
+        self.grad_clip = grad_clip
+
+    def gradient(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
+        """The training loss gradient of one sequence, clipped as the run clipped it."""
+        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+        self.model.zero_grad(set_to_none=True)
+        logits = self.model(input_ids=ids[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[0, 1:]).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters()}
+        self.model.zero_grad(set_to_none=True)
+        return grads
+
+    def step(self, grads: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Parameters after one AdamW step (torch's arithmetic); ``None``: a zero gradient."""
+        bc1, bc2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
+        out = {}
+        for n in self.names:
+            g = grads[n] if grads is not None else torch.zeros_like(self.params[n])
+            m = self.beta1 * self.m[n] + (1 - self.beta1) * g
+            v = self.beta2 * self.v[n] + (1 - self.beta2) * g * g
+            denom = (v.sqrt() / bc2**0.5) + self.eps
+            p = self.params[n] * (1 - self.lr * self.decay[n])
+            out[n] = p - (self.lr / bc1) * m / denom
+        return out
+
+    @torch.no_grad()
+    def target_logprobs(self, params, prompts: list[list[int]], targets: list[list[int]]) -> np.ndarray:
+        """Sum of the target tokens' log-probabilities given each prompt, under ``params``."""
+        rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.ones((len(rows), width), dtype=torch.long)  # right-padded: causal attention never sees it
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        logp = functional_call(self.model, params, (ids,)).logits.float().log_softmax(-1)
+        out = np.zeros(len(rows))
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            positions = torch.arange(len(p) - 1, len(p) + len(t) - 1)
+            out[i] = float(logp[i, positions, torch.tensor(t)].sum())
+        return out
+
+
+def run(ctx) -> None:
+    cfg = ctx.config
+    set_threads(ctx.profile.runtime.threads)
+    cands = load_candidates(ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE))
+    ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    truth = truth_sets(ground_truth, cands, cfg.reference_truth)
+    ckpts = ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    final = max(ckpts, key=lambda c: c["step"])
+    ckpt_dir = ctx.inputs[paths.TRAIN] / final["path"]
+    attributions = ctx.input_table(paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
+    attributions = attributions[attributions["checkpoint"] == final["step"]]
+    methods = cfg.methods or sorted(attributions["method"].unique())
+    unknown = sorted(set(methods) - set(attributions["method"]))
+    if unknown:
+        raise ConfigError(f"causal.methods: '{unknown[0]}' has no attributions at step{final['step']}")
+    probes = {
+        p["behavior_id"]: p
+        for p in ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+        if p["checkpoint"] == final["step"] and p["exhibited"]
+    }
+    behaviors = sorted(set(attributions["behavior_id"]) & set(probes))
+    if cfg.max_behaviors and len(behaviors) > cfg.max_behaviors:
+        rng = np.random.default_rng(np.random.SeedSequence([ctx.profile.runtime.seed, 31]))
+        behaviors = sorted(rng.choice(behaviors, size=cfg.max_behaviors, replace=False).tolist())
+
+    # the sequences to patch: each method's top k, and up to k ground-truth sequences per behavior
+    wanted: list[dict] = []
+    top = attributions[attributions["method"].isin(methods) & (attributions["rank"] <= cfg.top_k)]
+    for row in top[top["behavior_id"].isin(behaviors)].itertuples():
+        wanted.append(
+            {"behavior_id": row.behavior_id, "method": row.method, "rank": int(row.rank),
+             "packed_id": int(row.packed_id)}
+        )  # fmt: skip
+    for b in behaviors:
+        item = probes[b]["item_id"]
+        if item in truth:
+            rng = np.random.default_rng(
+                np.random.SeedSequence([ctx.profile.runtime.seed, 37, len(truth[item])])
+            )
+            chosen = (
+                truth[item]
+                if len(truth[item]) <= cfg.top_k
+                else np.sort(rng.choice(truth[item], cfg.top_k, replace=False))
+            )
+            for rank, pid in enumerate(chosen, start=1):
+                wanted.append({"behavior_id": b, "method": REFERENCE, "rank": rank, "packed_id": int(pid)})
+
+    rows: list[dict] = []
+    opt_path = ckpt_dir / "optimizer.pt"
+    if not opt_path.is_file() or not behaviors:
+        why = "no optimizer state at the final checkpoint" if behaviors else "no exhibited behavior"
+        log.warning("causal: tail-patch skipped: %s", why)
+    else:
+        model, _ = load_checkpoint(ckpt_dir)
+        patch = TailPatch(model, torch.load(opt_path, weights_only=False), ctx.profile.train.grad_clip)
+        prompts = [probes[b]["prompt_ids"] for b in behaviors]
+        targets = [probes[b]["target_ids"] for b in behaviors]
+        column = {b: i for i, b in enumerate(behaviors)}
+        before = patch.target_logprobs(patch.params, prompts, targets)
+        momentum = patch.target_logprobs(patch.step(None), prompts, targets) - before
+        needed: dict[int, set[str]] = {}
+        for w in wanted:
+            needed.setdefault(w["packed_id"], set()).add(w["behavior_id"])
+        delta: dict[tuple[int, str], float] = {}
+        log.info("tail-patch: %d distinct sequences for %d behaviors", len(needed), len(behaviors))
+        for pid in tqdm(sorted(needed), desc="tail-patch", unit="seq", mininterval=5):
+            after = patch.target_logprobs(patch.step(patch.gradient(cands.tokens[pid])), prompts, targets)
+            for b in needed[pid]:
+                delta[(pid, b)] = float(after[column[b]] - before[column[b]])
+        for w in wanted:
+            p = probes[w["behavior_id"]]
+            d = delta[(w["packed_id"], w["behavior_id"])]
+            m0 = float(momentum[column[w["behavior_id"]]])
+            rows.append(
+                {**w, "family": p["family"], "seq_idx": int(cands.first_seq_idx[w["packed_id"]]),
+                 "logp_before": float(before[column[w["behavior_id"]]]), "delta_logp": d,
+                 "delta_momentum": m0, "effect": d - m0}
+            )  # fmt: skip
+    table = pa.Table.from_pylist(rows, TAIL_PATCH_SCHEMA)
+    ctx.write_table(
+        paths.TAIL_PATCH_TABLE,
+        table,
+        step=(
+            f"one AdamW step from step{final['step']} with the saved moments, lr and weight decay, the "
+            f"sequence's mean next-token loss, gradient clipping {ctx.profile.train.grad_clip}"
+        ),
+        effect="delta_logp minus delta_momentum (the same step with a zero gradient)",
+        reference=f"{REFERENCE}: up to {cfg.top_k} {cfg.reference_truth} ground-truth sequences per behavior",
+    )
+    ctx.write_table(
+        paths.TAIL_PATCH_METRICS_TABLE,
+        aggregate(table, ctx.profile.runtime.seed, ctx.profile.attribute.bootstrap),
+        bootstrap=(
+            f"percentile bootstrap over behaviors, {ctx.profile.attribute.bootstrap} resamples, 95% interval"
+        ),
+    )
+
+
+def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
+    """Per (method, family): the mean over behaviors of each behavior's mean effect over its top k."""
+    df = table.to_pandas()
+    rows = []
+    if df.empty:
+        return pa.Table.from_pylist([], TAIL_PATCH_METRICS_SCHEMA)
+    per_behavior = df.groupby(["method", "family", "behavior_id"], as_index=False).agg(
+        effect=("effect", "mean"),
+        delta_logp=("delta_logp", "mean"),
+        positive=("effect", lambda e: (e > 0).mean()),
+    )
+    for family, sub in [("all", per_behavior), *per_behavior.groupby("family")]:
+        for method, g in sub.groupby("method"):
+            row = {"method": method, "family": family, "n_behaviors": len(g)}
+            for col in ("effect", "delta_logp", "positive"):
+                lo, hi = metrics.bootstrap_ci(g[col].to_numpy(), seed, n_boot)
+                row.update({col: float(g[col].mean()), f"{col}_lo": lo, f"{col}_hi": hi})
+            rows.append(row)
+    return pa.Table.from_pylist(rows, TAIL_PATCH_METRICS_SCHEMA)
+
+
+TAIL_PATCH_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("rank", pa.int32()),
+        ("packed_id", pa.int32()),
+        ("seq_idx", pa.int64()),
+        ("logp_before", pa.float64()),
+        ("delta_logp", pa.float64()),
+        ("delta_momentum", pa.float64()),
+        ("effect", pa.float64()),
+    ]
+)
+TAIL_PATCH_METRICS_SCHEMA = pa.schema(
+    [("method", pa.string()), ("family", pa.string()), ("n_behaviors", pa.int64())]
+    + [(f"{c}{s}", pa.float64()) for c in ("effect", "delta_logp", "positive") for s in ("", "_lo", "_hi")]
+)

@@ -1,0 +1,94 @@
+"""The causal stage on nano: tail-patch's AdamW step is torch's, a planted copy of a query moves its
+target more than random sequences, and the tables cover every method and the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from pythia_attribution import paths, tables
+from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.causal import REFERENCE, TailPatch
+from pythia_attribution.model import load_checkpoint
+
+
+def _read(results, stage_name, table):
+    return tables.read_table(paths.table_path(results / stage_name, table))
+
+
+def _final(results):
+    ckpts = _read(results, paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    return results / paths.TRAIN / ckpts[-1]["path"], ckpts[-1]["step"]
+
+
+def _patch(results) -> TailPatch:
+    ckpt, _ = _final(results)
+    model, _ = load_checkpoint(ckpt)
+    return TailPatch(model, torch.load(ckpt / "optimizer.pt", weights_only=False), grad_clip=1.0)
+
+
+def test_the_step_is_torchs_adamw(nano_run):
+    """One step of the saved optimizer state through torch.optim.AdamW gives the same parameters."""
+    patch = _patch(nano_run["results"])
+    tokens = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE)).tokens[3]
+    grads = patch.gradient(tokens)
+    ours = patch.step(grads)
+
+    ckpt, _ = _final(nano_run["results"])
+    model, _ = load_checkpoint(ckpt)
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[n] for n in g["param_names"]], "weight_decay": g["weight_decay"]}
+        for g in saved["param_groups_by_name"]
+    ]
+    hyper = saved["param_groups"][0]
+    optimizer = torch.optim.AdamW(groups, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"])
+    for entry in saved["state"].values():
+        p = params[entry["param_name"]]
+        optimizer.state[p] = {k: entry[k].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
+        p.grad = grads[entry["param_name"]].clone()
+    optimizer.step()
+    for name, p in params.items():
+        torch.testing.assert_close(ours[name], p.detach(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_planted_copy_moves_its_target_more_than_random_sequences(nano_run):
+    results = nano_run["results"]
+    patch = _patch(results)
+    _, step = _final(results)
+    probes = _read(results, paths.PROBE, paths.PROBES_TABLE)
+    final = probes.filter(pc.equal(probes["checkpoint"], step)).to_pylist()
+    # never-injected canaries: nothing in the corpus states them, so only the copy can teach them
+    queries = [p for p in final if p["family"] == "memorized" and p["count"] == 0][:4]
+    assert queries
+    prompts, targets = [q["prompt_ids"] for q in queries], [q["target_ids"] for q in queries]
+    before = patch.target_logprobs(patch.params, prompts, targets)
+    cands = load_candidates(_read(results, paths.CORPUS, paths.CORPUS_TABLE))
+    rng = np.random.default_rng(0)
+    randoms = []
+    for pid in rng.choice(len(cands.tokens), size=6, replace=False):
+        after = patch.target_logprobs(patch.step(patch.gradient(cands.tokens[pid])), prompts, targets)
+        randoms.append(after - before)
+    randoms = np.array(randoms)  # sequences x queries
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        copy = np.array(p + t)
+        after = patch.target_logprobs(patch.step(patch.gradient(copy)), prompts, targets)
+        assert after[i] - before[i] > randoms[:, i].max(), (queries[i]["behavior_id"], after[i] - before[i])
+
+
+def test_tail_patch_tables_cover_every_method_and_the_reference(nano_run):
+    results = nano_run["results"]
+    tp = _read(results, paths.CAUSAL, paths.TAIL_PATCH_TABLE).to_pandas()
+    methods = set(_read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)["method"].to_pylist())
+    assert set(tp["method"]) == methods | {REFERENCE}
+    np.testing.assert_allclose(tp["effect"], tp["delta_logp"] - tp["delta_momentum"])
+    # one momentum-only step per behavior, whatever the sequence
+    assert (tp.groupby("behavior_id")["delta_momentum"].nunique() == 1).all()
+    metrics = _read(results, paths.CAUSAL, paths.TAIL_PATCH_METRICS_TABLE).to_pandas()
+    overall = metrics[metrics["family"] == "all"].set_index("method")
+    assert set(overall.index) == methods | {REFERENCE}
+    assert (overall["effect_lo"] <= overall["effect"]).all() and (
+        overall["effect"] <= overall["effect_hi"]
+    ).all()
