@@ -14,7 +14,7 @@ also takes that step with a zero gradient and reports each sequence's ``effect``
 beyond it. Rankings between methods are the same either way; the effect isolates the sequence.
 
 The patched model depends on the training sequence only, so each distinct sequence is patched
-once and every behavior that retrieved it is measured on that one patched model.
+once and the behaviors that retrieved it are measured on that one patched model, in one batch.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class TailPatch:
         self.v = {n: state[n]["exp_avg_sq"].float() for n in self.names}
         self.t = float(state[self.names[0]]["step"]) + 1
         self.grad_clip = grad_clip
+        self.prefix = model.base_model_prefix + "."
+        head = model.get_output_embeddings().weight
+        self.head = next(n for n, p in model.named_parameters() if p is head)
+        if model.get_output_embeddings().bias is not None:
+            raise ConfigError("tail-patch expects an output head without a bias (GPT-NeoX has none)")
 
     def gradient(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
         """The training loss gradient of one sequence, clipped as the run clipped it."""
@@ -85,18 +90,30 @@ class TailPatch:
 
     @torch.no_grad()
     def target_logprobs(self, params, prompts: list[list[int]], targets: list[list[int]]) -> np.ndarray:
-        """Sum of the target tokens' log-probabilities given each prompt, under ``params``."""
+        """Sum of the target tokens' log-probabilities given each prompt, under ``params``.
+
+        One batched pass of the transformer body; the output head and softmax only at the target
+        positions (the vocabulary-wide logits of every position would cost most of the time)."""
         rows = [p + t for p, t in zip(prompts, targets, strict=True)]
         width = max(len(r) for r in rows)
         ids = torch.ones((len(rows), width), dtype=torch.long)  # right-padded: causal attention never sees it
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        logp = functional_call(self.model, params, (ids,)).logits.float().log_softmax(-1)
-        out = np.zeros(len(rows))
-        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-            positions = torch.arange(len(p) - 1, len(p) + len(t) - 1)
-            out[i] = float(logp[i, positions, torch.tensor(t)].sum())
-        return out
+        body = {k.removeprefix(self.prefix): v for k, v in params.items() if k.startswith(self.prefix)}
+        hidden = functional_call(self.model.base_model, body, (ids,)).last_hidden_state
+        which = [
+            (i, pos)
+            for i, (p, t) in enumerate(zip(prompts, targets, strict=True))
+            for pos in range(len(p) - 1, len(p) + len(t) - 1)
+        ]
+        picked = hidden[[i for i, _ in which], [pos for _, pos in which]]
+        logp = (picked @ params[self.head].T).float().log_softmax(-1)
+        wanted = torch.tensor([tok for t in targets for tok in t])
+        per_token = logp[torch.arange(len(wanted)), wanted].numpy()
+        bounds = np.cumsum([0] + [len(t) for t in targets])
+        return np.array(
+            [per_token[a:b].sum(dtype=np.float64) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        )
 
 
 def run(ctx) -> None:
@@ -165,9 +182,12 @@ def run(ctx) -> None:
         delta: dict[tuple[int, str], float] = {}
         log.info("tail-patch: %d distinct sequences for %d behaviors", len(needed), len(behaviors))
         for pid in tqdm(sorted(needed), desc="tail-patch", unit="seq", mininterval=5):
-            after = patch.target_logprobs(patch.step(patch.gradient(cands.tokens[pid])), prompts, targets)
-            for b in needed[pid]:
-                delta[(pid, b)] = float(after[column[b]] - before[column[b]])
+            which = sorted(needed[pid])  # only the behaviors that retrieved this sequence
+            cols = [column[b] for b in which]
+            params = patch.step(patch.gradient(cands.tokens[pid]))
+            after = patch.target_logprobs(params, [prompts[c] for c in cols], [targets[c] for c in cols])
+            for b, c, a in zip(which, cols, after, strict=True):
+                delta[(pid, b)] = float(a - before[c])
         for w in wanted:
             p = probes[w["behavior_id"]]
             d = delta[(w["packed_id"], w["behavior_id"])]

@@ -250,3 +250,25 @@ def causal_ranks(study: Study) -> dict[str, dict[str, str]]:
         for rank, m in enumerate(frame["method"].to_list(), start=1):
             out[m][key] = str(rank)
     return out
+
+
+def causal_paired(study: Study, a: str, b: str) -> dict | None:
+    """Per-behavior paired difference of two methods' mean tail-patch effects: mean, percentile
+    bootstrap interval (the attribute stage's seed and resamples) and the share of behaviors where
+    ``a`` is ahead."""
+    import numpy as np
+
+    from pythia_attribution.attribute.metrics import bootstrap_ci
+
+    tp = study.frame(paths.TAIL_PATCH_TABLE)
+    per = tp.group_by("method", "behavior_id").agg(pl.col("effect").mean())
+    wide = per.pivot(on="method", index="behavior_id", values="effect")
+    if a not in wide.columns or b not in wide.columns:
+        return None
+    d = (wide[a] - wide[b]).drop_nulls().to_numpy()
+    if not len(d):
+        return None
+    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
+    lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
+    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "ahead": float(np.mean(d > 0)), "n": len(d)}

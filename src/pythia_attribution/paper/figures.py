@@ -132,6 +132,7 @@ def tracing(study: Study):
     order = _family_order(tm["family"].unique())
     data["family_label"] = data["family_label"].astype("category").cat.set_categories(order[::-1])
     data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    data["truth"] = data["truth"].astype("category").cat.set_categories(list(TRUTH_LABELS.values()))
     dodge = position_dodge(width=0.7)
     plot = (
         ggplot(data, aes("family_label", "value", ymin="lo", ymax="hi", colour="method"))

@@ -141,7 +141,8 @@ def causal(study: Study) -> str:
         f"Tail-patch: the change in the target's log-probability after one training step (the run's "
         f"AdamW state, final learning rate) on each of a method's top {k} sequences, beyond the same step "
         f"with a zero gradient, averaged over the top {k} and then over n behaviors ({level} "
-        f'percentile-bootstrap intervals); "> 0": the share of behaviors whose mean effect is positive. '
+        'percentile-bootstrap intervals); "> 0": the share of a behavior\'s top-k sequences whose step '
+        "raises the target, averaged over behaviors. "
         f"Beside it, tracing MRR under both truth definitions and each criterion's ranking of the "
         f"methods (ground truth, a reference rather than a method, is not ranked).",
         "tbl-causal",

@@ -208,6 +208,18 @@ def compute(study: Study, build: dict) -> dict:
         }
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
+        for a, b in (("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")):
+            paired = derive.causal_paired(study, a, b)
+            causal[f"{a}_minus_{b}"] = (
+                {
+                    "mean": fmt.sci(paired["mean"]),
+                    "ci": fmt.interval_sci(paired["lo"], paired["hi"]),
+                    "ahead": fmt.pct(paired["ahead"]),
+                    "n": str(paired["n"]),
+                }
+                if paired
+                else dict.fromkeys(("mean", "ci", "ahead", "n"), "n/a")
+            )
         for truth in ("partial", "complete"):
             agree = orders["causal"] == orders[truth]
             causal[f"agrees_{truth}"] = "the same as" if agree else "different from"
