@@ -125,13 +125,7 @@ def tracing(study: Study):
             for col, label in [("mrr", "Mean reciprocal rank"), ("recall_at_10", "Recall@10")]
         ]
     )
-    methods = derive.ordered_methods(tm["method"].unique())
-    data = long.with_columns(
-        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
-    ).to_pandas()
-    order = _family_order(tm["family"].unique())
-    data["family_label"] = data["family_label"].astype("category").cat.set_categories(order[::-1])
-    data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    data, methods = _by_family_and_method(long)
     data["truth"] = data["truth"].astype("category").cat.set_categories(list(TRUTH_LABELS.values()))
     dodge = position_dodge(width=0.7)
     plot = (
@@ -150,18 +144,25 @@ def tracing(study: Study):
 TRUTH_LABELS = {"partial": "partial: touches a source document", "complete": "complete: holds the whole item"}
 
 
+def _by_family_and_method(frame: pl.DataFrame):
+    """``frame`` as pandas with ordered ``family_label`` and ``method`` categories (for a flipped
+    per-family plot, one colour per method), and the methods in the style's order."""
+    methods = derive.ordered_methods(frame["method"].unique())
+    data = frame.with_columns(
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
+    ).to_pandas()
+    order = _family_order(frame["family"].unique())
+    data["family_label"] = data["family_label"].astype("category").cat.set_categories(order[::-1])
+    data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    return data, methods
+
+
 def causal(study: Study):
     """Tail-patch: effect of one training step on each method's top-k, per family, with intervals."""
     tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE)
     if tp.is_empty():
         return _no_data("causal"), (6.0, 1.5)
-    methods = derive.ordered_methods(tp["method"].unique())
-    data = tp.with_columns(
-        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label")
-    ).to_pandas()
-    order = _family_order(tp["family"].unique())
-    data["family_label"] = data["family_label"].astype("category").cat.set_categories(order[::-1])
-    data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
+    data, methods = _by_family_and_method(tp)
     plot = (
         ggplot(data, aes("family_label", "effect", ymin="effect_lo", ymax="effect_hi", colour="method"))
         + geom_hline(yintercept=0, colour="#999999", size=0.3)
