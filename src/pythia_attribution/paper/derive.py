@@ -262,7 +262,8 @@ def causal_paired(study: Study, a: str, b: str) -> dict | None:
 
     tp = study.frame(paths.TAIL_PATCH_TABLE)
     per = tp.group_by("method", "behavior_id").agg(pl.col("effect").mean())
-    wide = per.pivot(on="method", index="behavior_id", values="effect")
+    # sorted: polars' group order varies from run to run, and the bootstrap resamples by position
+    wide = per.pivot(on="method", index="behavior_id", values="effect").sort("behavior_id")
     if a not in wide.columns or b not in wide.columns:
         return None
     d = (wide[a] - wide[b]).drop_nulls().to_numpy()
