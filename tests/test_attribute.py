@@ -73,7 +73,7 @@ def test_planted_verbatim_copy_ranks_first(nano_run, final_checkpoint, tmp_path)
             total = np.concatenate([block for _, block in scorer.chunks()], axis=1)
             assert (total.argmax(axis=1) == planted).all(), (name, h)
     texts = cands.texts + [q["prompt"] + q["target"] for q in queries]
-    bm25 = baselines.bm25_scores(texts, [q["prompt"] + q["target"] for q in queries])
+    bm25 = np.stack(list(baselines.bm25_query_scores(texts, [q["prompt"] + q["target"] for q in queries])))
     assert (bm25.argmax(axis=1) == planted).all()
 
 
@@ -129,7 +129,9 @@ def test_faiss_and_exact_topk_agree():
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(500, 16)).astype(np.float32)
     queries = rng.normal(size=(4, 16)).astype(np.float32)
-    ids, scores = baselines.faiss_topk(keys, queries, 10)
+    top = baselines.FaissTopK(queries, 10)
+    top.add(0, keys)
+    ids, scores = top.result()
     exact_ids, exact_scores = baselines.topk(queries @ keys.T, 10)
     assert (ids == exact_ids).all()
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)

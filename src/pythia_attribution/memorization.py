@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
 from pythia_attribution.attribute.methods import load_methods
-from pythia_attribution.attribute.ranking import Ranking
+from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.attribute.stage import compute_device, load_candidates, truth_sets
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
 from pythia_attribution.errors import ConfigError
@@ -318,18 +318,15 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
     truth = truth if truth is not None else [None] * len(q_rows)
 
     def rank(blocks, totals=None) -> Ranking:
-        ranking = Ranking(len(q_rows), len(keys), cfg.top_k, {"own": truth}, sample_size=0)
-        if totals is not None:
-            ranking.prime(totals)
-        for start, block, queries in blocks:
-            ranking.add(start, block, queries)
-        return ranking
+        return Ranking(len(q_rows), len(keys), cfg.top_k, {"own": truth}, sample_size=0).consume(
+            blocks, totals
+        )
 
     rankings = {}
     for method in load_methods(paths.resolve_input(attribute_cfg.methods_file), cfg.methods):
         if method.kind == "bm25":
             per_query = baselines.bm25_query_scores([cands.texts[i] for i in keys], q_texts)
-            rankings[method.name] = rank((0, s[None], [qi]) for qi, s in enumerate(per_query))
+            rankings[method.name] = rank(per_query_blocks(per_query))
             continue
         if method.kind != "gradient":
             raise ConfigError(
@@ -369,7 +366,7 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
             chunk_rows=attribute_cfg.chunk_rows,
             device=compute_device(),
         )
-        rankings[method.name] = rank(((a, b, slice(None)) for a, b in scorer.chunks()), scorer.totals)
+        rankings[method.name] = rank(scorer.chunks(), scorer.totals)
     return rankings
 
 

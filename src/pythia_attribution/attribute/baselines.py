@@ -24,14 +24,6 @@ def bm25_query_scores(train_texts: list[str], query_texts: list[str]):
         )
 
 
-def bm25_scores(train_texts: list[str], query_texts: list[str]) -> np.ndarray:
-    """BM25 of every query against every training text (queries x texts)."""
-    out = np.zeros((len(query_texts), len(train_texts)), dtype=np.float32)
-    for i, scores in enumerate(bm25_query_scores(train_texts, query_texts)):
-        out[i] = scores
-    return out
-
-
 def middle_layer(num_layers: int) -> int:
     """The hidden-state index of the middle layer's output (0 is the embedding output)."""
     return max(1, num_layers // 2)
@@ -55,16 +47,11 @@ def mean_activations(model, rows: list[list[int]], layer: int, batch_size: int =
 
 
 def random_query_scores(n_queries: int, n_train: int, seed: int):
-    """Uniform random scores, one query's vector at a time (the rows of ``random_scores``)."""
+    """Uniform random scores, one query's vector at a time (one generator: query i gets the i-th
+    draw of ``n_train``, so the scores do not depend on how the caller consumes them)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
     for _ in range(n_queries):
         yield rng.random(n_train, dtype=np.float32)
-
-
-def random_scores(n_queries: int, n_train: int, seed: int) -> np.ndarray:
-    return (
-        np.stack(list(random_query_scores(n_queries, n_train, seed))) if n_queries else np.zeros((0, n_train))
-    )
 
 
 def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,10 +96,3 @@ class FaissTopK:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         return self.ids, self.scores
-
-
-def faiss_topk(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner products of all ``keys`` in one chunk (see :class:`FaissTopK`)."""
-    top = FaissTopK(queries, k)
-    top.add(0, keys)
-    return top.result()

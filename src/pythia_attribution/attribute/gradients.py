@@ -135,6 +135,15 @@ def module_blocks(index_path: Path) -> tuple[np.ndarray, dict[str, tuple[int, in
     return load_gradients(str(index_path)), dict(column_offsets(grad_sizes))
 
 
+def row_chunks(maps: list[tuple[np.ndarray, dict]], chunk_rows: int):
+    """(global first row, stored rows) over shards' ``module_blocks``, ``chunk_rows`` rows at a time."""
+    offset = 0
+    for grads, _ in maps:
+        for start in range(0, len(grads), chunk_rows):
+            yield offset + start, grads[start : start + chunk_rows]
+        offset += len(grads)
+
+
 def autocorrelation_hessian(index: Path | list[Path], out: Path, chunk_rows: int = 16384) -> Path:
     """TrackStar's Hessian: per-module autocorrelation of the index's (normalized, projected)
     gradients, reduced and eigendecomposed by bergson, saved where bergson's preconditioner
@@ -145,19 +154,16 @@ def autocorrelation_hessian(index: Path | list[Path], out: Path, chunk_rows: int
     from bergson.process_autocorrelation import process_autocorrelation_matrices
 
     shards = index if isinstance(index, list) else shards_of(index)
+    maps = [module_blocks(shard) for shard in shards]
+    blocks = maps[0][1]
     hessians: dict[str, torch.Tensor] = {}
-    n_rows = 0
-    for shard in shards:
-        grads, blocks = module_blocks(shard)
-        n_rows += len(grads)
-        for start in range(0, len(grads), chunk_rows):
-            chunk = grads[start : start + chunk_rows]
-            for name, (lo, hi) in blocks.items():
-                g = torch.from_numpy(np.array(chunk[:, lo:hi], dtype=np.float32, order="C"))
-                hessians[name] = g.mT @ g if name not in hessians else hessians[name] + g.mT @ g
+    for _, chunk in row_chunks(maps, chunk_rows):
+        for name, (lo, hi) in blocks.items():
+            g = torch.from_numpy(np.array(chunk[:, lo:hi], dtype=np.float32, order="C"))
+            hessians[name] = g.mT @ g if name not in hessians else hessians[name] + g.mT @ g
     processor = GradientProcessor.load(shards[0], map_location="cpu")
-    sizes = {name: hi - lo for name, (lo, hi) in module_blocks(shards[0])[1].items()}
-    process_autocorrelation_matrices(processor, hessians, n_rows, sizes, rank=0)
+    sizes = {name: hi - lo for name, (lo, hi) in blocks.items()}
+    process_autocorrelation_matrices(processor, hessians, sum(len(g) for g, _ in maps), sizes, rank=0)
     processor.save(out)
     return out
 
@@ -236,12 +242,10 @@ class GradientScorer:
     def chunks(self, on_rows: Callable[[int, np.ndarray], None] | None = None):
         """(first row, totals: queries x rows) over the whole index, in row order; ``on_rows``
         also receives each chunk's stored rows (all modules concatenated, unit norm) for faiss."""
-        for (grads, _), offset in zip(self.maps, self.offsets[:-1], strict=True):
-            for start in range(0, len(grads), self.chunk_rows):
-                rows = grads[start : start + self.chunk_rows]
-                if on_rows is not None:
-                    on_rows(int(offset + start), unit(rows))
-                yield int(offset + start), self._per_module(rows).sum(-1).cpu().numpy()
+        for start, rows in row_chunks(self.maps, self.chunk_rows):
+            if on_rows is not None:
+                on_rows(start, unit(rows))
+            yield start, self._per_module(rows).sum(-1).cpu().numpy()
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """The stored rows with global ids ``ids`` (any order)."""

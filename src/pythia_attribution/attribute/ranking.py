@@ -86,6 +86,18 @@ class Ranking:
                     best = np.lexsort((rows, -s))[0]
                     truth.best_score[q], truth.best_row[q] = s[best], rows[best]
 
+    def consume(self, blocks, totals: Callable[[np.ndarray], np.ndarray] | None = None) -> Ranking:
+        """Prime with ``totals`` (when given), feed every block of ``blocks`` (``(first row,
+        scores)`` or ``(first row, scores, queries)``, as :meth:`add` takes them) and check that
+        every query saw every row; returns the ranking."""
+        if totals is not None:
+            self.prime(totals)
+        for start, scores, *queries in blocks:
+            self.add(start, scores, *queries)
+        if not self.complete:
+            raise RuntimeError("a ranking did not see every candidate row")
+        return self
+
     def add(self, start: int, scores: np.ndarray, queries: slice | np.ndarray = slice(None)) -> None:
         """A block of scores: ``scores[i, j]`` for query ``queries[i]`` and row ``start + j``."""
         qs = np.arange(self.n_queries)[queries]
@@ -135,9 +147,9 @@ class Ranking:
     def summary(self, q: int) -> dict:
         """metrics.concentration of query q: from every row, or from the sample with the exact
         max, min, mean, candidate and positive counts."""
-        if len(self.sample) == self.n_rows:
-            return metrics.concentration(self.sampled[q])
         out = metrics.concentration(self.sampled[q])
+        if len(self.sample) == self.n_rows:
+            return out
         out.update(
             {
                 "max": float(self.top_scores[q, 0]),
@@ -173,3 +185,9 @@ class Ranking:
             "top1_hit": bool(hits[0]),
             "n_truth": int(len(rows)),
         }
+
+
+def per_query_blocks(vectors):
+    """Blocks of one query's scores over every row each, from per-query vectors (query i = i-th)."""
+    for q, scores in enumerate(vectors):
+        yield 0, scores[None], [q]

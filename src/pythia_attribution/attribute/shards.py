@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pythia_attribution import paths
+from pythia_attribution import paths, tables
 from pythia_attribution.attribute import gradients
 from pythia_attribution.errors import UserError
 
@@ -42,8 +42,8 @@ def prebuilt_dir(profile_name: str, step: int, index_name: str) -> Path:
     return paths.results_root() / profile_name / "shards" / f"step{step}" / index_name
 
 
-def shard_key(cfg, ckpt: dict, index_name: str, rows: np.ndarray, lo: int, hi: int, opt_state) -> dict:
-    """Everything a shard's rows depend on."""
+def shard_key(cfg, ckpt: dict, index_name: str, rows: np.ndarray, lo: int, hi: int, opt_sha256) -> dict:
+    """Everything a shard's rows depend on (``opt_sha256``: the optimizer state's, or None)."""
     return {
         "checkpoint": ckpt["step"],
         "model_sha256": ckpt["model_sha256"],
@@ -52,17 +52,19 @@ def shard_key(cfg, ckpt: dict, index_name: str, rows: np.ndarray, lo: int, hi: i
         "index": index_name,
         "projection_dim": cfg.projection_dim,
         "token_batch_size": cfg.token_batch_size,
-        "optimizer_state_sha256": _sha256(opt_state) if opt_state else None,
+        "optimizer_state_sha256": opt_sha256,
         "bergson": version("bergson"),
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _opt_sha256(opt_state: Path | None) -> str | None:
+    return tables.sha256_file(opt_state) if opt_state else None
+
+
+def _recorded(folder: Path, key: dict) -> bool:
+    """Whether ``folder`` holds a finished shard built with ``key``."""
+    record = folder / SHARD_RECORD
+    return record.exists() and json.loads(record.read_text()) == key
 
 
 def build_shard(cfg, dest: Path, key: dict, rows: np.ndarray, ckpt_dir: Path, opt_state) -> Path:
@@ -93,15 +95,16 @@ def build_or_adopt(
 ) -> list[Path]:
     """The training index's shards in ``folder``, in row order."""
     ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
+    opt_sha256 = _opt_sha256(opt_state)
     out = []
     for i, (lo, hi) in enumerate(ranges):
         name = gradients.shard_name(i, len(ranges))
         rows = cands.tokens[lo:hi]
-        key = shard_key(cfg, ckpt, index_name, rows, lo, hi, opt_state)
+        key = shard_key(cfg, ckpt, index_name, rows, lo, hi, opt_sha256)
         dest = folder / name
         prebuilt = prebuilt_dir(profile.name, step, index_name) / name
         if (prebuilt / SHARD_RECORD).exists():
-            if json.loads((prebuilt / SHARD_RECORD).read_text()) == key:
+            if _recorded(prebuilt, key):
                 log.info("adopting %s (built elsewhere)", prebuilt)
                 folder.mkdir(parents=True, exist_ok=True)
                 shutil.move(prebuilt, dest)
@@ -117,7 +120,7 @@ def build_or_adopt(
 
 def build_for_profile(profile, shard: int) -> list[Path]:
     """``index-shard``: build shard ``shard`` of every training index the attribute stage will need."""
-    from pythia_attribution import stage, tables
+    from pythia_attribution import stage
     from pythia_attribution.attribute.methods import load_methods
     from pythia_attribution.attribute.stage import load_candidates
     from pythia_attribution.model import set_threads
@@ -155,9 +158,9 @@ def build_for_profile(profile, shard: int) -> list[Path]:
             if opt_state is not None and not opt_state.is_file():
                 continue
             rows = cands.tokens[lo:hi]
-            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, opt_state)
+            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(opt_state))
             dest = prebuilt_dir(profile.name, step, name) / gradients.shard_name(shard, len(ranges))
-            if (dest / SHARD_RECORD).exists() and json.loads((dest / SHARD_RECORD).read_text()) == key:
+            if _recorded(dest, key):
                 log.info("%s is already built", dest)  # a rerun after a kill resumes here
             else:
                 log.info(

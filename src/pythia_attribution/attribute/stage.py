@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients, metrics, shards
 from pythia_attribution.attribute.methods import Method, load_methods
-from pythia_attribution.attribute.ranking import Ranking
+from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
 
@@ -111,19 +111,6 @@ class Scored(NamedTuple):
     faiss: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def stream_rank(cfg, seed, n_queries, n_rows, truth, blocks: Iterable, totals=None) -> Ranking:
-    """Feed ``blocks`` ((first row, scores, queries)) into a :class:`Ranking`; ``totals(ids)``
-    scores given rows for every query (needed when a query's rows come in several blocks)."""
-    ranking = Ranking(n_queries, n_rows, cfg.top_k, truth, sample_size=cfg.summary_sample, seed=seed)
-    if totals is not None:
-        ranking.prime(totals)
-    for start, block, queries in blocks:
-        ranking.add(start, block, queries)
-    if not ranking.complete:
-        raise RuntimeError("a ranking did not see every candidate row")
-    return ranking
-
-
 def layer_of(module: str) -> int:
     match = re.search(r"layers\.(\d+)\.", module)
     return int(match.group(1)) if match else -1
@@ -207,7 +194,10 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
     indexes: dict[str, tuple] = {}
 
     def rank(blocks, totals=None) -> Ranking:
-        return stream_rank(cfg, seed, len(queries), n_rows, q_truth, blocks, totals)
+        """Every query's ranking over every candidate, streamed from ``blocks`` (``Ranking.consume``);
+        ``totals(ids)`` scores given rows, needed when a query's rows come in several blocks."""
+        ranking = Ranking(len(queries), n_rows, cfg.top_k, q_truth, sample_size=cfg.summary_sample, seed=seed)
+        return ranking.consume(blocks, totals)
 
     for method in tqdm(methods, desc=f"attribute step{step}", unit="method"):
         if method.kind == "gradient":
@@ -241,12 +231,12 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             if cfg.faiss and hessian is None and method.unit_norm:
                 top = baselines.FaissTopK(gradients.unit_rows(query_idx), cfg.top_k)
             blocks = scorer.chunks(on_rows=top.add if top else None)
-            ranking = rank(((start, block, slice(None)) for start, block in blocks), scorer.totals)
+            ranking = rank(blocks, scorer.totals)
             all_scores[method.name] = Scored(ranking, scorer.per_module, top.result() if top else None)
         elif method.kind == "bm25":
             texts = [p["prompt"] + p["target"] for p in queries]
             per_query = baselines.bm25_query_scores(cands.texts, texts)
-            all_scores[method.name] = Scored(rank((0, s[None], [qi]) for qi, s in enumerate(per_query)))
+            all_scores[method.name] = Scored(rank(per_query_blocks(per_query)))
         elif method.kind == "activation":
             model, _ = load_checkpoint(ckpt_dir)
             layer = baselines.middle_layer(model.config.num_hidden_layers)
@@ -262,13 +252,13 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
                     k = keys(np.arange(start, min(start + cfg.chunk_rows, n_rows)))
                     if top is not None:
                         top.add(start, k)
-                    yield start, q @ k.T, slice(None)
+                    yield start, q @ k.T
 
             ranking = rank(blocks(), lambda ids, keys=keys, q=q: q @ keys(ids).T)
             all_scores[method.name] = Scored(ranking, faiss=top.result() if top else None)
         elif method.kind == "random":
             per_query = baselines.random_query_scores(len(queries), n_rows, seed + step)
-            all_scores[method.name] = Scored(rank((0, s[None], [qi]) for qi, s in enumerate(per_query)))
+            all_scores[method.name] = Scored(rank(per_query_blocks(per_query)))
     for method in methods:
         if method.name in all_scores:
             record(tables, step, method, queries, all_scores[method.name], cands, cfg.top_k)

@@ -235,21 +235,18 @@ def interval_level(note: str, what: str) -> str:
     return f"{m.group(1)}%"
 
 
-def causal_ranks(study: Study) -> dict[str, dict[str, str]]:
-    """Each method's rank (1 = best) by tail-patch effect and by tracing MRR under each truth
-    definition, over the methods present in both (the ground-truth reference is not ranked)."""
+def causal_orders(study: Study) -> dict[str, list[str]]:
+    """The methods, best first, by tail-patch effect (``causal``) and by tracing MRR under each
+    truth definition (``partial``, ``complete``), over the methods present in both tables (the
+    ground-truth reference is not ranked)."""
     tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
-    methods = set(tp["method"].to_list()) & set(tm["method"].to_list())
-    out: dict[str, dict[str, str]] = {m: {} for m in methods}
-    orders = {"causal": tp.filter(pl.col("method").is_in(list(methods))).sort("effect", descending=True)}
+    methods = list(set(tp["method"].to_list()) & set(tm["method"].to_list()))
+    frames = {"causal": tp.filter(pl.col("method").is_in(methods)).sort("effect", descending=True)}
     for truth in ("partial", "complete"):
-        sub = tm.filter((pl.col("truth") == truth) & pl.col("method").is_in(list(methods)))
-        orders[truth] = sub.sort("mrr", descending=True)
-    for key, frame in orders.items():
-        for rank, m in enumerate(frame["method"].to_list(), start=1):
-            out[m][key] = str(rank)
-    return out
+        sub = tm.filter((pl.col("truth") == truth) & pl.col("method").is_in(methods))
+        frames[truth] = sub.sort("mrr", descending=True)
+    return {key: frame["method"].to_list() for key, frame in frames.items()}
 
 
 def causal_paired(study: Study, a: str, b: str) -> dict | None:

@@ -113,7 +113,11 @@ def causal(study: Study) -> str:
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
     prov = study.provenance(paths.TAIL_PATCH_METRICS_TABLE)
     level = derive.interval_level(prov.get("bootstrap", ""), "tail_patch_metrics")
-    ranks = derive.causal_ranks(study)
+    orders = derive.causal_orders(study)
+
+    def rank(method: str, key: str) -> str:
+        return str(orders[key].index(method) + 1) if method in orders[key] else "n/a"
+
     rows = []
     for m in derive.ordered_methods(tp["method"].unique()):
         r = tp.filter(pl.col("method") == m).row(0, named=True)
@@ -127,11 +131,11 @@ def causal(study: Study) -> str:
                 str(r["n_behaviors"]),
                 f"{fmt.sci(r['effect'])} {fmt.interval_sci(r['effect_lo'], r['effect_hi'])}",
                 fmt.pct(r["positive"]),
-                ranks.get(m, {}).get("causal", "n/a"),
+                rank(m, "causal"),
                 fmt.dec(mrr["partial"][0]) if mrr["partial"] else "n/a",
-                ranks.get(m, {}).get("partial", "n/a"),
+                rank(m, "partial"),
                 fmt.dec(mrr["complete"][0]) if mrr["complete"] else "n/a",
-                ranks.get(m, {}).get("complete", "n/a"),
+                rank(m, "complete"),
             ]
         )
     k = study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]

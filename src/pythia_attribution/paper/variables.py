@@ -184,15 +184,14 @@ def compute(study: Study, build: dict) -> dict:
         canary |= {m: "0/0" for m in methods} | {"complete": {m: "0/0" for m in methods}}
         if threshold is not None:
             learned = tr.filter(pl.col("count") >= threshold)
-            for m, g in learned.filter(pl.col("truth") == "partial").group_by("method"):
-                canary[m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
-            for m, g in learned.filter(pl.col("truth") == "complete").group_by("method"):
-                canary["complete"][m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
+            for truth, into in (("partial", canary), ("complete", canary["complete"])):
+                for m, g in learned.filter(pl.col("truth") == truth).group_by("method"):
+                    into[m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
         v["canary"] = canary
 
     with _section(v, "causal"):
         tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
-        ranks = derive.causal_ranks(study)
+        orders = derive.causal_orders(study)
         causal: dict = {"top_k": str(study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"])}
         for row in tp.iter_rows(named=True):
             m = row["method"]
@@ -202,10 +201,6 @@ def compute(study: Study, build: dict) -> dict:
                 "positive": fmt.pct(row["positive"]),
                 "n": str(row["n_behaviors"]),
             }
-        orders = {
-            key: [m for _, m in sorted((int(r[key]), m) for m, r in ranks.items() if key in r)]
-            for key in ("causal", "partial", "complete")
-        }
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
         for a, b in (("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")):
