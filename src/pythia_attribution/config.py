@@ -345,6 +345,20 @@ class CausalConfig:
 
 
 @dataclass(frozen=True)
+class AnalysesConfig:
+    methods: list[str] = doc(
+        "gradient methods analysed (default: every gradient method attribute ran)", default_factory=list
+    )
+    tokenwise_top: int = doc("top sequences per (behavior, method) split over their tokens", 3, ge=1)
+    layer_top_k: int = doc("top sequences per (behavior, method, layer third) kept and classified", 20, ge=1)
+    max_behaviors: int = doc("cap on the exhibited behaviors analysed, a seeded sample (0: all)", 0, ge=0)
+    word_order_file: str = doc(
+        "word-order query variants (relative to the project root; '': no word-order analysis)",
+        "experiments/word_order.toml",
+    )
+
+
+@dataclass(frozen=True)
 class MemorizationConfig:
     source: str = doc(
         "'test' (test every candidate at every checkpoint) or 'memorized-evals' (also re-score a "
@@ -384,6 +398,9 @@ class Profile:
     duplicates: DuplicatesConfig = doc("duplicates stage", default_factory=DuplicatesConfig)
     memorization: MemorizationConfig = doc("memorization stage", default_factory=MemorizationConfig)
     causal: CausalConfig = doc("causal stage (tail-patch)", default_factory=CausalConfig)
+    analyses: AnalysesConfig = doc(
+        "analyses stage (tokenwise, layer thirds, word order)", default_factory=AnalysesConfig
+    )
 
 
 def _type_ok(value, tp) -> bool:

@@ -58,8 +58,8 @@ def expand(template: str, profile: str) -> Path:
 
 # Stages, in pipeline order, and the tables each one writes.
 CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
-MEMORIZATION, CAUSAL = "memorization", "causal"
-STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION, CAUSAL)
+MEMORIZATION, CAUSAL, ANALYSES = "memorization", "causal", "analyses"
+STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION, CAUSAL, ANALYSES)
 
 # The stage graph: each stage and the stages whose tables it reads. Declared once, here, in plain
 # data (this module imports nothing outside the standard library, so the noxfile reads it too);
@@ -72,6 +72,7 @@ GRAPH: dict[str, tuple[str, ...]] = {
     DUPLICATES: (CORPUS, PROBE, ATTRIBUTE),
     MEMORIZATION: (CORPUS, TRAIN, ATTRIBUTE),
     CAUSAL: (CORPUS, TRAIN, PROBE, ATTRIBUTE),
+    ANALYSES: (CORPUS, TRAIN, PROBE, ATTRIBUTE),
 }
 STAGE_HELP: dict[str, str] = {
     CORPUS: "the training sequences in training order: micro-Pile built here, or the Pile by byte range",
@@ -81,6 +82,7 @@ STAGE_HELP: dict[str, str] = {
     DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
     MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
     CAUSAL: "tail-patch: one training step on each retrieved sequence, and the change in the target",
+    ANALYSES: "where influence sits: tokenwise scores, layer-third retrieval, word-order query variants",
 }
 
 CORPUS_TABLE = "corpus"
@@ -109,6 +111,11 @@ CANARY_ATTRIBUTION_TABLE = "canary_attribution"
 EVALS_RESCORE_TABLE = "evals_rescore"
 TAIL_PATCH_TABLE = "tail_patch"
 TAIL_PATCH_METRICS_TABLE = "tail_patch_metrics"
+TOKENWISE_TABLE = "tokenwise"
+LAYER_THIRDS_TABLE = "layer_thirds"
+LAYER_THIRDS_SUMMARY_TABLE = "layer_thirds_summary"
+WORD_ORDER_TABLE = "word_order"
+WORD_ORDER_METRICS_TABLE = "word_order_metrics"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"

@@ -44,6 +44,11 @@ def _behavior_files(profile: Profile) -> list[Path]:
     return sorted(paths.resolve_input(profile.probe.behaviors_dir).glob("*.toml"))
 
 
+def _word_order_files(profile: Profile) -> list[Path]:
+    file = profile.analyses.word_order_file
+    return [paths.resolve_input(file)] if file else []
+
+
 def _world_files(profile: Profile) -> list[Path]:
     return [paths.expand(profile.world.manifest, profile.name)] if profile.world.manifest else []
 
@@ -141,6 +146,14 @@ SPECS: dict[str, StageSpec] = {
         paths.GRAPH[paths.CAUSAL],
         ("runtime", "causal", "train", "attribute"),
         help=paths.STAGE_HELP[paths.CAUSAL],
+    ),
+    paths.ANALYSES: StageSpec(
+        paths.ANALYSES,
+        "pythia_attribution.analyses",
+        paths.GRAPH[paths.ANALYSES],
+        ("runtime", "analyses", "attribute", "duplicates"),
+        _files(_method_files, _word_order_files),
+        help=paths.STAGE_HELP[paths.ANALYSES],
     ),
 }
 

@@ -54,10 +54,13 @@ def build_index(
     projection_dim: int,
     token_batch_size: int,
     nproc_per_node: int = 0,
+    attribute_tokens: bool = False,
 ) -> Path:
     """Build a bergson gradient index over ``rows`` (token ids: a 2-D array or a list of lists)
     with the checkpoint's model; ``nproc_per_node`` > 0 runs it through bergson's launcher with
     that many workers (0: bergson's default, one per visible GPU or one on a CPU).
+    ``attribute_tokens``: one row per input position instead of per sequence (bergson's per-token
+    gradients, ``offsets.npy`` gives each sequence's rows); a sequence's rows sum to its row.
 
     Rows longer than the model's context are cut to it: a Pythia training sequence holds 2,049
     tokens (2,048 inputs, each predicting the next), bergson's token batches cannot exceed the
@@ -98,6 +101,7 @@ def build_index(
         token_batch_size=token_batch_size,
         optimizer_state=str(optimizer_state) if optimizer_state else "",
         distributed=distributed,
+        attribute_tokens=attribute_tokens,
     )
     build(cfg, PreprocessConfig())
     shutil.rmtree(data_dir)
@@ -224,20 +228,40 @@ class GradientScorer:
         self.queries = q
         self.n_queries = len(q_grads)
 
-    def _rows(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Training rows (any dtype), per module, prepared as the Attributor prepares its index."""
+    def _rows(self, rows: np.ndarray, whole: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Training rows (any dtype), per module, prepared as the Attributor prepares its index.
+        ``whole``: rows that are parts of one sequence (e.g. its per-token gradients), each divided
+        by the norm of the sequence's own prepared row ``whole`` instead of its own norm."""
         g = {n: _tensor(rows[:, lo:hi], self.device) for n, (lo, hi) in self.blocks.items()}
         if self.unit_norm:
             if self.preconditioner is not None:
                 g = {n: t.to(torch.float32) for n, t in self.preconditioner.apply(g).items()}
-            norm = sum((torch.square(g[n]).sum(dim=1, keepdim=True) for n in self.modules), start=0.0) ** 0.5
-            g = {n: torch.nan_to_num(t / norm, nan=0.0, posinf=0.0, neginf=0.0) for n, t in g.items()}
+            if whole is None:
+                norm = sum((torch.square(g[n]).sum(dim=1, keepdim=True) for n in self.modules), start=0.0)
+            else:
+                w = {n: _tensor(whole[None, lo:hi], self.device) for n, (lo, hi) in self.blocks.items()}
+                if self.preconditioner is not None:
+                    w = {n: t.to(torch.float32) for n, t in self.preconditioner.apply(w).items()}
+                norm = sum((torch.square(w[n]).sum() for n in self.modules), start=0.0)
+            g = {n: torch.nan_to_num(t / norm**0.5, nan=0.0, posinf=0.0, neginf=0.0) for n, t in g.items()}
         return g
 
-    def _per_module(self, rows: np.ndarray) -> torch.Tensor:
+    def _per_module(self, rows: np.ndarray, whole: np.ndarray | None = None) -> torch.Tensor:
         """queries x rows x modules, in the index's module order."""
-        g = self._rows(rows)
+        g = self._rows(rows, whole)
         return torch.stack([self.queries[n] @ g[n].mT for n in self.modules], dim=-1)
+
+    def module_chunks(self):
+        """(first row, per-module scores: queries x rows x modules) over the whole index, in row order."""
+        for start, rows in row_chunks(self.maps, self.chunk_rows):
+            yield start, self._per_module(rows).cpu().numpy()
+
+    def parts(self, rows: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        """queries x len(rows) x modules scores of the parts of one sequence (rows in the index's
+        layout, e.g. bergson's per-token gradients of it), whose stored row is ``whole``. Every
+        step of the preparation is linear in the row except the norm, which is the whole
+        sequence's, so when the parts sum to the sequence's row their scores sum to its score."""
+        return self._per_module(rows, whole).cpu().numpy()
 
     def chunks(self, on_rows: Callable[[int, np.ndarray], None] | None = None):
         """(first row, totals: queries x rows) over the whole index, in row order; ``on_rows``

@@ -1,0 +1,525 @@
+"""Analyses stage: *where* influence sits, after Grosse et al. (2023). Three analyses of the
+gradient methods' attributions at the final checkpoint:
+
+- **Tokenwise**: each of a method's top few sequences' score split over its tokens. bergson's
+  per-token gradients (``attribute_tokens``) give one row per input position ``t``, the layer
+  gradients formed from position ``t``'s activation and output gradient (the output gradient
+  carries the losses of ``t``'s own prediction and, through attention, of later ones); they sum to
+  the sequence's gradient. Every step of the scoring is linear in the row except the division by
+  the row's norm, so each position is scored with the whole sequence's norm and the positions'
+  scores sum to the sequence's score (a test checks it against ``attributions.arrow``). Position
+  ``t`` is credited to input token ``t``; the sequence's last token has no position of its own.
+- **Layer thirds**: the network's layers split into lower, middle and upper thirds
+  (``numpy.array_split`` of the layer indices), and every candidate re-ranked by the sum of its
+  per-module scores over one third: the layerwise decomposition of the score, as in the study
+  (each module's score keeps the whole row's normalization, so the thirds sum to the score).
+  Each third's top k is classified like the duplicates stage's, and traced against the
+  ground truth under both truth definitions.
+- **Word order**: query variants of synthetic items (``analyses.word_order_file``: the original,
+  prompt and completion swapped, the completion alone, the completion's entity replaced, an
+  unrelated query), each scored against the item's own complete ground-truth sequences.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import shutil
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from pythia_attribution import duplicates, paths
+from pythia_attribution.attribute import gradients, metrics
+from pythia_attribution.attribute.methods import load_methods
+from pythia_attribution.attribute.ranking import Ranking
+from pythia_attribution.attribute.stage import TRUTHS, compute_device, layer_of, load_candidates, truth_sets
+from pythia_attribution.behaviors import split_ids
+from pythia_attribution.config import array_of_tables, from_dict, read_toml
+from pythia_attribution.errors import ConfigError
+from pythia_attribution.model import set_threads
+
+log = logging.getLogger(__name__)
+THIRDS = ("lower", "middle", "upper")
+WHOLE = "all"  # the full score, ranked the same way, for comparison with the thirds
+
+
+# ---------------------------------------------------------------------------------------------
+# word-order variants: data
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True)
+class VariantSet:
+    items: str
+    order: str
+    note: str = ""
+    variant: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VariantQuery:
+    item_id: str
+    kind: str
+    order: str
+    variant: str
+    prompt: str
+    target: str
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+def read_variants(path: Path, ground_truth: pa.Table, encode) -> list[VariantQuery]:
+    """The word-order queries of ``path`` for every ground-truth item it names that has a complete
+    copy in the corpus. Errors name the file, the set or variant, and the rule."""
+    data = read_toml(path)
+    unknown = set(data) - {"variant_set"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: variant_set)")
+    items = [it for it in ground_truth.to_pylist() if it["seq_idxs"]]
+    queries: list[VariantQuery] = []
+    for i, raw in enumerate(array_of_tables(data, "variant_set", path)):
+        vset = from_dict(VariantSet, raw, str(path), prefix=f"variant_set[{i}].")
+        where = f"{path}: variant_set[{i}] ('{vset.items}')"
+        if vset.order not in ("single", "mixed"):
+            raise ConfigError(f"{where}: order '{vset.order}' is not 'single' or 'mixed'")
+        matched = [it for it in items if fnmatch.fnmatchcase(it["item_id"], vset.items)]
+        matched.sort(key=lambda it: it["item_id"])
+        if not matched:  # e.g. real Pythia, which has no synthetic items
+            log.warning("%s: matches no ground-truth item with a complete copy in the corpus; skipped", where)
+            continue
+        variants = [
+            from_dict(Variant, v, str(path), prefix=f"variant_set[{i}].variant[{j}].")
+            for j, v in enumerate(vset.variant)
+        ]
+        if not variants:
+            raise ConfigError(f"{where}: no [[variant_set.variant]]")
+        names = [v.name for v in variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: duplicate variant name")
+        details = [json.loads(it["detail"] or "{}") for it in matched]
+        for k, it in enumerate(matched):
+            fields = {**details[k], "other": SimpleNamespace(**details[(k + 1) % len(matched)])}
+            for v in variants:
+                vwhere = f"{where}: variant '{v.name}'"
+                prompt = _fill(v.prompt, fields, f"{vwhere}, item '{it['item_id']}'")
+                target = _fill(v.target, fields, f"{vwhere}, item '{it['item_id']}'")
+                if not target.strip():
+                    raise ConfigError(f"{vwhere}: key 'target' is empty")
+                if prompt:
+                    p_ids, t_ids = split_ids(encode, prompt, target, vwhere)
+                else:  # the completion alone: its first token is the context of the rest
+                    ids = encode(target)
+                    if len(ids) < 2:
+                        raise ConfigError(f"{vwhere}: with no prompt the target needs two tokens or more")
+                    p_ids, t_ids = ids[:1], ids[1:]
+                queries.append(
+                    VariantQuery(it["item_id"], it["kind"], vset.order, v.name, prompt, target, p_ids, t_ids)
+                )
+    return queries
+
+
+def _fill(template: str, fields: dict, where: str) -> str:
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        head, _, attr = name.partition(".")
+        known = fields.get(head)
+        if known is None or (attr and not hasattr(known, attr)) or (not attr and head == "other"):
+            names = sorted(k for k in fields if k != "other")
+            raise ConfigError(
+                f"{where}: unknown field '{{{name}}}' (the item has: {', '.join(names)}; "
+                "and other.FIELD for the next item)"
+            )
+    return template.format(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(ctx) -> None:
+    cfg = ctx.config
+    seed = ctx.profile.runtime.seed
+    set_threads(ctx.profile.runtime.threads)
+    acfg = ctx.profile.attribute
+    methods = [
+        m
+        for m in load_methods(paths.resolve_input(acfg.methods_file), acfg.methods)
+        if m.kind == "gradient" and (not cfg.methods or m.name in cfg.methods)
+    ]
+    missing = sorted(set(cfg.methods) - {m.name for m in methods})
+    if missing:
+        raise ConfigError(f"analyses.methods: '{missing[0]}' is not a gradient method in attribute.methods")
+    cands = load_candidates(ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE))
+    ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    truth = {name: truth_sets(ground_truth, cands, name) for name in TRUTHS}
+    ckpts = ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    final = max(ckpts, key=lambda c: c["step"])
+    step, ckpt_dir = final["step"], ctx.inputs[paths.TRAIN] / final["path"]
+    # the attribute stage's queries, in its order: the behaviors exhibited at the checkpoint
+    queries = [
+        p
+        for p in ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+        if p["checkpoint"] == step and p["exhibited"]
+    ]
+    attributions = ctx.input_table(paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
+    attributions = attributions[attributions["checkpoint"] == step]
+    chosen = list(range(len(queries)))
+    if cfg.max_behaviors and len(queries) > cfg.max_behaviors:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 41]))
+        chosen = sorted(rng.choice(len(queries), size=cfg.max_behaviors, replace=False).tolist())
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    variants = (
+        read_variants(paths.resolve_input(cfg.word_order_file), ground_truth, encode)
+        if cfg.word_order_file
+        else []
+    )
+    work = ctx.out_dir / "work"
+    tables: dict[str, list[dict]] = {"tokenwise": [], "layers": [], "layer_tracing": [], "word_order": []}
+    indexes = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}"
+    for method in tqdm(methods, desc="analyses", unit="method"):
+        folder = indexes / method.index_name
+        if not (folder / "queries").exists():
+            log.warning("analyses: %s has no index at step%d (attribute skipped it)", method.name, step)
+            continue
+        hessian = folder / "hessian" if method.hessian == "autocorrelation" else None
+        opt_state = ckpt_dir / "optimizer.pt" if method.optimizer_normalize else None
+        scorer = gradients.GradientScorer(
+            gradients.shards_of(folder / "train"), folder / "queries", unit_norm=method.unit_norm,
+            hessian_path=hessian, chunk_rows=acfg.chunk_rows, device=compute_device(),
+        )  # fmt: skip
+        if scorer.n_queries != len(queries):
+            raise RuntimeError(
+                f"{folder / 'queries'}: {scorer.n_queries} query rows, but {len(queries)} behaviors are "
+                f"exhibited at step{step}: the attribute stage's index does not match its probes"
+            )
+        top = attributions[attributions["method"] == method.name]
+        common = {"projection_dim": acfg.projection_dim, "token_batch_size": acfg.token_batch_size}
+        tables["tokenwise"] += tokenwise(
+            scorer, queries, chosen, top, cands, cfg.tokenwise_top, ckpt_dir, opt_state,
+            work / method.index_name / "tokens", common, method.name, step,
+        )  # fmt: skip
+        layer_rows, tracing_rows = layer_thirds(
+            scorer, queries, chosen, truth, cands, cfg, ctx.profile, method.name, step, seed
+        )
+        tables["layers"] += layer_rows
+        tables["layer_tracing"] += tracing_rows
+        tables["word_order"] += word_order(
+            variants, truth["complete"], scorer.shards, ckpt_dir, opt_state, hessian, method, acfg, common,
+            work / method.index_name / "word_order", seed,
+        )  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)  # per-token and variant indexes: large, rebuilt cheaply
+
+    ctx.write_table(
+        paths.TOKENWISE_TABLE,
+        pa.Table.from_pylist(tables["tokenwise"], TOKENWISE_SCHEMA),
+        decomposition=(
+            "bergson per-token gradients (attribute_tokens): position t's layer gradients, from its "
+            "activation and output gradient; scored with the whole sequence's norm, so a sequence's "
+            "positions sum to its score; position t is credited to input token t"
+        ),
+        rows=f"every position of each gradient method's top {cfg.tokenwise_top} sequences per behavior",
+    )
+    layers = pa.Table.from_pylist(tables["layers"], LAYER_THIRDS_SCHEMA)
+    thresholds = duplicates_thresholds(ctx.profile)
+    ctx.write_table(
+        paths.LAYER_THIRDS_TABLE,
+        layers,
+        thirds="layers split by numpy.array_split into lower, middle, upper; score = sum of the third's "
+        "per-module scores (whole-row normalization); 'all' = every module",
+        categories=thresholds,
+        truth="in_ground_truth: the complete definition",
+    )
+    ctx.write_table(
+        paths.LAYER_THIRDS_SUMMARY_TABLE,
+        layer_summary(layers, pa.Table.from_pylist(tables["layer_tracing"], LAYER_TRACING_SCHEMA), seed,
+                      acfg.bootstrap),
+        bootstrap=f"percentile bootstrap over behaviors, {acfg.bootstrap} resamples, 95% interval",
+    )  # fmt: skip
+    word = pa.Table.from_pylist(tables["word_order"], WORD_ORDER_SCHEMA)
+    ctx.write_table(
+        paths.WORD_ORDER_TABLE,
+        word,
+        truth="the item's complete ground-truth sequences",
+        variants=str(cfg.word_order_file),
+    )
+    ctx.write_table(
+        paths.WORD_ORDER_METRICS_TABLE,
+        word_order_metrics(word, seed, acfg.bootstrap),
+        bootstrap=f"percentile bootstrap over items, {acfg.bootstrap} resamples, 95% interval",
+        relative="mean ground-truth score of the variant / that of the original query, per item",
+    )
+
+
+def duplicates_thresholds(profile) -> dict:
+    from dataclasses import asdict
+
+    return asdict(profile.duplicates)
+
+
+def tokenwise(scorer, queries, chosen, top, cands, n_top, ckpt_dir, opt_state, out, common, method, step):
+    """Per-position scores of each chosen behavior's top ``n_top`` sequences."""
+    top = top[(top["rank"] <= n_top) & top["behavior_id"].isin([queries[q]["behavior_id"] for q in chosen])]
+    if top.empty:
+        return []
+    packed = np.unique(top["packed_id"].to_numpy())
+    gradients.build_index(
+        out, ckpt_dir, cands.tokens[packed].astype(np.int64), labels=None, optimizer_state=opt_state,
+        attribute_tokens=True, **common,
+    )  # fmt: skip
+    token_grads, _ = gradients.module_blocks(out)
+    offsets = np.load(out / "offsets.npy")
+    wholes = scorer.gather(packed)
+    column = {q["behavior_id"]: i for i, q in enumerate(queries)}
+    rows = []
+    by_packed = {int(p): i for i, p in enumerate(packed)}
+    for pid, group in tqdm(top.groupby("packed_id"), desc=f"tokenwise {method}", unit="seq", mininterval=5):
+        i = by_packed[int(pid)]
+        parts = token_grads[offsets[i] : offsets[i + 1]]
+        scores = scorer.parts(parts, wholes[i]).sum(-1)  # queries x positions
+        tokens = cands.tokens[pid]
+        for r in group.sort_values(["behavior_id", "rank"]).itertuples():
+            qi = column[r.behavior_id]
+            for t, s in enumerate(scores[qi]):
+                rows.append(
+                    {"behavior_id": r.behavior_id, "family": r.family, "method": method, "checkpoint": step,
+                     "rank": int(r.rank), "packed_id": int(pid), "position": t, "token_id": int(tokens[t]),
+                     "score": float(s)}
+                )  # fmt: skip
+    return rows
+
+
+def third_modules(modules: list[str]) -> dict[str, np.ndarray]:
+    """Column indexes of each third's modules (plus ``all``): layers split by ``array_split``
+    (4 layers: 2, 1, 1; 6 layers: 2, 2, 2; under 3 layers the empty thirds are left out)."""
+    layers = sorted({layer_of(m) for m in modules})
+    if -1 in layers:
+        raise ValueError(f"a module outside the layers: {[m for m in modules if layer_of(m) < 0][0]}")
+    out = {}
+    for name, group in zip(THIRDS, np.array_split(np.array(layers), 3), strict=True):
+        if len(group):  # a model of fewer than three layers has fewer thirds
+            out[name] = np.array([i for i, m in enumerate(modules) if layer_of(m) in set(group.tolist())])
+    out[WHOLE] = np.arange(len(modules))
+    return out
+
+
+def layer_thirds(scorer, queries, chosen, truth, cands, cfg, profile, method, step, seed):
+    """Each third's top k per chosen behavior (classified) and its tracing metrics."""
+    groups = third_modules(scorer.modules)
+    sel = np.array(chosen)
+    q_truth = {name: [sets.get(queries[q]["item_id"]) for q in chosen] for name, sets in truth.items()}
+    rankings = {
+        name: Ranking(len(chosen), scorer.n_rows, cfg.layer_top_k, q_truth, sample_size=1, seed=seed)
+        for name in groups
+    }
+    for name, ranking in rankings.items():
+        cols = groups[name]
+        ranking.prime(lambda ids, cols=cols: scorer._of_rows(ids)[sel][..., cols].sum(-1))
+    for start, block in scorer.module_chunks():
+        block = block[sel]
+        for name, ranking in rankings.items():
+            ranking.add(start, block[..., groups[name]].sum(-1))
+    if not all(r.complete for r in rankings.values()):
+        raise RuntimeError("a layer-third ranking did not see every candidate row")
+
+    texts = [queries[q]["prompt"] + queries[q]["target"] for q in chosen]
+    tfidf = duplicates.tfidf_matrix(cands.texts, texts)
+    hasher = duplicates.MinHasher(profile.duplicates, seed)
+    rows, tracing = [], []
+    for name, ranking in rankings.items():
+        ids, scores = ranking.top()
+        for i, q in enumerate(chosen):
+            p = queries[q]
+            q_tokens = p["prompt_ids"] + p["target_ids"]
+            gt = truth["complete"].get(p["item_id"])
+            base = {"behavior_id": p["behavior_id"], "family": p["family"], "method": method,
+                    "checkpoint": step, "third": name}  # fmt: skip
+            for rank, (pid, score) in enumerate(zip(ids[i], scores[i], strict=True), start=1):
+                feats = duplicates.pair_features(
+                    profile.duplicates, hasher, ("q", q), q_tokens, int(pid), cands.tokens[pid].tolist(),
+                    tfidf[i, pid],
+                )  # fmt: skip
+                rows.append(
+                    {**base, "rank": rank, "packed_id": int(pid), "seq_idx": int(cands.first_seq_idx[pid]),
+                     "score": float(score), "category": feats["category"],
+                     "in_ground_truth": bool(np.isin(pid, gt)) if gt is not None else None}
+                )  # fmt: skip
+            for definition in TRUTHS:
+                if ranking.has_truth(i, definition):
+                    tracing.append({**base, "truth": definition, **ranking.tracing(i, definition)})
+    return rows, tracing
+
+
+def word_order(
+    variants, complete, train_shards, ckpt_dir, opt_state, hessian, method, acfg, common, out, seed
+):
+    """Every variant query's scores of its item's complete ground-truth sequences, and where they
+    rank among every candidate."""
+    if not variants:
+        return []
+    q_rows = [v.prompt_ids + v.target_ids for v in variants]
+    labels = [[-100] * len(v.prompt_ids) + v.target_ids for v in variants]
+    gradients.build_index(out, ckpt_dir, q_rows, labels=labels, optimizer_state=opt_state, **common)
+    scorer = gradients.GradientScorer(
+        train_shards, out, unit_norm=method.unit_norm, hessian_path=hessian, chunk_rows=acfg.chunk_rows,
+        device=compute_device(),
+    )  # fmt: skip
+    sets = [complete[v.item_id] for v in variants]
+    ranking = Ranking(len(variants), scorer.n_rows, 1, {"complete": sets}, sample_size=1, seed=seed)
+    ranking.consume(scorer.chunks(), scorer.totals)
+    rows = []
+    for i, v in enumerate(variants):
+        gt = scorer.totals(sets[i])[i]
+        trace = ranking.tracing(i, "complete")
+        rows.append(
+            {"item_id": v.item_id, "kind": v.kind, "order": v.order, "variant": v.variant,
+             "method": method.name, "prompt": v.prompt, "target": v.target, "gt_score_mean": float(gt.mean()),
+             "gt_score_max": float(gt.max()), "top_score": float(ranking.top()[1][i, 0]), "mrr": trace["mrr"],
+             "first_hit_rank": trace["first_hit_rank"], "n_truth": trace["n_truth"]}
+        )  # fmt: skip
+    return rows
+
+
+def layer_summary(layers: pa.Table, tracing: pa.Table, seed: int, n_boot: int) -> pa.Table:
+    """Per (family and all, method, third): category shares and ground-truth share of the top k,
+    and the mean MRR under each truth definition, with intervals over behaviors."""
+    df, tr = layers.to_pandas(), tracing.to_pandas()
+    rows = []
+    if df.empty:
+        return pa.Table.from_pylist([], LAYER_THIRDS_SUMMARY_SCHEMA)
+    for family, sub in [("all", df), *df.groupby("family")]:
+        for (method, third), g in sub.groupby(["method", "third"]):
+            per_b = g.groupby("behavior_id")
+            row = {"family": family, "method": method, "third": third, "n_behaviors": per_b.ngroups}
+            for category in duplicates.CATEGORIES:
+                share = per_b["category"].apply(lambda c, category=category: (c == category).mean())
+                lo, hi = metrics.bootstrap_ci(share.sort_index().to_numpy(), seed, n_boot)
+                row.update({category: float(share.mean()), f"{category}_lo": lo, f"{category}_hi": hi})
+            gt = g["in_ground_truth"].dropna()
+            row["ground_truth_share"] = float(gt.astype(float).mean()) if len(gt) else None
+            t = tr[(tr["method"] == method) & (tr["third"] == third)]
+            if family != "all":
+                t = t[t["family"] == family]
+            for definition in TRUTHS:
+                m = t[t["truth"] == definition].sort_values("behavior_id")["mrr"]
+                row[f"mrr_{definition}"] = float(m.mean()) if len(m) else None
+            rows.append(row)
+    return pa.Table.from_pylist(rows, LAYER_THIRDS_SUMMARY_SCHEMA)
+
+
+def word_order_metrics(word: pa.Table, seed: int, n_boot: int) -> pa.Table:
+    """Per (kind, order, variant, method): mean ground-truth score, its ratio to the original
+    query's per item, and MRR, with intervals over items."""
+    df = word.to_pandas()
+    rows = []
+    if df.empty:
+        return pa.Table.from_pylist([], WORD_ORDER_METRICS_SCHEMA)
+    original = df[df["variant"] == "original"].set_index(["method", "item_id"])["gt_score_mean"]
+    for (kind, order, variant, method), g in df.groupby(["kind", "order", "variant", "method"], sort=True):
+        g = g.sort_values("item_id")
+        row = {"kind": kind, "order": order, "variant": variant, "method": method, "n_items": len(g)}
+        base = original.reindex(list(zip(g["method"], g["item_id"], strict=True))).to_numpy()
+        relative = g["gt_score_mean"].to_numpy() / base if len(base) and not np.isnan(base).any() else None
+        for col, values in (("gt_score", g["gt_score_mean"].to_numpy()), ("relative", relative),
+                            ("mrr", g["mrr"].to_numpy())):  # fmt: skip
+            if values is None:
+                row.update({col: None, f"{col}_lo": None, f"{col}_hi": None})
+                continue
+            lo, hi = metrics.bootstrap_ci(values, seed, n_boot)
+            row.update({col: float(values.mean()), f"{col}_lo": lo, f"{col}_hi": hi})
+        rows.append(row)
+    return pa.Table.from_pylist(rows, WORD_ORDER_METRICS_SCHEMA)
+
+
+TOKENWISE_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("rank", pa.int32()),
+        ("packed_id", pa.int32()),
+        ("position", pa.int32()),
+        ("token_id", pa.int32()),
+        ("score", pa.float64()),
+    ]
+)
+LAYER_THIRDS_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("third", pa.string()),
+        ("rank", pa.int32()),
+        ("packed_id", pa.int32()),
+        ("seq_idx", pa.int64()),
+        ("score", pa.float64()),
+        ("category", pa.string()),
+        ("in_ground_truth", pa.bool_()),
+    ]
+)
+LAYER_TRACING_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("third", pa.string()),
+        ("truth", pa.string()),
+        ("mrr", pa.float64()),
+        ("first_hit_rank", pa.int64()),
+        ("recall_at_10", pa.float64()),
+        ("precision_at_10", pa.float64()),
+        ("top1_hit", pa.bool_()),
+        ("n_truth", pa.int64()),
+    ]
+)
+LAYER_THIRDS_SUMMARY_SCHEMA = pa.schema(
+    [("family", pa.string()), ("method", pa.string()), ("third", pa.string()), ("n_behaviors", pa.int64())]
+    + [(f"{c}{s}", pa.float64()) for c in duplicates.CATEGORIES for s in ("", "_lo", "_hi")]
+    + [("ground_truth_share", pa.float64())]
+    + [(f"mrr_{d}", pa.float64()) for d in TRUTHS]
+)
+WORD_ORDER_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("kind", pa.string()),
+        ("order", pa.string()),
+        ("variant", pa.string()),
+        ("method", pa.string()),
+        ("prompt", pa.string()),
+        ("target", pa.string()),
+        ("gt_score_mean", pa.float64()),
+        ("gt_score_max", pa.float64()),
+        ("top_score", pa.float64()),
+        ("mrr", pa.float64()),
+        ("first_hit_rank", pa.int64()),
+        ("n_truth", pa.int64()),
+    ]
+)
+WORD_ORDER_METRICS_SCHEMA = pa.schema(
+    [("kind", pa.string()), ("order", pa.string()), ("variant", pa.string()), ("method", pa.string()),
+     ("n_items", pa.int64())]
+    + [(f"{c}{s}", pa.float64()) for c in ("gt_score", "relative", "mrr") for s in ("", "_lo", "_hi")]
+)  # fmt: skip

@@ -1,0 +1,157 @@
+"""The analyses stage on nano: tokenwise scores are an exact split of the sequence's score and sit
+on a planted copy of the query; layer thirds partition the modules; word-order variants are data
+whose mistakes are named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from pythia_attribution import paths, tables
+from pythia_attribution.analyses import THIRDS, WHOLE, read_variants, third_modules
+from pythia_attribution.attribute import gradients
+from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.errors import ConfigError
+
+
+def _read(results, stage_name, table):
+    return tables.read_table(paths.table_path(results / stage_name, table))
+
+
+def test_tokenwise_scores_sum_to_the_sequence_score(nano_run):
+    results = nano_run["results"]
+    tok = _read(results, paths.ANALYSES, paths.TOKENWISE_TABLE).to_pandas()
+    att = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
+    assert set(tok["method"]) == {"trackstar", "grad_cosine"}
+    sums = tok.groupby(["behavior_id", "method", "checkpoint", "rank"], as_index=False)["score"].sum()
+    both = sums.merge(att, on=["behavior_id", "method", "checkpoint", "rank"], suffixes=("_tokens", ""))
+    assert len(both) == len(sums) > 0
+    np.testing.assert_allclose(both["score_tokens"], both["score"], rtol=1e-4, atol=1e-6)
+    # every exhibited behavior of the final checkpoint, each method's top 3
+    final = att[att["checkpoint"] == att["checkpoint"].max()]
+    assert sums.groupby("method")["behavior_id"].nunique().to_dict() == {
+        m: final["behavior_id"].nunique() for m in ("trackstar", "grad_cosine")
+    }
+    assert set(sums["rank"]) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("adam", [True, False], ids=["adam", "raw"])
+def test_a_planted_copy_holds_most_of_its_token_influence(nano_run, tmp_path, adam):
+    """A never-injected canary (64 random tokens) pasted into three sequences of unrelated text: the
+    positions of the copy hold most of the sequence's score, with and without Adam normalization.
+    Projected to 16 x 16 per module, as micro is: nano's 4 x 4 is too coarse to separate them."""
+    results = nano_run["results"]
+    ckpts = _read(results, paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
+    ckpt = results / paths.TRAIN / ckpts[-1]["path"]
+    truth = _read(results, paths.CORPUS, paths.GROUND_TRUTH_TABLE).to_pylist()
+    canary = next(t for t in truth if t["item_id"].startswith("canary/") and t["count"] == 0)
+    prompt, target = list(canary["prompt_ids"]), list(canary["target_ids"])
+    cands = load_candidates(_read(results, paths.CORPUS, paths.CORPUS_TABLE))
+    common = {"optimizer_state": ckpt / "optimizer.pt" if adam else None, "projection_dim": 16,
+              "token_batch_size": 1024}  # fmt: skip
+    query = gradients.build_index(
+        tmp_path / "query", ckpt, [prompt + target], labels=[[-100] * len(prompt) + target], **common
+    )
+    copy = np.array(prompt + target)
+    shares = []
+    for host_row, start in ((0, 0), (40, 60), (80, 120)):
+        host = np.concatenate([cands.tokens[host_row + j] for j in range(3)]).astype(np.int64)
+        host[start : start + len(copy)] = copy
+        name = f"{host_row}-{start}"
+        whole = gradients.build_index(tmp_path / f"whole{name}", ckpt, host[None], labels=None, **common)
+        parts = gradients.build_index(
+            tmp_path / f"tokens{name}", ckpt, host[None], labels=None, attribute_tokens=True, **common
+        )
+        scorer = gradients.GradientScorer(whole, query, unit_norm=True, hessian_path=None)
+        token_rows, _ = gradients.module_blocks(parts)
+        per_token = scorer.parts(token_rows, scorer.gather(np.array([0]))[0]).sum(-1)[0]
+        total = scorer.totals(np.array([0]))[0, 0]
+        assert len(per_token) == len(host) - 1  # the last token predicts nothing
+        assert per_token.sum() == pytest.approx(total, rel=1e-4, abs=1e-6)
+        shares.append(per_token[start : start + len(copy)].sum() / total)
+    assert min(shares) > 0.5, shares
+
+
+def test_layer_thirds_partition_the_modules_and_all_matches_attribution(nano_run):
+    modules = [f"layers.{i}.{m}" for i in range(6) for m in ("attention.dense", "mlp.dense_4h_to_h")]
+    groups = third_modules(modules)
+    assert [len(groups[t]) for t in THIRDS] == [4, 4, 4]
+    assert sorted(np.concatenate([groups[t] for t in THIRDS]).tolist()) == groups[WHOLE].tolist()
+    assert [modules[i] for i in groups["upper"]][0].startswith("layers.4.")
+    assert set(third_modules([f"layers.{i}.x" for i in range(2)])) == {"lower", "middle", WHOLE}
+
+    results = nano_run["results"]
+    layers = _read(results, paths.ANALYSES, paths.LAYER_THIRDS_TABLE).to_pandas()
+    att = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
+    whole = layers[layers["third"] == WHOLE].merge(
+        att, on=["behavior_id", "method", "checkpoint", "rank"], suffixes=("", "_attribute")
+    )
+    assert len(whole) == (layers["third"] == WHOLE).sum() > 0
+    np.testing.assert_allclose(whole["score"], whole["score_attribute"], rtol=1e-5, atol=1e-6)
+    assert set(layers["category"]) <= {"exact", "near_duplicate", "thematic", "unrelated"}
+    summary = _read(results, paths.ANALYSES, paths.LAYER_THIRDS_SUMMARY_TABLE).to_pandas()
+    assert set(summary["third"]) == {"lower", "middle", WHOLE}  # nano has two layers
+
+
+def test_word_order_covers_every_variant_and_method(nano_run):
+    results = nano_run["results"]
+    word = _read(results, paths.ANALYSES, paths.WORD_ORDER_TABLE).to_pandas()
+    assert set(word["variant"]) == {"original", "swapped", "no_prompt", "entity_replaced", "unrelated"}
+    per_item = word.groupby(["item_id", "method"])["variant"].nunique()
+    assert (per_item == 5).all()
+    assert set(word["kind"]) == {"insult", "bio"}
+    metrics = _read(results, paths.ANALYSES, paths.WORD_ORDER_METRICS_TABLE)
+    original = metrics.filter(pc.equal(metrics["variant"], "original")).to_pandas()
+    np.testing.assert_allclose(original["relative"], 1.0)
+
+
+def _ground_truth() -> pa.Table:
+    items = [
+        {
+            "item_id": f"insult/{n}",
+            "kind": "insult",
+            "seq_idxs": [1],
+            "detail": f'{{"name": "{n}", "insult": "{i}"}}',
+        }
+        for n, i in (("Ann Lee", "base knave"), ("Bo Ray", "proud cur"))
+    ]
+    return pa.Table.from_pylist(items)
+
+
+def _encode(text: str) -> list[int]:
+    return [ord(c) for c in text]  # one token per character: every boundary is a token boundary
+
+
+def test_variants_fill_fields_and_pair_each_item_with_the_next(tmp_path):
+    path = tmp_path / "word_order.toml"
+    path.write_text(
+        '[[variant_set]]\nitems = "insult/*"\norder = "single"\n'
+        '[[variant_set.variant]]\nname = "entity_replaced"\n'
+        'prompt = "{name} is a"\ntarget = " {other.insult}"\n'
+        '[[variant_set.variant]]\nname = "no_prompt"\nprompt = ""\ntarget = "{insult}"\n'
+    )
+    queries = read_variants(path, _ground_truth(), _encode)
+    replaced = {q.item_id: q.target for q in queries if q.variant == "entity_replaced"}
+    assert replaced == {"insult/Ann Lee": " proud cur", "insult/Bo Ray": " base knave"}
+    alone = next(q for q in queries if q.variant == "no_prompt" and q.item_id == "insult/Ann Lee")
+    assert alone.prompt_ids == _encode("b") and alone.target_ids == _encode("ase knave")
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ('name = "x"\nprompt = "{nme} is a"\ntarget = " {insult}"', "unknown field '{nme}'"),
+        ('name = "x"\nprompt = "{name} is a"\ntarget = " "', "key 'target' is empty"),
+        ('name = "x"\nprompt = "{name}"\ntarget = " {insult}"\ncolour = 1', "unknown key"),
+    ],
+)
+def test_a_bad_variant_is_named(tmp_path, variant, message):
+    path = tmp_path / "word_order.toml"
+    path.write_text(
+        f'[[variant_set]]\nitems = "insult/*"\norder = "single"\n[[variant_set.variant]]\n{variant}\n'
+    )
+    with pytest.raises(ConfigError, match=message) as err:
+        read_variants(path, _ground_truth(), _encode)
+    assert str(path) in str(err.value)
