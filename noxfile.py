@@ -150,9 +150,11 @@ def paper(session: nox.Session) -> None:
     """Render paper/ to HTML and PDF from the profile's tables: Quarto if on PATH, else pandoc + typst.
 
     Reads the tables only (run `nox -s all` first; a missing table names the session that makes it).
+    Builds the explorer first (results/<profile>/explorer/), which the paper links to.
     """
     profile, _ = _profile_and_rest(session)
     python = _python(session)
+    session.run(python, "-m", "pythia_attribution", "explorer", "--profile", profile, "-q", external=True)
     quarto = shutil.which("quarto")
     if quarto:
         env = {
@@ -163,6 +165,14 @@ def paper(session: nox.Session) -> None:
     else:
         session.log("quarto is not on PATH: rendering the pandoc 3 + typst preview")
         session.run(python, "-m", "pythia_attribution.paper", "preview", "--profile", profile, external=True)
+
+
+@nox.session
+def explorer(session: nox.Session) -> None:
+    """Write results/<profile>/explorer/: a static HTML site of every behavior's top sequences by
+    method, from the tables (run `nox -s all` first; `nox -s paper` builds it too). Open its
+    index.html in a browser."""
+    _stage(session, "explorer")
 
 
 @nox.session

@@ -23,7 +23,7 @@ from pythia_attribution.config import Profile, describe, known_profiles, load_pr
 from pythia_attribution.errors import LockedError, UserError
 
 EXIT_BUG, EXIT_INPUT, EXIT_LOCKED = 1, 2, 3
-COMMANDS = ("all", "pin", "verify", "check", "index-shard")
+COMMANDS = ("all", "pin", "verify", "check", "index-shard", "explorer")
 
 
 def _positive_int(text: str) -> int:
@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
             "               without running anything (against the checkpoints, once trained)\n"
             "  index-shard  build shard --shard I of the training indexes (attribute.index_shards) into\n"
             "               results/<profile>/shards/, for another machine's attribute stage to adopt;\n"
-            "               takes no lock, so several shards can be built at once\n\n"
+            "               takes no lock, so several shards can be built at once\n"
+            "  explorer     write results/<profile>/explorer/, a static HTML site of every behavior's\n"
+            "               top sequences by method (open its index.html in a browser)\n\n"
             f"profiles: {', '.join(known_profiles()) or '(none found)'} (or a path to a profile .toml)\n"
             "outputs: results/<profile>/<stage>/<table>.arrow\n"
             "exit codes: 0 done, 1 internal error (traceback in the log file named), 2 bad input or\n"
@@ -164,6 +166,12 @@ def _run(args, command: str) -> int:
             return 0
         if args.stage == "verify":
             return _verify(profile, args)
+        if args.stage == "explorer":
+            from pythia_attribution.explorer import build
+
+            root = paths.results_root() / profile.name
+            print(build(root, root / "explorer") / "index.html")
+            return 0
         if args.stage == "pin":
             from pythia_attribution.sources.fixture import pin_profile
 
