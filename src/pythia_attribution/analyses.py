@@ -23,6 +23,7 @@ gradient methods' attributions at the final checkpoint:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import shutil
@@ -189,6 +190,10 @@ def run(ctx) -> None:
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    @functools.cache
+    def decode(token: int) -> str:
+        return tokenizer.decode([token])
+
     variants = (
         read_variants(paths.resolve_input(cfg.word_order_file), ground_truth, encode)
         if cfg.word_order_file
@@ -217,7 +222,7 @@ def run(ctx) -> None:
         common = {"projection_dim": acfg.projection_dim, "token_batch_size": acfg.token_batch_size}
         tables["tokenwise"] += tokenwise(
             scorer, queries, chosen, top, cands, cfg.tokenwise_top, ckpt_dir, opt_state,
-            work / method.index_name / "tokens", common, method.name, step,
+            work / method.index_name / "tokens", common, method.name, step, decode,
         )  # fmt: skip
         layer_rows, tracing_rows = layer_thirds(
             scorer, queries, chosen, truth, cands, cfg, ctx.profile, method.name, step, seed
@@ -239,6 +244,7 @@ def run(ctx) -> None:
             "positions sum to its score; position t is credited to input token t"
         ),
         rows=f"every position of each gradient method's top {cfg.tokenwise_top} sequences per behavior",
+        in_query_run=f"the token is in a run of at least {QUERY_RUN} tokens shared, in order, with the query",
     )
     layers = pa.Table.from_pylist(tables["layers"], LAYER_THIRDS_SCHEMA)
     thresholds = duplicates_thresholds(ctx.profile)
@@ -267,7 +273,8 @@ def run(ctx) -> None:
         paths.WORD_ORDER_METRICS_TABLE,
         word_order_metrics(word, seed, acfg.bootstrap),
         bootstrap=f"percentile bootstrap over items, {acfg.bootstrap} resamples, 95% interval",
-        relative="mean ground-truth score of the variant / that of the original query, per item",
+        relative="mean ground-truth score of the variant over items / that of the original query over the "
+        "same items; interval: paired bootstrap of the ratio",
     )
 
 
@@ -277,8 +284,11 @@ def duplicates_thresholds(profile) -> dict:
     return asdict(profile.duplicates)
 
 
-def tokenwise(scorer, queries, chosen, top, cands, n_top, ckpt_dir, opt_state, out, common, method, step):
-    """Per-position scores of each chosen behavior's top ``n_top`` sequences."""
+def tokenwise(
+    scorer, queries, chosen, top, cands, n_top, ckpt_dir, opt_state, out, common, method, step, decode
+):
+    """Per-position scores of each chosen behavior's top ``n_top`` sequences (``decode``: a token
+    id's text)."""
     top = top[(top["rank"] <= n_top) & top["behavior_id"].isin([queries[q]["behavior_id"] for q in chosen])]
     if top.empty:
         return []
@@ -300,13 +310,30 @@ def tokenwise(scorer, queries, chosen, top, cands, n_top, ckpt_dir, opt_state, o
         tokens = cands.tokens[pid]
         for r in group.sort_values(["behavior_id", "rank"]).itertuples():
             qi = column[r.behavior_id]
+            shared = query_runs(queries[qi]["prompt_ids"] + queries[qi]["target_ids"], tokens.tolist())
             for t, s in enumerate(scores[qi]):
                 rows.append(
                     {"behavior_id": r.behavior_id, "family": r.family, "method": method, "checkpoint": step,
                      "rank": int(r.rank), "packed_id": int(pid), "position": t, "token_id": int(tokens[t]),
-                     "score": float(s)}
+                     "token": decode(int(tokens[t])), "in_query_run": bool(shared[t]), "score": float(s)}
                 )  # fmt: skip
     return rows
+
+
+QUERY_RUN = 3  # shortest run of tokens shared with the query that marks a position as repeating it
+
+
+def query_runs(query: list[int], tokens: list[int]) -> np.ndarray:
+    """Which positions of ``tokens`` lie in a run of at least ``QUERY_RUN`` tokens that also occurs,
+    in order, in the query (difflib's matching blocks: each query token matched at most once)."""
+    import difflib
+
+    out = np.zeros(len(tokens), dtype=bool)
+    matcher = difflib.SequenceMatcher(None, query, tokens, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        if block.size >= QUERY_RUN:
+            out[block.b : block.b + block.size] = True
+    return out
 
 
 def third_modules(modules: list[str]) -> dict[str, np.ndarray]:
@@ -428,8 +455,9 @@ def layer_summary(layers: pa.Table, tracing: pa.Table, seed: int, n_boot: int) -
 
 
 def word_order_metrics(word: pa.Table, seed: int, n_boot: int) -> pa.Table:
-    """Per (kind, order, variant, method): mean ground-truth score, its ratio to the original
-    query's per item, and MRR, with intervals over items."""
+    """Per (kind, order, variant, method): the mean ground-truth score over items, its ratio to the
+    original query's (a ratio of means over the same items: per-item ratios explode where the
+    original's score is near zero) and the MRR, with intervals over items."""
     df = word.to_pandas()
     rows = []
     if df.empty:
@@ -438,15 +466,16 @@ def word_order_metrics(word: pa.Table, seed: int, n_boot: int) -> pa.Table:
     for (kind, order, variant, method), g in df.groupby(["kind", "order", "variant", "method"], sort=True):
         g = g.sort_values("item_id")
         row = {"kind": kind, "order": order, "variant": variant, "method": method, "n_items": len(g)}
+        score = g["gt_score_mean"].to_numpy()
         base = original.reindex(list(zip(g["method"], g["item_id"], strict=True))).to_numpy()
-        relative = g["gt_score_mean"].to_numpy() / base if len(base) and not np.isnan(base).any() else None
-        for col, values in (("gt_score", g["gt_score_mean"].to_numpy()), ("relative", relative),
-                            ("mrr", g["mrr"].to_numpy())):  # fmt: skip
-            if values is None:
-                row.update({col: None, f"{col}_lo": None, f"{col}_hi": None})
-                continue
+        for col, values in (("gt_score", score), ("mrr", g["mrr"].to_numpy())):
             lo, hi = metrics.bootstrap_ci(values, seed, n_boot)
             row.update({col: float(values.mean()), f"{col}_lo": lo, f"{col}_hi": hi})
+        if len(base) and not np.isnan(base).any():
+            lo, hi = metrics.bootstrap_ratio_ci(score, base, seed, n_boot)
+            row.update({"relative": float(score.sum() / base.sum()), "relative_lo": lo, "relative_hi": hi})
+        else:
+            row.update({"relative": None, "relative_lo": None, "relative_hi": None})
         rows.append(row)
     return pa.Table.from_pylist(rows, WORD_ORDER_METRICS_SCHEMA)
 
@@ -461,6 +490,8 @@ TOKENWISE_SCHEMA = pa.schema(
         ("packed_id", pa.int32()),
         ("position", pa.int32()),
         ("token_id", pa.int32()),
+        ("token", pa.string()),
+        ("in_query_run", pa.bool_()),
         ("score", pa.float64()),
     ]
 )

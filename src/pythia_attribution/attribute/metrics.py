@@ -68,3 +68,17 @@ def bootstrap_ci(
     means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def bootstrap_ratio_ci(
+    num: np.ndarray, den: np.ndarray, seed: int, n_boot: int = 1000, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(num) / sum(den) over paired units (resampled together)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if len(num) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 13, len(num)]))
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    ratios = num[idx].sum(axis=1) / den[idx].sum(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))

@@ -13,6 +13,7 @@ compiles the PDF on A4.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -73,6 +74,10 @@ def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
     (part / "tables").mkdir()
     try:
         values = variables.compute(study, build_info(profile))
+        # the explorer (nox -s explorer) beside the results, as a link from the rendered paper
+        values["build"]["explorer"] = os.path.relpath(
+            study.results / "explorer" / "index.html", paper_dir / OUTPUT
+        )
         fill_unavailable(values, paper_dir)
         anchors = paper_dir / ANCHORS
         if anchors.is_file():

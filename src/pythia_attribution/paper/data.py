@@ -42,6 +42,10 @@ NEEDED: dict[str, str] = {
     paths.CANARY_ATTRIBUTION_TABLE: paths.MEMORIZATION,
     paths.TAIL_PATCH_TABLE: paths.CAUSAL,
     paths.TAIL_PATCH_METRICS_TABLE: paths.CAUSAL,
+    paths.TOKENWISE_TABLE: paths.ANALYSES,
+    paths.LAYER_THIRDS_SUMMARY_TABLE: paths.ANALYSES,
+    paths.WORD_ORDER_METRICS_TABLE: paths.ANALYSES,
+    paths.WORD_ORDER_TABLE: paths.ANALYSES,
 }
 
 

@@ -270,3 +270,42 @@ def causal_paired(study: Study, a: str, b: str) -> dict | None:
     seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
     lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
     return {"mean": float(d.mean()), "lo": lo, "hi": hi, "ahead": float(np.mean(d > 0)), "n": len(d)}
+
+
+def query_run_shares(study: Study) -> pl.DataFrame:
+    """Per gradient method: over the tokenwise sequences that repeat part of the query, the share of
+    their positions in runs shared with the query and the share of their summed score there."""
+    tok = study.frame(paths.TOKENWISE_TABLE)
+    key = ["behavior_id", "method", "rank"]
+    repeats = tok.group_by(key).agg(pl.col("in_query_run").any().alias("repeats")).filter(pl.col("repeats"))
+    return (
+        tok.join(repeats.select(key), on=key)
+        .group_by("method")
+        .agg(
+            (pl.col("in_query_run").sum() / pl.len()).alias("positions"),
+            (pl.col("score").filter(pl.col("in_query_run")).sum() / pl.col("score").sum()).alias("share"),
+            pl.struct(key).n_unique().alias("n_sequences"),
+        )
+        .sort("method")
+    )
+
+
+def tokenwise_example(study: Study, method: str = "trackstar") -> pl.DataFrame:
+    """The tokens of the example sequence of the tokenwise figure: the method's top-1 sequence, for
+    the behavior whose top-1 repeats the most tokens of the query, then puts the largest share of its
+    score on them (families with natural-language items first: a canary's random words make a poor
+    picture)."""
+    tok = study.frame(paths.TOKENWISE_TABLE).filter((pl.col("method") == method) & (pl.col("rank") == 1))
+    if tok.is_empty():
+        return tok
+    shares = (
+        tok.group_by("behavior_id", "family")
+        .agg(
+            pl.col("in_query_run").sum().alias("repeated"),
+            (pl.col("score").filter(pl.col("in_query_run")).sum() / pl.col("score").sum()).alias("share"),
+        )
+        .with_columns((pl.col("family") == "memorized").alias("canary"))
+        .sort(["canary", "repeated", "share", "behavior_id"], descending=[False, True, True, False])
+    )
+    best = shares["behavior_id"][0]
+    return tok.filter(pl.col("behavior_id") == best).sort("position")

@@ -41,6 +41,7 @@ from plotnine import (
 from plotnine.exceptions import PlotnineError
 
 from pythia_attribution import paths
+from pythia_attribution.duplicates import CATEGORIES
 from pythia_attribution.paper import derive, style
 from pythia_attribution.paper.data import Study
 from pythia_attribution.paper.variables import DATA_ABSENT
@@ -334,6 +335,102 @@ def early_late(study: Study):
     return plot, (style.FIGURE_WIDTH_IN, 3.8)
 
 
+def layer_thirds(study: Study):
+    """Composition of TrackStar's top-k ranked by one third of the layers (or all), per family."""
+    summary = study.frame(paths.LAYER_THIRDS_SUMMARY_TABLE).filter(
+        (pl.col("family") != "all") & (pl.col("method") == "trackstar")
+    )
+    if summary.is_empty():
+        return _no_data("layer-thirds"), (6.0, 1.5)
+    thirds = [t for t in ("lower", "middle", "upper", "all") if t in set(summary["third"])]
+    long = summary.unpivot(
+        index=["family", "third"], on=list(CATEGORIES), variable_name="category", value_name="share"
+    )
+    pdf = long.with_columns(
+        pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label"),
+    ).to_pandas()
+    pdf["third"] = pdf["third"].astype("category").cat.set_categories(thirds[::-1])
+    pdf["family_label"] = (
+        pdf["family_label"].astype("category").cat.set_categories(_family_order(summary["family"].unique()))
+    )
+    categories = [c for c in style.CATEGORIES if c in set(pdf["category"])]
+    pdf["category"] = pdf["category"].astype("category").cat.set_categories(categories[::-1])
+    plot = (
+        ggplot(pdf, aes("third", "share", fill="category"))
+        + geom_col(width=0.75)
+        + facet_wrap("~family_label", ncol=3)
+        + coord_flip()
+        + scale_y_continuous(labels=_percent)
+        + _category_fill(categories)
+        + labs(x="Layers ranked by", y="Share of TrackStar's top-k retrieved sequences")
+        + _theme()
+    )
+    return plot, (style.FIGURE_WIDTH_IN, 3.6)
+
+
+class _TokenPicture:
+    """A training sequence typeset token by token, each on a patch shaded by its score; saved like
+    a plotnine plot (``save``) so the figure registry treats it as one."""
+
+    def __init__(self, tokens: list[str], scores: list[float], title: str, width_chars: int = 92):
+        self.tokens, self.scores, self.title, self.width = tokens, scores, title, width_chars
+
+    def lines(self) -> list[list[tuple[int, str]]]:
+        """(token index, text) runs per typeset line; newlines in a token break the line."""
+        lines, line, used = [], [], 0
+        for i, tok in enumerate(self.tokens):
+            for j, piece in enumerate(tok.split("\n")):
+                if j:
+                    lines.append(line)
+                    line, used = [], 0
+                if used + len(piece) > self.width and line:
+                    lines.append(line)
+                    line, used = [], 0
+                if piece:
+                    line.append((i, piece))
+                    used += len(piece)
+        lines.append(line)
+        return lines
+
+    def save(self, path, width, height, dpi, verbose=False, metadata=None):
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        peak = max(abs(s) for s in self.scores) or 1.0
+        lines = self.lines()
+        fig = plt.figure(figsize=(width, height))
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(0, self.width + 2)
+        ax.set_ylim(len(lines) + 2, 0)
+        ax.axis("off")
+        ax.text(1, 0.9, self.title, fontsize=style.FONT_SIZE, family="sans-serif", va="center")
+        for row, line in enumerate(lines, start=2):
+            x = 1
+            for i, piece in line:
+                s = self.scores[i]
+                colour = (0.90, 0.38, 0.0) if s > 0 else (0.145, 0.39, 0.92)
+                shade = (*colour, min(abs(s) / peak, 1.0))
+                ax.add_patch(Rectangle((x, row - 0.45), len(piece), 0.9, color=shade, linewidth=0))
+                ax.text(x, row, piece.replace("$", r"\$"), fontsize=style.FONT_SIZE - 1, family="monospace",
+                        va="center")  # fmt: skip
+                x += len(piece)
+        fig.savefig(path, dpi=dpi, metadata=metadata)
+        plt.close(fig)
+
+
+def tokenwise(study: Study):
+    """TrackStar's top-1 sequence of one behavior, tokens shaded by their part of the score."""
+    example = derive.tokenwise_example(study)
+    if example.is_empty():
+        return _no_data("tokenwise"), (6.0, 1.5)
+    behavior = example["behavior_id"][0]
+    tokens = example["token"].to_list()
+    scores = example["score"].to_list() + [0.0]  # the last token has no position of its own
+    total = sum(scores)
+    pic = _TokenPicture(tokens + [""], scores, f"{behavior}: TrackStar's top-1 sequence, score {total:.3f}")
+    return pic, (style.FIGURE_WIDTH_IN, 0.22 * (len(pic.lines()) + 2))
+
+
 log = logging.getLogger(__name__)
 
 FIGURES = {
@@ -342,6 +439,8 @@ FIGURES = {
     "causal": causal,
     "composition": composition,
     "layers": layers,
+    "tokenwise": tokenwise,
+    "layer-thirds": layer_thirds,
     "concentration": concentration,
     "memorization": memorization_by_duplication,
     "canaries": canary_memorization,

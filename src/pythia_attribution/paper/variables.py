@@ -249,6 +249,9 @@ def compute(study: Study, build: dict) -> dict:
                 "bottom_share": fmt.pct(bottom["share"]),
             }
 
+    with _section(v, "analyses"):
+        v["analyses"] = analyses_variables(study)
+
     with _section(v, "concentration"):
         ss = study.frame(paths.SCORE_SUMMARY_TABLE)
         v["concentration"] = {"top_level": derive.share_level("top1pct_share")}
@@ -402,4 +405,74 @@ def flatten(v: dict, prefix: str = "") -> dict[str, str]:
             out.update(flatten(value, name + "."))
         else:
             out[name] = str(value)
+    return out
+
+
+KIND_LABELS = {"insult": "the insults", "bio": "the biographies"}
+
+
+def analyses_variables(study: Study) -> dict:
+    """Tokenwise shares, layer-third composition and word-order ratios (TrackStar unless named)."""
+    from pythia_attribution.analyses import QUERY_RUN
+
+    cfg = study.config(paths.TOKENWISE_TABLE, "analyses")
+    out: dict = {
+        "tokenwise_top": str(cfg["tokenwise_top"]),
+        "layer_top_k": str(cfg["layer_top_k"]),
+        "query_run": str(QUERY_RUN),
+    }
+    for row in derive.query_run_shares(study).iter_rows(named=True):
+        out[row["method"]] = {
+            "query_positions": fmt.pct(row["positions"]),
+            "query_share": fmt.pct(row["share"]),
+            "n_sequences": str(row["n_sequences"]),
+        }
+    ts = out.get("trackstar")
+    shares = derive.query_run_shares(study).filter(pl.col("method") == "trackstar")
+    if ts and shares.height:
+        share, positions = shares["share"][0], shares["positions"][0]
+        out["query_verdict"] = (
+            "the score sits on the text that repeats the query far more than on its surroundings"
+            if share > 0.5 and share >= 2 * positions
+            else "the score is not concentrated on the text that repeats the query"
+        )
+    example = derive.tokenwise_example(study)
+    out["example"] = {"behavior": example["behavior_id"][0] if example.height else "n/a"}
+
+    thirds = study.frame(paths.LAYER_THIRDS_SUMMARY_TABLE).filter(
+        (pl.col("family") == "all") & (pl.col("method") == "trackstar")
+    )
+    by_third = {r["third"]: r for r in thirds.iter_rows(named=True)}
+    parts = [t for t in ("lower", "middle", "upper") if t in by_third]
+    out["thirds"] = {t: fmt.pct(by_third[t]["thematic"]) for t in [*parts, "all"]}
+    out["thirds_gt"] = {t: fmt.pct(by_third[t]["ground_truth_share"]) for t in [*parts, "all"]}
+    out["thirds"]["most_thematic"] = max(parts, key=lambda t: by_third[t]["thematic"])
+    best = max(parts, key=lambda t: by_third[t]["ground_truth_share"])
+    if by_third[best]["ground_truth_share"] < by_third["all"]["ground_truth_share"]:
+        out["thirds"]["gt_sentence"] = "no third alone retrieves as many of them as the whole network does"
+    else:
+        out["thirds"]["gt_sentence"] = (
+            f"the {best} third alone retrieves as many of them as the whole network"
+        )
+
+    word = study.frame(paths.WORD_ORDER_METRICS_TABLE).filter(pl.col("method") == "trackstar")
+    out["word"] = {}
+    collapsed, kept = [], []
+    for row in word.sort(["kind", "variant"]).iter_rows(named=True):
+        out["word"].setdefault(row["kind"], {})[row["variant"]] = (
+            f"{fmt.dec(row['relative'], 2)} {fmt.interval(row['relative_lo'], row['relative_hi'], 2)}"
+        )
+        if row["variant"] == "swapped":
+            (collapsed if row["relative_hi"] < 0.5 else kept).append(
+                KIND_LABELS.get(row["kind"], row["kind"])
+            )
+    sentence = []
+    if collapsed:
+        sentence.append(
+            f"holds for {fmt.listing(collapsed)}, whose swapped query keeps less than half of the original's "
+            "score even at the upper end of its interval"
+        )
+    if kept:
+        sentence.append(f"{'but ' if collapsed else ''}does not hold for {fmt.listing(kept)}")
+    out["word"]["collapse"] = (", ".join(sentence) or "cannot be tested here") + "."
     return out
