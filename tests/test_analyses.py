@@ -80,7 +80,9 @@ def test_layer_thirds_partition_the_modules_and_all_matches_attribution(nano_run
     assert [len(groups[t]) for t in THIRDS] == [4, 4, 4]
     assert sorted(np.concatenate([groups[t] for t in THIRDS]).tolist()) == groups[WHOLE].tolist()
     assert [modules[i] for i in groups["upper"]][0].startswith("layers.4.")
-    assert set(third_modules([f"layers.{i}.x" for i in range(2)])) == {"lower", "middle", WHOLE}
+    two_layers = [f"layers.{i}.{m}" for i in range(2) for m in ("attention.dense", "mlp.dense_4h_to_h")]
+    assert [third_modules(two_layers)[t].tolist() for t in THIRDS] == [[0, 1], [2], [3]]  # by module
+    assert set(third_modules(["layers.0.x", "layers.1.x"])) == {"lower", "middle", WHOLE}  # no empty third
 
     results = nano_run["results"]
     layers = _read(results, paths.ANALYSES, paths.LAYER_THIRDS_TABLE).to_pandas()
@@ -92,7 +94,7 @@ def test_layer_thirds_partition_the_modules_and_all_matches_attribution(nano_run
     np.testing.assert_allclose(whole["score"], whole["score_attribute"], rtol=1e-5, atol=1e-6)
     assert set(layers["category"]) <= {"exact", "near_duplicate", "thematic", "unrelated"}
     summary = _read(results, paths.ANALYSES, paths.LAYER_THIRDS_SUMMARY_TABLE).to_pandas()
-    assert set(summary["third"]) == {"lower", "middle", WHOLE}  # nano has two layers
+    assert set(summary["third"]) == {*THIRDS, WHOLE}  # nano's two layers: split by module
 
 
 def test_word_order_covers_every_variant_and_method(nano_run):

@@ -10,9 +10,10 @@ gradient methods' attributions at the final checkpoint:
   scores sum to the sequence's score (a test checks it against ``attributions.arrow``). Position
   ``t`` is credited to input token ``t``; the sequence's last token has no position of its own.
 - **Layer thirds**: the network's layers split into lower, middle and upper thirds
-  (``numpy.array_split`` of the layer indices), and every candidate re-ranked by the sum of its
-  per-module scores over one third: the layerwise decomposition of the score, as in the study
-  (each module's score keeps the whole row's normalization, so the thirds sum to the score).
+  (``numpy.array_split`` of the layer indices; under three layers, of the modules), and every
+  candidate re-ranked by the sum of its per-module scores over one third: the layerwise
+  decomposition of the score, as in the study (each module's score keeps the whole row's
+  normalization, so the thirds sum to the score).
   Each third's top k is classified like the duplicates stage's, and traced against the
   ground truth under both truth definitions.
 - **Word order**: query variants of synthetic items (``analyses.word_order_file``: the original,
@@ -245,6 +246,7 @@ def run(ctx) -> None:
         ),
         rows=f"every position of each gradient method's top {cfg.tokenwise_top} sequences per behavior",
         in_query_run=f"the token is in a run of at least {QUERY_RUN} tokens shared, in order, with the query",
+        query_run=QUERY_RUN,
     )
     layers = pa.Table.from_pylist(tables["layers"], LAYER_THIRDS_SCHEMA)
     thresholds = duplicates_thresholds(ctx.profile)
@@ -337,15 +339,20 @@ def query_runs(query: list[int], tokens: list[int]) -> np.ndarray:
 
 
 def third_modules(modules: list[str]) -> dict[str, np.ndarray]:
-    """Column indexes of each third's modules (plus ``all``): layers split by ``array_split``
-    (4 layers: 2, 1, 1; 6 layers: 2, 2, 2; under 3 layers the empty thirds are left out)."""
-    layers = sorted({layer_of(m) for m in modules})
+    """Column indexes of each third's modules (plus ``all``): the layers split by ``array_split``
+    (4 layers: 2, 1, 1; 6 layers: 2, 2, 2); a model of fewer than three layers has its modules, in
+    network order, split instead. Empty thirds are left out."""
+    layers = [layer_of(m) for m in modules]
     if -1 in layers:
-        raise ValueError(f"a module outside the layers: {[m for m in modules if layer_of(m) < 0][0]}")
-    out = {}
-    for name, group in zip(THIRDS, np.array_split(np.array(layers), 3), strict=True):
-        if len(group):  # a model of fewer than three layers has fewer thirds
-            out[name] = np.array([i for i, m in enumerate(modules) if layer_of(m) in set(group.tolist())])
+        raise ValueError(f"a module outside the layers: {modules[layers.index(-1)]}")
+    distinct = sorted(set(layers))
+    if len(distinct) >= 3:
+        groups = [set(g.tolist()) for g in np.array_split(np.array(distinct), 3)]
+        members = [np.array([i for i, layer in enumerate(layers) if layer in g]) for g in groups]
+    else:
+        order = sorted(range(len(modules)), key=lambda i: (layers[i], i))
+        members = [np.sort(np.array(part, dtype=int)) for part in np.array_split(np.array(order), 3)]
+    out = {name: m for name, m in zip(THIRDS, members, strict=True) if len(m)}
     out[WHOLE] = np.arange(len(modules))
     return out
 

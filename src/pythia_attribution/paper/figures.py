@@ -41,7 +41,6 @@ from plotnine import (
 from plotnine.exceptions import PlotnineError
 
 from pythia_attribution import paths
-from pythia_attribution.duplicates import CATEGORIES
 from pythia_attribution.paper import derive, style
 from pythia_attribution.paper.data import Study
 from pythia_attribution.paper.variables import DATA_ABSENT
@@ -344,7 +343,10 @@ def layer_thirds(study: Study):
         return _no_data("layer-thirds"), (6.0, 1.5)
     thirds = [t for t in ("lower", "middle", "upper", "all") if t in set(summary["third"])]
     long = summary.unpivot(
-        index=["family", "third"], on=list(CATEGORIES), variable_name="category", value_name="share"
+        index=["family", "third"],
+        on=[c for c in style.CATEGORIES if c in summary.columns],
+        variable_name="category",
+        value_name="share",
     )
     pdf = long.with_columns(
         pl.col("family").map_elements(style.family_label, return_dtype=pl.Utf8).alias("family_label"),

@@ -413,13 +413,11 @@ KIND_LABELS = {"insult": "the insults", "bio": "the biographies"}
 
 def analyses_variables(study: Study) -> dict:
     """Tokenwise shares, layer-third composition and word-order ratios (TrackStar unless named)."""
-    from pythia_attribution.analyses import QUERY_RUN
-
     cfg = study.config(paths.TOKENWISE_TABLE, "analyses")
     out: dict = {
         "tokenwise_top": str(cfg["tokenwise_top"]),
         "layer_top_k": str(cfg["layer_top_k"]),
-        "query_run": str(QUERY_RUN),
+        "query_run": str(study.provenance(paths.TOKENWISE_TABLE)["query_run"]),
     }
     for row in derive.query_run_shares(study).iter_rows(named=True):
         out[row["method"]] = {
