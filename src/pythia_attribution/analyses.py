@@ -41,7 +41,15 @@ from pythia_attribution import duplicates, paths
 from pythia_attribution.attribute import gradients, metrics
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.ranking import Ranking
-from pythia_attribution.attribute.stage import TRUTHS, compute_device, layer_of, load_candidates, truth_sets
+from pythia_attribution.attribute.stage import (
+    QUERY_KEY,
+    TRACING_FIELDS,
+    TRUTHS,
+    compute_device,
+    layer_of,
+    load_candidates,
+    truth_sets,
+)
 from pythia_attribution.behaviors import split_ids
 from pythia_attribution.config import array_of_tables, from_dict, read_toml
 from pythia_attribution.errors import ConfigError
@@ -489,10 +497,7 @@ def word_order_metrics(word: pa.Table, seed: int, n_boot: int) -> pa.Table:
 
 TOKENWISE_SCHEMA = pa.schema(
     [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
+        *QUERY_KEY,
         ("rank", pa.int32()),
         ("packed_id", pa.int32()),
         ("position", pa.int32()),
@@ -504,10 +509,7 @@ TOKENWISE_SCHEMA = pa.schema(
 )
 LAYER_THIRDS_SCHEMA = pa.schema(
     [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
+        *QUERY_KEY,
         ("third", pa.string()),
         ("rank", pa.int32()),
         ("packed_id", pa.int32()),
@@ -518,20 +520,7 @@ LAYER_THIRDS_SCHEMA = pa.schema(
     ]
 )
 LAYER_TRACING_SCHEMA = pa.schema(
-    [
-        ("behavior_id", pa.string()),
-        ("family", pa.string()),
-        ("method", pa.string()),
-        ("checkpoint", pa.int64()),
-        ("third", pa.string()),
-        ("truth", pa.string()),
-        ("mrr", pa.float64()),
-        ("first_hit_rank", pa.int64()),
-        ("recall_at_10", pa.float64()),
-        ("precision_at_10", pa.float64()),
-        ("top1_hit", pa.bool_()),
-        ("n_truth", pa.int64()),
-    ]
+    [*QUERY_KEY, ("third", pa.string()), ("truth", pa.string()), *TRACING_FIELDS]
 )
 LAYER_THIRDS_SUMMARY_SCHEMA = pa.schema(
     [("family", pa.string()), ("method", pa.string()), ("third", pa.string()), ("n_behaviors", pa.int64())]

@@ -376,19 +376,17 @@ LAYER_SCHEMA = pa.schema(
     [*TOP_K_ROW, ("module", pa.string()), ("layer", pa.int32()), ("score", pa.float64())]
 )
 SKIPPED_SCHEMA = pa.schema([*QUERY_KEY, ("reason", pa.string())])
+# What metrics.tracing returns for one query, as columns.
+TRACING_FIELDS = [
+    ("mrr", pa.float64()),
+    ("first_hit_rank", pa.int64()),
+    ("recall_at_10", pa.float64()),
+    ("precision_at_10", pa.float64()),
+    ("top1_hit", pa.bool_()),
+    ("n_truth", pa.int64()),
+]
 TRACING_SCHEMA = pa.schema(
-    [
-        *QUERY_KEY,
-        ("truth", pa.string()),
-        ("item_id", pa.string()),
-        ("count", pa.int32()),
-        ("mrr", pa.float64()),
-        ("first_hit_rank", pa.int64()),
-        ("recall_at_10", pa.float64()),
-        ("precision_at_10", pa.float64()),
-        ("top1_hit", pa.bool_()),
-        ("n_truth", pa.int64()),
-    ]
+    [*QUERY_KEY, ("truth", pa.string()), ("item_id", pa.string()), ("count", pa.int32()), *TRACING_FIELDS]
 )
 TRACING_METRICS_SCHEMA = pa.schema(
     [
