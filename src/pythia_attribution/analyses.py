@@ -74,7 +74,7 @@ class Variant:
 @dataclass(frozen=True)
 class VariantSet:
     items: str
-    order: str
+    order: str = ""
     note: str = ""
     variant: list[dict] = field(default_factory=list)
 
@@ -103,7 +103,7 @@ def read_variants(path: Path, ground_truth: pa.Table, encode) -> list[VariantQue
     for i, raw in enumerate(array_of_tables(data, "variant_set", path)):
         vset = from_dict(VariantSet, raw, str(path), prefix=f"variant_set[{i}].")
         where = f"{path}: variant_set[{i}] ('{vset.items}')"
-        if vset.order not in ("single", "mixed"):
+        if vset.order not in ("", "single", "mixed"):
             raise ConfigError(f"{where}: order '{vset.order}' is not 'single' or 'mixed'")
         matched = [it for it in items if fnmatch.fnmatchcase(it["item_id"], vset.items)]
         matched.sort(key=lambda it: it["item_id"])

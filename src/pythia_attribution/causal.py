@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from pythia_attribution import paths
+from pythia_attribution import finetune, paths
 from pythia_attribution.attribute import metrics
 from pythia_attribution.attribute.stage import load_candidates, truth_sets
 from pythia_attribution.errors import ConfigError
@@ -214,6 +214,46 @@ def run(ctx) -> None:
         bootstrap=(
             f"percentile bootstrap over behaviors, {ctx.profile.attribute.bootstrap} resamples, 95% interval"
         ),
+    )
+    select_and_finetune(ctx, cands, ground_truth, ckpts, ckpt_dir)
+
+
+def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:
+    """The select-and-fine-tune tables (``finetune``), empty when no family is configured."""
+    cfg = ctx.config
+    if cfg.finetune_families:
+        from transformers import AutoTokenizer
+
+        from pythia_attribution.analyses import read_variants
+
+        tokenizer = AutoTokenizer.from_pretrained(final_dir)
+
+        def encode(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        paraphrases = {
+            q.item_id: q
+            for q in (read_variants(paths.resolve_input(cfg.paraphrase_file), ground_truth, encode)
+                      if cfg.paraphrase_file else [])
+            if q.variant == "paraphrase"
+        }  # fmt: skip
+        probes = ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+        complete = truth_sets(ground_truth, cands, "complete")
+        table, summary = finetune.run(ctx, cands, complete, probes, ckpts, paraphrases)
+    else:
+        table = pa.Table.from_pylist([], finetune.FINETUNE_SCHEMA)
+        summary = pa.Table.from_pylist([], finetune.FINETUNE_METRICS_SCHEMA)
+    how = (
+        f"fine-tuned from the latest checkpoint with at most {cfg.finetune_max_exhibited:.0%} of the set "
+        f"exhibited: {cfg.finetune_steps} AdamW steps of {cfg.finetune_batch} sequences drawn from each "
+        f"selection of {cfg.finetune_k}, lr {cfg.finetune_lr}; exhibited: every target token is the argmax"
+    )
+    ctx.write_table(paths.FINETUNE_TABLE, table, finetune=how, truth="ground_truth: complete copies")
+    ctx.write_table(
+        paths.FINETUNE_METRICS_TABLE,
+        summary,
+        finetune=how,
+        bootstrap=f"percentile bootstrap over behaviors, {ctx.profile.attribute.bootstrap} resamples, 95%",
     )
 
 

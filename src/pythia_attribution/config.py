@@ -342,6 +342,22 @@ class CausalConfig:
         "complete",
         choices=("complete", "partial"),
     )
+    finetune_families: list[str] = doc(
+        "select-and-fine-tune: families whose behaviors form an evaluation set ([]: not run)",
+        default_factory=lambda: ["factual", "fictional_fact"],
+    )
+    finetune_min_count: int = doc("evaluation set: items stated at least this many times", 16, ge=1)
+    finetune_k: int = doc("training sequences selected per method", 50, ge=1)
+    finetune_steps: int = doc("fine-tuning steps, the same for every selection", 20, ge=1)
+    finetune_batch: int = doc("sequences per fine-tuning step", 8, ge=1)
+    finetune_lr: float = doc("constant fine-tuning learning rate (AdamW)", 1e-3, gt=0)
+    finetune_max_exhibited: float = doc(
+        "fine-tune the latest checkpoint at which at most this share of the set is exhibited", 0.1, ge=0, le=1
+    )
+    paraphrase_file: str = doc(
+        "paraphrased prompts the corpus never states (variant 'paraphrase'; relative to the project root)",
+        "experiments/paraphrases.toml",
+    )
 
 
 @dataclass(frozen=True)
@@ -397,7 +413,9 @@ class Profile:
     attribute: AttributeConfig = doc("attribute stage", default_factory=AttributeConfig)
     duplicates: DuplicatesConfig = doc("duplicates stage", default_factory=DuplicatesConfig)
     memorization: MemorizationConfig = doc("memorization stage", default_factory=MemorizationConfig)
-    causal: CausalConfig = doc("causal stage (tail-patch)", default_factory=CausalConfig)
+    causal: CausalConfig = doc(
+        "causal stage (tail-patch, select-and-fine-tune)", default_factory=CausalConfig
+    )
     analyses: AnalysesConfig = doc(
         "analyses stage (tokenwise, layer thirds, word order)", default_factory=AnalysesConfig
     )

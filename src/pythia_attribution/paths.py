@@ -81,7 +81,7 @@ STAGE_HELP: dict[str, str] = {
     ATTRIBUTE: "attribute exhibited behaviors to training sequences (bergson, BM25, activations)",
     DUPLICATES: "classify what attribution retrieves: exact / near-duplicate / thematic / unrelated",
     MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
-    CAUSAL: "tail-patch: one training step on each retrieved sequence, and the change in the target",
+    CAUSAL: "tail-patch and select-and-fine-tune: training on what a method retrieves, and the change",
     ANALYSES: "where influence sits: tokenwise scores, layer-third retrieval, word-order query variants",
 }
 
@@ -111,6 +111,8 @@ CANARY_ATTRIBUTION_TABLE = "canary_attribution"
 EVALS_RESCORE_TABLE = "evals_rescore"
 TAIL_PATCH_TABLE = "tail_patch"
 TAIL_PATCH_METRICS_TABLE = "tail_patch_metrics"
+FINETUNE_TABLE = "select_finetune"
+FINETUNE_METRICS_TABLE = "select_finetune_metrics"
 TOKENWISE_TABLE = "tokenwise"
 LAYER_THIRDS_TABLE = "layer_thirds"
 LAYER_THIRDS_SUMMARY_TABLE = "layer_thirds_summary"

@@ -44,6 +44,11 @@ def _behavior_files(profile: Profile) -> list[Path]:
     return sorted(paths.resolve_input(profile.probe.behaviors_dir).glob("*.toml"))
 
 
+def _paraphrase_files(profile: Profile) -> list[Path]:
+    file = profile.causal.paraphrase_file
+    return [paths.resolve_input(file)] if file and profile.causal.finetune_families else []
+
+
 def _word_order_files(profile: Profile) -> list[Path]:
     file = profile.analyses.word_order_file
     return [paths.resolve_input(file)] if file else []
@@ -145,6 +150,7 @@ SPECS: dict[str, StageSpec] = {
         "pythia_attribution.causal",
         paths.GRAPH[paths.CAUSAL],
         ("runtime", "causal", "train", "attribute"),
+        _files(_method_files, _paraphrase_files),
         help=paths.STAGE_HELP[paths.CAUSAL],
     ),
     paths.ANALYSES: StageSpec(

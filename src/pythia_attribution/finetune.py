@@ -1,0 +1,297 @@
+"""Select and fine-tune: does training an early model on what a method selects teach a family's
+behaviors? The second seed pipeline, in a world where the answer is known.
+
+For each family in ``causal.finetune_families``, the evaluation set is the family's behaviors whose
+items are stated at least ``finetune_min_count`` times. Every training sequence is scored against
+the whole set at once, per method: gradient methods by the cosine between the sequence's
+attribution vector and the mean of the set's normalized query vectors (the mean of the per-query
+cosines, which ranks the same), computed at the final checkpoint as the attribute stage computes
+them; ``bm25`` by the mean of each query's scores divided by that query's best; ``activation`` by
+the cosine with the mean of the queries' normalized mean activations; ``random`` by seeded uniform
+scores. Each method's top ``finetune_k`` are selected; ``ground_truth`` (the set's complete copies,
+a seeded sample of ``finetune_k`` when there are more) is the reference.
+
+An early checkpoint is then fine-tuned on each selection, the same way for every method: AdamW
+with the run's betas, weight decay and clipping, a constant ``finetune_lr``, ``finetune_steps``
+batches of ``finetune_batch`` sequences drawn in a seeded order from the selection (cycling through
+it, so a smaller selection gets the same number of steps). The checkpoint is the latest at which at
+most ``finetune_max_exhibited`` of the set is exhibited, before the behaviors are learned. Before
+and after, every behavior of the set is measured on its own prompt and on a paraphrase the corpus
+never states (``causal.paraphrase_file``): the target's log-probability and whether every target
+token is the argmax given the prompt (the teacher-forced form of "the greedy continuation starts
+with the target").
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pythia_attribution import paths
+from pythia_attribution.attribute import baselines, gradients, metrics
+from pythia_attribution.attribute.methods import load_methods
+from pythia_attribution.attribute.stage import compute_device
+from pythia_attribution.model import load_checkpoint
+from pythia_attribution.probe import teacher_forced
+from pythia_attribution.train import param_groups
+
+log = logging.getLogger(__name__)
+REFERENCE = "ground_truth"
+PROMPTS = ("original", "paraphrase")
+
+
+def evaluation_sets(cfg, probes_final: list[dict], complete: dict) -> dict[str, list[dict]]:
+    """Family -> its behaviors (probe rows at the final checkpoint) with at least
+    ``finetune_min_count`` statements and a complete copy in the corpus."""
+    out = {}
+    for family in cfg.finetune_families:
+        rows = [
+            p
+            for p in probes_final
+            if p["family"] == family
+            and p["item_id"] in complete
+            and p["count"] is not None
+            and p["count"] >= cfg.finetune_min_count
+        ]
+        if rows:
+            out[family] = sorted(rows, key=lambda p: p["behavior_id"])
+        else:
+            log.warning("select-and-fine-tune: family '%s' has no behavior with a complete copy stated "
+                        "%d+ times; skipped", family, cfg.finetune_min_count)  # fmt: skip
+    return out
+
+
+def early_checkpoint(cfg, probes: list[dict], behaviors: list[dict]) -> int:
+    """The latest checkpoint at which at most ``finetune_max_exhibited`` of ``behaviors`` is exhibited."""
+    ids = {b["behavior_id"] for b in behaviors}
+    by_step: dict[int, list[bool]] = {}
+    for p in probes:
+        if p["behavior_id"] in ids:
+            by_step.setdefault(p["checkpoint"], []).append(bool(p["exhibited"]))
+    eligible = [s for s, ex in by_step.items() if np.mean(ex) <= cfg.finetune_max_exhibited]
+    return max(eligible) if eligible else min(by_step)
+
+
+class Selector:
+    """Scores of every candidate against an evaluation set, per method (see the module doc)."""
+
+    def __init__(self, ctx, cands, final_dir, final_step, seed):
+        self.ctx, self.cands, self.final_dir, self.seed = ctx, cands, final_dir, seed
+        acfg = ctx.profile.attribute
+        self.acfg = acfg
+        self.methods = {m.name: m for m in load_methods(paths.resolve_input(acfg.methods_file), acfg.methods)}
+        self.indexes = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{final_step}"
+        self._keys = None
+
+    def scores(self, name: str, behaviors: list[dict], work) -> np.ndarray | None:
+        method = self.methods[name]
+        rows = [b["prompt_ids"] + b["target_ids"] for b in behaviors]
+        n = len(self.cands.texts)
+        if method.kind == "gradient":
+            folder = self.indexes / method.index_name
+            if not (folder / "train").exists():
+                return None  # attribute skipped it (no optimizer state)
+            labels = [[-100] * len(b["prompt_ids"]) + b["target_ids"] for b in behaviors]
+            opt = self.final_dir / "optimizer.pt" if method.optimizer_normalize else None
+            query = gradients.build_index(
+                work / method.index_name, self.final_dir, rows, labels=labels, optimizer_state=opt,
+                projection_dim=self.acfg.projection_dim, token_batch_size=self.acfg.token_batch_size,
+            )  # fmt: skip
+            hessian = folder / "hessian" if method.hessian == "autocorrelation" else None
+            scorer = gradients.GradientScorer(
+                gradients.shards_of(folder / "train"), query, unit_norm=method.unit_norm,
+                hessian_path=hessian, chunk_rows=self.acfg.chunk_rows, device=compute_device(),
+            )  # fmt: skip
+            out = np.zeros(n, dtype=np.float64)
+            for start, block in scorer.chunks():
+                out[start : start + block.shape[1]] = block.mean(axis=0)
+            return out
+        if method.kind == "bm25":
+            texts = [b["prompt"] + b["target"] for b in behaviors]
+            per_query = [
+                s / s.max() if s.max() > 0 else s
+                for s in baselines.bm25_query_scores(self.cands.texts, texts)
+            ]
+            return np.mean(per_query, axis=0)
+        if method.kind == "activation":
+            model, _ = load_checkpoint(self.final_dir)
+            layer = baselines.middle_layer(model.config.num_hidden_layers)
+            with torch.no_grad():
+                if self._keys is None:
+                    self._keys = baselines.mean_activations(model, self.cands.tokens[:, :-1].tolist(), layer)
+                q = baselines.mean_activations(model, rows, layer).mean(axis=0)
+            return self._keys @ (q / max(np.linalg.norm(q), 1e-12))
+        if method.kind == "random":
+            return np.random.default_rng(np.random.SeedSequence([self.seed, 47, len(behaviors)])).random(n)
+        raise ValueError(f"select-and-fine-tune: no selection rule for method kind '{method.kind}'")
+
+
+def select(scores: np.ndarray, k: int) -> np.ndarray:
+    """The top ``k`` rows, ties broken by the lower row."""
+    ids, _ = baselines.topk(scores[None].astype(np.float32), k)
+    return ids[0]
+
+
+def finetune(ckpt_dir, tokens: np.ndarray, train_cfg, cfg, seed: int):
+    """The checkpoint's model after ``finetune_steps`` AdamW steps on batches drawn from ``tokens``."""
+    torch.manual_seed(seed)
+    model, _ = load_checkpoint(ckpt_dir)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_cfg.weight_decay), lr=cfg.finetune_lr,
+        betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps,
+    )  # fmt: skip
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 53]))
+    need = cfg.finetune_steps * cfg.finetune_batch
+    order = np.concatenate([rng.permutation(len(tokens)) for _ in range(-(-need // len(tokens)))])[:need]
+    for step in range(cfg.finetune_steps):
+        batch = torch.from_numpy(
+            tokens[order[step * cfg.finetune_batch : (step + 1) * cfg.finetune_batch]].astype(np.int64)
+        )
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+    model.eval()
+    return model
+
+
+def measure(model, queries: dict[str, list], pad_id: int) -> dict[str, list[dict]]:
+    """Teacher-forced target log-probability and exact argmax match of each prompt kind's queries."""
+    with torch.no_grad():
+        return {kind: teacher_forced(model, qs, 64, pad_id) for kind, qs in queries.items()}
+
+
+def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Table, pa.Table]:
+    """The select-and-fine-tune tables of the causal stage (see the module doc)."""
+    cfg = ctx.config
+    seed = ctx.profile.runtime.seed
+    final = max(ckpts, key=lambda c: c["step"])
+    final_dir = ctx.inputs[paths.TRAIN] / final["path"]
+    by_step = {c["step"]: c for c in ckpts}
+    probes_final = [p for p in probes if p["checkpoint"] == final["step"]]
+    sets = evaluation_sets(cfg, probes_final, truth_complete)
+    selector = Selector(ctx, cands, final_dir, final["step"], seed)
+    methods = [m for m in (cfg.methods or list(ctx.profile.attribute.methods)) if m in selector.methods]
+    work = ctx.out_dir / "work"
+    from transformers import AutoTokenizer
+
+    pad_id = AutoTokenizer.from_pretrained(final_dir).pad_token_id
+    rows = []
+    for family, behaviors in sets.items():
+        step = early_checkpoint(cfg, probes, behaviors)
+        ckpt_dir = ctx.inputs[paths.TRAIN] / by_step[step]["path"]
+        queries = {
+            "original": [
+                SimpleNamespace(prompt_ids=b["prompt_ids"], target_ids=b["target_ids"]) for b in behaviors
+            ],
+            "paraphrase": [paraphrases.get(b["item_id"]) for b in behaviors],
+        }
+        has_para = [q is not None for q in queries["paraphrase"]]
+        queries["paraphrase"] = [q for q in queries["paraphrase"] if q is not None]
+        base_model, _ = load_checkpoint(ckpt_dir)
+        before = measure(base_model, queries, pad_id)
+        selections: dict[str, np.ndarray] = {}
+        for name in methods:
+            scores = selector.scores(name, behaviors, work / family)
+            if scores is not None:
+                selections[name] = select(scores, cfg.finetune_k)
+        gt = np.unique(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]))
+        if len(gt) > cfg.finetune_k:
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 59, len(gt)]))
+            gt = np.sort(rng.choice(gt, cfg.finetune_k, replace=False))
+        selections[REFERENCE] = gt
+        gt_all = set(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]).tolist())
+        log.info("select-and-fine-tune %s: %d behaviors, from step%d", family, len(behaviors), step)
+        for name, chosen in tqdm(selections.items(), desc=f"fine-tune {family}", unit="method"):
+            model = finetune(ckpt_dir, cands.tokens[chosen], ctx.profile.train, cfg, seed)
+            after = measure(model, queries, pad_id)
+            n_truth = int(sum(int(c) in gt_all for c in chosen))
+            for kind in PROMPTS:
+                members = [b for b, ok in zip(behaviors, has_para, strict=True) if ok or kind == "original"]
+                for b, pre, post in zip(members, before[kind], after[kind], strict=True):
+                    rows.append(
+                        {"family": family, "method": name, "from_step": step, "behavior_id": b["behavior_id"],
+                         "prompt_kind": kind, "n_selected": len(chosen), "n_selected_truth": n_truth,
+                         "logp_before": pre["target_logprob"], "logp_after": post["target_logprob"],
+                         "delta_logp": post["target_logprob"] - pre["target_logprob"],
+                         "exhibited_before": pre["exhibited_teacher_forced"],
+                         "exhibited_after": post["exhibited_teacher_forced"]}
+                    )  # fmt: skip
+    table = pa.Table.from_pylist(rows, FINETUNE_SCHEMA)
+    return table, aggregate(table, seed, ctx.profile.attribute.bootstrap)
+
+
+def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
+    """Per (family, method, prompt kind): mean change of the target's log-probability over behaviors,
+    the exhibited rate after, and the paired difference from ``random``, with intervals."""
+    df = table.to_pandas()
+    if df.empty:
+        return pa.Table.from_pylist([], FINETUNE_METRICS_SCHEMA)
+    rows = []
+    for (family, kind), sub in df.groupby(["family", "prompt_kind"], sort=True):
+        floor = sub[sub["method"] == "random"].set_index("behavior_id")["delta_logp"]
+        for method, g in sub.groupby("method", sort=True):
+            g = g.sort_values("behavior_id")
+            delta = g["delta_logp"].to_numpy()
+            row = {"family": family, "prompt_kind": kind, "method": method, "n_behaviors": len(g),
+                   "from_step": int(g["from_step"].iloc[0]), "n_selected": int(g["n_selected"].iloc[0]),
+                   "n_selected_truth": int(g["n_selected_truth"].iloc[0]),
+                   "exhibited_before": float(g["exhibited_before"].mean())}  # fmt: skip
+            for col, values in (
+                ("delta_logp", delta),
+                ("exhibited_after", g["exhibited_after"].to_numpy(float)),
+            ):
+                lo, hi = metrics.bootstrap_ci(values, seed, n_boot)
+                row.update({col: float(values.mean()), f"{col}_lo": lo, f"{col}_hi": hi})
+            if len(floor):
+                paired = delta - floor.reindex(g["behavior_id"]).to_numpy()
+                lo, hi = metrics.bootstrap_ci(paired, seed, n_boot)
+                row.update(
+                    {"minus_random": float(paired.mean()), "minus_random_lo": lo, "minus_random_hi": hi}
+                )
+            rows.append(row)
+    return pa.Table.from_pylist(rows, FINETUNE_METRICS_SCHEMA)
+
+
+FINETUNE_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("method", pa.string()),
+        ("from_step", pa.int64()),
+        ("behavior_id", pa.string()),
+        ("prompt_kind", pa.string()),
+        ("n_selected", pa.int64()),
+        ("n_selected_truth", pa.int64()),
+        ("logp_before", pa.float64()),
+        ("logp_after", pa.float64()),
+        ("delta_logp", pa.float64()),
+        ("exhibited_before", pa.bool_()),
+        ("exhibited_after", pa.bool_()),
+    ]
+)
+FINETUNE_METRICS_SCHEMA = pa.schema(
+    [
+        ("family", pa.string()),
+        ("prompt_kind", pa.string()),
+        ("method", pa.string()),
+        ("n_behaviors", pa.int64()),
+        ("from_step", pa.int64()),
+        ("n_selected", pa.int64()),
+        ("n_selected_truth", pa.int64()),
+        ("exhibited_before", pa.float64()),
+    ]
+    + [
+        (f"{c}{s}", pa.float64())
+        for c in ("delta_logp", "exhibited_after", "minus_random")
+        for s in ("", "_lo", "_hi")
+    ]
+)
