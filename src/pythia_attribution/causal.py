@@ -253,7 +253,9 @@ def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:
         paths.FINETUNE_METRICS_TABLE,
         summary,
         finetune=how,
-        bootstrap=f"percentile bootstrap over behaviors, {ctx.profile.attribute.bootstrap} resamples, 95%",
+        bootstrap=(
+            f"percentile bootstrap over behaviors, {ctx.profile.attribute.bootstrap} resamples, 95% interval"
+        ),
     )
 
 

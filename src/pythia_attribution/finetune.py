@@ -25,6 +25,7 @@ with the target").
 from __future__ import annotations
 
 import logging
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -226,6 +227,7 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
                          "exhibited_before": pre["exhibited_teacher_forced"],
                          "exhibited_after": post["exhibited_teacher_forced"]}
                     )  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)  # the evaluation sets' query gradients
     table = pa.Table.from_pylist(rows, FINETUNE_SCHEMA)
     return table, aggregate(table, seed, ctx.profile.attribute.bootstrap)
 

@@ -262,6 +262,52 @@ def top_examples(study: Study, per_behavior: int = 2, method: str = "trackstar")
     )
 
 
+def finetune(study: Study) -> str:
+    """Select-and-fine-tune: per family and method, the change of the targets on both prompt kinds."""
+    fm = study.frame(paths.FINETUNE_METRICS_TABLE)
+    prov = study.provenance(paths.FINETUNE_METRICS_TABLE)
+    cfg = prov["config"]["causal"]
+    level = derive.interval_level(prov.get("bootstrap", ""), "select_finetune_metrics")
+    rows = []
+    for family in [f for f in style.FAMILIES if f in set(fm["family"])]:
+        sub = fm.filter(pl.col("family") == family)
+        methods = derive.ordered_methods([m for m in sub["method"].unique() if m != "ground_truth"])
+        for i, m in enumerate([*methods, "ground_truth"]):
+            cells = []
+            for kind in ("original", "paraphrase"):
+                r = sub.filter((pl.col("method") == m) & (pl.col("prompt_kind") == kind))
+                if r.is_empty():
+                    cells += ["n/a", "n/a"]
+                    continue
+                r = r.row(0, named=True)
+                ci = fmt.interval(r["delta_logp_lo"], r["delta_logp_hi"], 2)
+                cells += [
+                    f"{fmt.dec(r['delta_logp'], 2)} {ci}",
+                    f"{fmt.pct(r['exhibited_before'])} → {fmt.pct(r['exhibited_after'])}",
+                ]
+            first = sub.filter(pl.col("method") == m).row(0, named=True)
+            label = f"{style.family_label(family)} (n = {first['n_behaviors']}, step {first['from_step']})"
+            rows.append(
+                [label if i == 0 else "", style.method_label(m) if m != "ground_truth" else "Complete copies",
+                 f"{first['n_selected_truth']}/{first['n_selected']}", *cells]
+            )  # fmt: skip
+    return pipe_table(
+        ["Evaluation set", "Selection", "Copies", "Δ log p, original", "Exhibited", "Δ log p, paraphrase",
+         "Exhibited"],
+        rows,
+        f"Select and fine-tune: each method's top {cfg['finetune_k']} training sequences for a family's "
+        f"evaluation set (items stated at least {cfg['finetune_min_count']} times), the early checkpoint "
+        f"fine-tuned on them ({cfg['finetune_steps']} AdamW steps of {cfg['finetune_batch']} sequences, "
+        f"learning rate {cfg['finetune_lr']}); the change in the targets' log-probability ({level} "
+        "percentile-bootstrap intervals over behaviors) and the share exhibited before → after, on the "
+        "probe's prompts and on paraphrases the corpus never states. Copies: how many of the selection hold "
+        "a complete copy of one of the set's items.",
+        "tbl-finetune",
+        "lllrlrl",
+        [4, 3, 2, 4, 3, 4, 3],
+    )  # fmt: skip
+
+
 VARIANT_ORDER = ("original", "swapped", "no_prompt", "entity_replaced", "unrelated")
 
 
@@ -316,6 +362,7 @@ TABLES = {
     "behaviors": behaviors,
     "tracing": tracing,
     "causal": causal,
+    "finetune": finetune,
     "word-order": word_order,
     "surprise": surprise,
     "top-examples": top_examples,

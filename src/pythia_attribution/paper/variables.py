@@ -249,6 +249,9 @@ def compute(study: Study, build: dict) -> dict:
                 "bottom_share": fmt.pct(bottom["share"]),
             }
 
+    with _section(v, "finetune"):
+        v["finetune"] = finetune_variables(study)
+
     with _section(v, "analyses"):
         v["analyses"] = analyses_variables(study)
 
@@ -473,4 +476,29 @@ def analyses_variables(study: Study) -> dict:
     if kept:
         sentence.append(f"{'but ' if collapsed else ''}does not hold for {fmt.listing(kept)}")
     out["word"]["collapse"] = (", ".join(sentence) or "cannot be tested here") + "."
+    return out
+
+
+def finetune_variables(study: Study) -> dict:
+    """Select-and-fine-tune: per family, the set, the checkpoint and each selection's effect."""
+    fm = study.frame(paths.FINETUNE_METRICS_TABLE)
+    cfg = study.config(paths.FINETUNE_METRICS_TABLE, "causal")
+    out: dict = {k: str(cfg[f"finetune_{k}"]) for k in ("k", "steps", "batch", "min_count")}
+    out["lr"] = fmt.sci(cfg["finetune_lr"], 1)
+    out["max_exhibited"] = fmt.pct(cfg["finetune_max_exhibited"])
+    for family in sorted(fm["family"].unique()):
+        sub = fm.filter(pl.col("family") == family)
+        fam: dict = {"n": str(sub["n_behaviors"][0]), "from_step": str(sub["from_step"][0])}
+        for kind in ("original", "paraphrase"):
+            rows = sub.filter(pl.col("prompt_kind") == kind).sort("delta_logp", descending=True)
+            for r in rows.iter_rows(named=True):
+                fam.setdefault(r["method"], {})[kind] = {
+                    "delta": fmt.dec(r["delta_logp"], 2),
+                    "ci": fmt.interval(r["delta_logp_lo"], r["delta_logp_hi"], 2),
+                    "exhibited": fmt.pct(r["exhibited_after"]),
+                    "before": fmt.pct(r["exhibited_before"]),
+                }
+            methods = [m for m in rows["method"].to_list() if m != "ground_truth"]
+            fam[f"order_{kind}"] = ", ".join(style.method_label(m) for m in methods)
+        out[family] = fam
     return out
