@@ -57,6 +57,7 @@ def build(results: Path, out: Path) -> Path:
     tracing = _table(results, paths.ATTRIBUTE, paths.TRACING_METRICS_TABLE)
     ckpts = _table(results, paths.TRAIN, paths.CHECKPOINTS_TABLE)
     causal = _table(results, paths.CAUSAL, paths.TAIL_PATCH_METRICS_TABLE, required=False)
+    finetuned = _table(results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE, required=False)
     tokenwise = _table(results, paths.ANALYSES, paths.TOKENWISE_TABLE, required=False)
     thirds = _table(results, paths.ANALYSES, paths.LAYER_THIRDS_SUMMARY_TABLE, required=False)
     word = _table(results, paths.ANALYSES, paths.WORD_ORDER_METRICS_TABLE, required=False)
@@ -154,6 +155,8 @@ def build(results: Path, out: Path) -> Path:
     sections = [_tracing_section(tracing, final)]
     if causal is not None:
         sections.append(_causal_section(causal))
+    if finetuned is not None and len(finetuned):
+        sections.append(_finetune_section(finetuned))
     if thirds is not None:
         sections.append(_thirds_section(thirds))
     if word is not None:
@@ -264,6 +267,19 @@ def _causal_section(causal) -> str:
         "<p>Mean change in the target's log-probability beyond the momentum-only step, over each method's "
         "top k (ground_truth: the behavior's own complete copies).</p>"
         + _table_html(["method", "behaviors", "effect", "share positive"], rows)
+    )
+
+
+def _finetune_section(finetuned) -> str:
+    t = finetuned.sort_values(["family", "prompt_kind", "delta_logp"], ascending=[True, True, False])
+    rows = [[r["family"], r["prompt_kind"], r["method"], f"{r['n_selected_truth']:.0f}/{r['n_selected']:.0f}",
+             _ci(r, "delta_logp", 2), f"{r['exhibited_before']:.0%} &rarr; {r['exhibited_after']:.0%}"]
+            for _, r in t.iterrows()]  # fmt: skip
+    return (
+        "<h2>Select and fine-tune: does training an early checkpoint on a method's selection teach the "
+        "family?</h2><p>Change in the targets' log-probability over the family's evaluation set, on the "
+        "probe's prompts and on paraphrases (copies: complete ground-truth copies among the selection).</p>"
+        + _table_html(["family", "prompts", "selection", "copies", "change", "exhibited"], rows)
     )
 
 
