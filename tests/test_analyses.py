@@ -157,3 +157,36 @@ def test_a_bad_variant_is_named(tmp_path, variant, message):
     with pytest.raises(ConfigError, match=message) as err:
         read_variants(path, _ground_truth(), _encode)
     assert str(path) in str(err.value)
+
+
+def test_methods_sharing_an_index_get_their_own_tokenwise_split(tmp_path, monkeypatch):
+    """Two gradient methods over one bergson index (TrackStar without Adam state and gradient cosine
+    both use the raw index): each builds its own per-token gradients, and each sequence's tokens
+    still sum to that method's score (a shared work folder once left the second method reading the
+    first one's tokens)."""
+    from conftest import build_world, write_profile
+
+    from pythia_attribution.cli import main
+
+    manifest = build_world(tmp_path / "world")
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_CACHE", str(tmp_path / "world" / "cache"))
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(tmp_path / "results"))
+    profile = write_profile(
+        tmp_path / "profiles",
+        manifest,
+        **{
+            'methods = ["trackstar", "grad_cosine", "bm25", "activation", "random"]': (
+                'methods = ["trackstar", "trackstar_noadam", "grad_cosine", "random"]'
+            ),
+            "finetune_min_count = 8": "finetune_min_count = 8\nfinetune_families = []",
+        },
+    )
+    assert main(["all", "--profile", str(profile), "-q"]) == 0
+    results = tmp_path / "results" / "nano"
+    tok = _read(results, paths.ANALYSES, paths.TOKENWISE_TABLE).to_pandas()
+    att = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
+    assert set(tok["method"]) == {"trackstar", "trackstar_noadam", "grad_cosine"}
+    sums = tok.groupby(["behavior_id", "method", "checkpoint", "rank"], as_index=False)["score"].sum()
+    both = sums.merge(att, on=["behavior_id", "method", "checkpoint", "rank"], suffixes=("_tokens", ""))
+    assert len(both) == len(sums) > 0
+    np.testing.assert_allclose(both["score_tokens"], both["score"], rtol=1e-4, atol=1e-6)

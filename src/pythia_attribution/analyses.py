@@ -231,7 +231,7 @@ def run(ctx) -> None:
         common = {"projection_dim": acfg.projection_dim, "token_batch_size": acfg.token_batch_size}
         tables["tokenwise"] += tokenwise(
             scorer, queries, chosen, top, cands, cfg.tokenwise_top, ckpt_dir, opt_state,
-            work / method.index_name / "tokens", common, method.name, step, decode,
+            work / method.name / "tokens", common, method.name, step, decode,
         )  # fmt: skip
         layer_rows, tracing_rows = layer_thirds(
             scorer, queries, chosen, truth, cands, cfg, ctx.profile, method.name, step, seed
@@ -240,9 +240,10 @@ def run(ctx) -> None:
         tables["layer_tracing"] += tracing_rows
         tables["word_order"] += word_order(
             variants, truth["complete"], scorer.shards, ckpt_dir, opt_state, hessian, method, acfg, common,
-            work / method.index_name / "word_order", seed,
+            work / method.name / "word_order", seed,
         )  # fmt: skip
-    shutil.rmtree(work, ignore_errors=True)  # per-token and variant indexes: large, rebuilt cheaply
+        shutil.rmtree(work / method.name, ignore_errors=True)  # per-token and variant indexes: large
+    shutil.rmtree(work, ignore_errors=True)
 
     ctx.write_table(
         paths.TOKENWISE_TABLE,

@@ -101,7 +101,7 @@ class Selector:
             labels = [[-100] * len(b["prompt_ids"]) + b["target_ids"] for b in behaviors]
             opt = self.final_dir / "optimizer.pt" if method.optimizer_normalize else None
             query = gradients.build_index(
-                work / method.index_name, self.final_dir, rows, labels=labels, optimizer_state=opt,
+                work / method.name, self.final_dir, rows, labels=labels, optimizer_state=opt,
                 projection_dim=self.acfg.projection_dim, token_batch_size=self.acfg.token_batch_size,
             )  # fmt: skip
             hessian = folder / "hessian" if method.hessian == "autocorrelation" else None

@@ -169,7 +169,8 @@ def compute(study: Study, build: dict) -> dict:
                     "top1": fmt.pct(row["top1_hit"]),
                     "n": str(row["n_behaviors"]),
                 }
-            for a, b in [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]:
+            pairs = [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]
+            for a, b in [*pairs, ("trackstar_noadam", "trackstar")]:
                 if a in est and b in est:
                     tracing[f"{a}_vs_{b}"] = fmt.compare(est[a], est[b])
             v[key] = tracing
@@ -203,7 +204,8 @@ def compute(study: Study, build: dict) -> dict:
             }
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
-        for a, b in (("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")):
+        pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")]
+        for a, b in [*pairs, ("trackstar", "trackstar_noadam")]:
             paired = derive.causal_paired(study, a, b)
             causal[f"{a}_minus_{b}"] = (
                 {
