@@ -222,6 +222,9 @@ def compute(study: Study, build: dict) -> dict:
             causal[f"agrees_{truth}"] = "the same as" if agree else "different from"
         v["causal"] = causal
 
+    with _section(v, "noadam"):
+        v["noadam"] = {"sentence": noadam_sentence(v)}
+
     with _section(v, "composition"):
         comp = derive.pooled_composition(study)
         v["composition"] = {
@@ -504,3 +507,31 @@ def finetune_variables(study: Study) -> dict:
             fam[f"order_{kind}"] = ", ".join(style.method_label(m) for m in methods)
         out[family] = fam
     return out
+
+
+def noadam_sentence(v: dict) -> str:
+    """What TrackStar loses without the optimizer state (real Pythia publishes none), from the
+    tracing and causal variables; a profile that does not run ``trackstar_noadam`` says so."""
+    lead = (
+        "Real Pythia publishes no optimizer state, so its TrackStar runs without Adam's second moments "
+        "(trackstar_noadam: the same Hessian and unit norm on raw gradients)."
+    )
+    complete, partial = v.get("tracing_complete", {}), v.get("tracing", {})
+    if "trackstar_noadam" not in complete or "trackstar_noadam" not in partial:
+        return f"{lead} This profile does not run it."
+    text = (
+        f"{lead} Its MRR is {complete['trackstar_noadam']['mrr']} {complete['trackstar_noadam']['mrr_ci']} "
+        f"under the complete definition and {partial['trackstar_noadam']['mrr']} "
+        f"{partial['trackstar_noadam']['mrr_ci']} under the partial one: by the overlap of the intervals, "
+        f"{complete['trackstar_noadam_vs_trackstar']} TrackStar's under the complete definition and "
+        f"{partial['trackstar_noadam_vs_trackstar']} it under the partial one."
+    )
+    causal = v.get("causal", {})
+    paired = causal.get("trackstar_minus_trackstar_noadam", {})
+    if "trackstar_noadam" in causal and paired.get("mean", "n/a") != "n/a":
+        text += (
+            f" Its tail-patch effect is {causal['trackstar_noadam']['effect']} "
+            f"{causal['trackstar_noadam']['effect_ci']}; paired by behavior, TrackStar's effect minus its is "
+            f"{paired['mean']} {paired['ci']}."
+        )
+    return text
