@@ -29,7 +29,7 @@ import json
 import logging
 import shutil
 import string
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,12 +45,12 @@ from pythia_attribution.attribute.stage import (
     QUERY_KEY,
     TRACING_FIELDS,
     TRUTHS,
-    compute_device,
     layer_of,
     load_candidates,
+    method_scorer,
     truth_sets,
 )
-from pythia_attribution.behaviors import split_ids
+from pythia_attribution.behaviors import encoder, split_ids
 from pythia_attribution.config import array_of_tables, from_dict, read_toml
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import set_threads
@@ -196,8 +196,7 @@ def run(ctx) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    encode = encoder(tokenizer)
 
     @functools.cache
     def decode(token: int) -> str:
@@ -218,10 +217,8 @@ def run(ctx) -> None:
             continue
         hessian = folder / "hessian" if method.hessian == "autocorrelation" else None
         opt_state = ckpt_dir / "optimizer.pt" if method.optimizer_normalize else None
-        scorer = gradients.GradientScorer(
-            gradients.shards_of(folder / "train"), folder / "queries", unit_norm=method.unit_norm,
-            hessian_path=hessian, chunk_rows=acfg.chunk_rows, device=compute_device(),
-        )  # fmt: skip
+        scorer = method_scorer(gradients.shards_of(folder / "train"), folder / "queries", method, hessian,
+                               acfg.chunk_rows)  # fmt: skip
         if scorer.n_queries != len(queries):
             raise RuntimeError(
                 f"{folder / 'queries'}: {scorer.n_queries} query rows, but {len(queries)} behaviors are "
@@ -258,7 +255,7 @@ def run(ctx) -> None:
         query_run=QUERY_RUN,
     )
     layers = pa.Table.from_pylist(tables["layers"], LAYER_THIRDS_SCHEMA)
-    thresholds = duplicates_thresholds(ctx.profile)
+    thresholds = asdict(ctx.profile.duplicates)
     ctx.write_table(
         paths.LAYER_THIRDS_TABLE,
         layers,
@@ -287,12 +284,6 @@ def run(ctx) -> None:
         relative="mean ground-truth score of the variant over items / that of the original query over the "
         "same items; interval: paired bootstrap of the ratio",
     )
-
-
-def duplicates_thresholds(profile) -> dict:
-    from dataclasses import asdict
-
-    return asdict(profile.duplicates)
 
 
 def tokenwise(
@@ -347,6 +338,19 @@ def query_runs(query: list[int], tokens: list[int]) -> np.ndarray:
     return out
 
 
+class UnionScores:
+    """Scores of the union of some row sets, computed once by ``score(ids)`` (queries x ids x ...) and
+    looked up for any of its subsets: what ``Ranking.prime`` asks for, and the per-set scores after."""
+
+    def __init__(self, score, sets: list[np.ndarray | None]):
+        present = [s for s in sets if s is not None]
+        self.union = np.unique(np.concatenate(present)) if present else np.zeros(0, dtype=np.int64)
+        self.scores = score(self.union)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.scores[:, np.searchsorted(self.union, np.asarray(ids, dtype=np.int64))]
+
+
 def third_modules(modules: list[str]) -> dict[str, np.ndarray]:
     """Column indexes of each third's modules (plus ``all``): the layers split by ``array_split``
     (4 layers: 2, 1, 1; 6 layers: 2, 2, 2); a model of fewer than three layers has its modules, in
@@ -375,9 +379,12 @@ def layer_thirds(scorer, queries, chosen, truth, cands, cfg, profile, method, st
         name: Ranking(len(chosen), scorer.n_rows, cfg.layer_top_k, q_truth, sample_size=1, seed=seed)
         for name in groups
     }
+    # the truth rows' per-module scores, once for every third's ranking
+    truth_rows = UnionScores(
+        lambda ids: scorer.module_scores(ids)[sel], [s for v in q_truth.values() for s in v]
+    )
     for name, ranking in rankings.items():
-        cols = groups[name]
-        ranking.prime(lambda ids, cols=cols: scorer._of_rows(ids)[sel][..., cols].sum(-1))
+        ranking.prime(lambda ids, cols=groups[name]: truth_rows(ids)[..., cols].sum(-1))
     for start, block in scorer.module_chunks():
         block = block[sel]
         for name, ranking in rankings.items():
@@ -420,19 +427,18 @@ def word_order(
     rank among every candidate."""
     if not variants:
         return []
-    q_rows = [v.prompt_ids + v.target_ids for v in variants]
-    labels = [[-100] * len(v.prompt_ids) + v.target_ids for v in variants]
-    gradients.build_index(out, ckpt_dir, q_rows, labels=labels, optimizer_state=opt_state, **common)
-    scorer = gradients.GradientScorer(
-        train_shards, out, unit_norm=method.unit_norm, hessian_path=hessian, chunk_rows=acfg.chunk_rows,
-        device=compute_device(),
+    query = gradients.query_index(
+        out, ckpt_dir, [v.prompt_ids for v in variants], [v.target_ids for v in variants],
+        optimizer_state=opt_state, **common,
     )  # fmt: skip
+    scorer = method_scorer(train_shards, query, method, hessian, acfg.chunk_rows)
     sets = [complete[v.item_id] for v in variants]
+    truth_scores = UnionScores(scorer.totals, sets)  # every variant against every truth row, once
     ranking = Ranking(len(variants), scorer.n_rows, 1, {"complete": sets}, sample_size=1, seed=seed)
-    ranking.consume(scorer.chunks(), scorer.totals)
+    ranking.consume(scorer.chunks(), truth_scores)
     rows = []
     for i, v in enumerate(variants):
-        gt = scorer.totals(sets[i])[i]
+        gt = truth_scores(sets[i])[i]
         trace = ranking.tracing(i, "complete")
         rows.append(
             {"item_id": v.item_id, "kind": v.kind, "order": v.order, "variant": v.variant,

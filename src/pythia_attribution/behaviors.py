@@ -108,6 +108,15 @@ def check_fits(
                 )
 
 
+def encoder(tokenizer):
+    """Text -> token ids as running text (no special tokens added): how behaviors are tokenized."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return encode
+
+
 def split_ids(encode, prompt: str, target: str, where: str) -> tuple[list[int], list[int]]:
     """Token ids of prompt and target as the model sees them in running text."""
     prompt_ids = encode(prompt)

@@ -225,12 +225,9 @@ def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:
         from transformers import AutoTokenizer
 
         from pythia_attribution.analyses import read_variants
+        from pythia_attribution.behaviors import encoder
 
-        tokenizer = AutoTokenizer.from_pretrained(final_dir)
-
-        def encode(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-
+        encode = encoder(AutoTokenizer.from_pretrained(final_dir))
         paraphrases = {
             q.item_id: q
             for q in (read_variants(paths.resolve_input(cfg.paraphrase_file), ground_truth, encode)

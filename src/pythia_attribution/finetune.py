@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients, metrics
 from pythia_attribution.attribute.methods import load_methods
-from pythia_attribution.attribute.stage import compute_device
+from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.model import load_checkpoint
 from pythia_attribution.probe import teacher_forced
 from pythia_attribution.train import param_groups
@@ -98,17 +98,16 @@ class Selector:
             folder = self.indexes / method.index_name
             if not (folder / "train").exists():
                 return None  # attribute skipped it (no optimizer state)
-            labels = [[-100] * len(b["prompt_ids"]) + b["target_ids"] for b in behaviors]
             opt = self.final_dir / "optimizer.pt" if method.optimizer_normalize else None
-            query = gradients.build_index(
-                work / method.name, self.final_dir, rows, labels=labels, optimizer_state=opt,
+            query = gradients.query_index(
+                work / method.name, self.final_dir, [b["prompt_ids"] for b in behaviors],
+                [b["target_ids"] for b in behaviors], optimizer_state=opt,
                 projection_dim=self.acfg.projection_dim, token_batch_size=self.acfg.token_batch_size,
             )  # fmt: skip
             hessian = folder / "hessian" if method.hessian == "autocorrelation" else None
-            scorer = gradients.GradientScorer(
-                gradients.shards_of(folder / "train"), query, unit_norm=method.unit_norm,
-                hessian_path=hessian, chunk_rows=self.acfg.chunk_rows, device=compute_device(),
-            )  # fmt: skip
+            scorer = method_scorer(
+                gradients.shards_of(folder / "train"), query, method, hessian, self.acfg.chunk_rows
+            )
             out = np.zeros(n, dtype=np.float64)
             for start, block in scorer.chunks():
                 out[start : start + block.shape[1]] = block.mean(axis=0)
@@ -121,12 +120,14 @@ class Selector:
             ]
             return np.mean(per_query, axis=0)
         if method.kind == "activation":
-            model, _ = load_checkpoint(self.final_dir)
-            layer = baselines.middle_layer(model.config.num_hidden_layers)
             with torch.no_grad():
-                if self._keys is None:
-                    self._keys = baselines.mean_activations(model, self.cands.tokens[:, :-1].tolist(), layer)
-                q = baselines.mean_activations(model, rows, layer).mean(axis=0)
+                if self._keys is None:  # the final model and every candidate's activation, once
+                    self._model, _ = load_checkpoint(self.final_dir)
+                    self._layer = baselines.middle_layer(self._model.config.num_hidden_layers)
+                    self._keys = baselines.mean_activations(
+                        self._model, self.cands.tokens[:, :-1].tolist(), self._layer
+                    )
+                q = baselines.mean_activations(self._model, rows, self._layer).mean(axis=0)
             return self._keys @ (q / max(np.linalg.norm(q), 1e-12))
         if method.kind == "random":
             return np.random.default_rng(np.random.SeedSequence([self.seed, 47, len(behaviors)])).random(n)
@@ -205,17 +206,17 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
             scores = selector.scores(name, behaviors, work / family)
             if scores is not None:
                 selections[name] = select(scores, cfg.finetune_k)
-        gt = np.unique(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]))
+        gt_all = np.unique(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]))
+        gt = gt_all
         if len(gt) > cfg.finetune_k:
             rng = np.random.default_rng(np.random.SeedSequence([seed, 59, len(gt)]))
             gt = np.sort(rng.choice(gt, cfg.finetune_k, replace=False))
         selections[REFERENCE] = gt
-        gt_all = set(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]).tolist())
         log.info("select-and-fine-tune %s: %d behaviors, from step%d", family, len(behaviors), step)
         for name, chosen in tqdm(selections.items(), desc=f"fine-tune {family}", unit="method"):
             model = finetune(ckpt_dir, cands.tokens[chosen], ctx.profile.train, cfg, seed)
             after = measure(model, queries, pad_id)
-            n_truth = int(sum(int(c) in gt_all for c in chosen))
+            n_truth = int(np.isin(chosen, gt_all).sum())
             for kind in PROMPTS:
                 members = [b for b, ok in zip(behaviors, has_para, strict=True) if ok or kind == "original"]
                 for b, pre, post in zip(members, before[kind], after[kind], strict=True):

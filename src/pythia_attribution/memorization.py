@@ -29,7 +29,7 @@ from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
-from pythia_attribution.attribute.stage import compute_device, load_candidates, truth_sets
+from pythia_attribution.attribute.stage import load_candidates, method_scorer, truth_sets
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, memorization_test, set_threads
@@ -358,14 +358,7 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
                 hessian = work / f"{name}-hessian"
                 if not hessian.exists():
                     gradients.autocorrelation_hessian(train, hessian, attribute_cfg.chunk_rows)
-        scorer = gradients.GradientScorer(
-            train,
-            query,
-            unit_norm=method.unit_norm,
-            hessian_path=hessian,
-            chunk_rows=attribute_cfg.chunk_rows,
-            device=compute_device(),
-        )
+        scorer = method_scorer(train, query, method, hessian, attribute_cfg.chunk_rows)
         rankings[method.name] = rank(scorer.chunks(), scorer.totals)
     return rankings
 

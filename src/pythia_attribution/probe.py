@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from pythia_attribution import paths, tables
-from pythia_attribution.behaviors import Behavior, check_fits, load_behaviors
+from pythia_attribution.behaviors import Behavior, check_fits, encoder, load_behaviors
 from pythia_attribution.model import load_checkpoint, model_limits, set_threads
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,8 @@ def read_behaviors(cfg, corpus_dir: Path, train_dir: Path | None) -> ProbeInputs
     ground_truth = tables.read_table(
         paths.table_path(corpus_dir, paths.GROUND_TRUTH_TABLE), made_by=paths.CORPUS
     )
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
     folder = paths.resolve_input(cfg.behaviors_dir)
-    behaviors = load_behaviors(folder, ground_truth, encode)
+    behaviors = load_behaviors(folder, ground_truth, encoder(tokenizer))
     if train_dir is None:
         return ProbeInputs(behaviors, tokenizer, None, None)
     checkpoints = tables.read_table(

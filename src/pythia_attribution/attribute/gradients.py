@@ -108,6 +108,16 @@ def build_index(
     return run_path
 
 
+def query_index(
+    run_path: Path, checkpoint: Path, prompts: list[list[int]], targets: list[list[int]], **common
+):
+    """A query index: each row is prompt + target, with the loss on the target tokens only
+    (``common``: ``build_index``'s keyword arguments)."""
+    rows = [p + t for p, t in zip(prompts, targets, strict=True)]
+    labels = [[-100] * len(p) + t for p, t in zip(prompts, targets, strict=True)]
+    return build_index(run_path, checkpoint, rows, labels=labels, **common)
+
+
 def shard_ranges(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
     """Contiguous row ranges of ``n_shards`` near-equal shards (the first ones one row longer)."""
     bounds = np.linspace(0, n_rows, n_shards + 1).round().astype(int)
@@ -282,7 +292,7 @@ class GradientScorer:
             out[sel] = self.maps[s][0][ids[sel] - self.offsets[s]]
         return out
 
-    def _of_rows(self, ids: np.ndarray) -> np.ndarray:
+    def module_scores(self, ids: np.ndarray) -> np.ndarray:
         """queries x len(ids) x modules scores of the given rows, ``chunk_rows`` rows at a time."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((self.n_queries, len(ids), len(self.modules)), dtype=np.float32)
@@ -293,12 +303,12 @@ class GradientScorer:
 
     def totals(self, ids: np.ndarray) -> np.ndarray:
         """queries x len(ids) total scores of the given rows."""
-        per_module = self._of_rows(ids)
+        per_module = self.module_scores(ids)
         return torch.from_numpy(per_module).sum(-1).numpy()
 
     def per_module(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Each module's queries x len(ids) scores of the given rows."""
-        scores = self._of_rows(ids)
+        scores = self.module_scores(ids)
         return {n: scores[..., i] for i, n in enumerate(self.modules)}
 
 

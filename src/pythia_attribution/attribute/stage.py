@@ -214,7 +214,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
                 continue
             if method.index_name not in indexes:
                 indexes[method.index_name] = build_indexes(
-                    ctx, step, ckpt, method.index_name, cands, queries, q_rows,
+                    ctx, step, ckpt, method.index_name, cands, queries,
                     opt_state if method.optimizer_normalize else None,
                 )  # fmt: skip
             train_shards, query_idx = indexes[method.index_name]
@@ -223,10 +223,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
                 hessian = work / method.index_name / "hessian"
                 if not hessian.exists():
                     gradients.autocorrelation_hessian(train_shards, hessian, cfg.chunk_rows)
-            scorer = gradients.GradientScorer(
-                train_shards, query_idx, unit_norm=method.unit_norm, hessian_path=hessian,
-                chunk_rows=cfg.chunk_rows, device=compute_device(),
-            )  # fmt: skip
+            scorer = method_scorer(train_shards, query_idx, method, hessian, cfg.chunk_rows)
             top = None
             if cfg.faiss and hessian is None and method.unit_norm:
                 top = baselines.FaissTopK(gradients.unit_rows(query_idx), cfg.top_k)
@@ -271,7 +268,16 @@ def compute_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_indexes(ctx, step, ckpt, name, cands, queries, q_rows, opt_state):
+def method_scorer(train, query, method: Method, hessian, chunk_rows: int) -> gradients.GradientScorer:
+    """A gradient method's scorer of a query index against a training index (``hessian``: the
+    TrackStar Hessian's folder, or None), on the compute device."""
+    return gradients.GradientScorer(
+        train, query, unit_norm=method.unit_norm, hessian_path=hessian, chunk_rows=chunk_rows,
+        device=compute_device(),
+    )  # fmt: skip
+
+
+def build_indexes(ctx, step, ckpt, name, cands, queries, opt_state):
     """The training index (as shards, adopting any built by ``index-shard``) and the query index."""
     cfg = ctx.config
     folder = ctx.out_dir / "indexes" / f"step{step}" / name
@@ -285,8 +291,13 @@ def build_indexes(ctx, step, ckpt, name, cands, queries, q_rows, opt_state):
         "projection_dim": cfg.projection_dim,
         "token_batch_size": cfg.token_batch_size,
     }
-    labels = [[-100] * len(p["prompt_ids"]) + p["target_ids"] for p in queries]
-    query_idx = gradients.build_index(folder / "queries", ckpt_dir, q_rows, labels=labels, **common)
+    query_idx = gradients.query_index(
+        folder / "queries",
+        ckpt_dir,
+        [p["prompt_ids"] for p in queries],
+        [p["target_ids"] for p in queries],
+        **common,
+    )
     return train, query_idx
 
 
