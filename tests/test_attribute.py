@@ -77,6 +77,32 @@ def test_planted_verbatim_copy_ranks_first(nano_run, final_checkpoint, tmp_path)
     assert (bm25.argmax(axis=1) == planted).all()
 
 
+def test_ekfac_ranks_a_planted_copy_first_and_is_reproducible(nano_run, final_checkpoint, tmp_path):
+    """bergson's EK-FAC pipeline (factors with sampled labels, damped inverse, scoring pass) puts a
+    verbatim copy of the query first, and two runs with the same seed give the same scores."""
+    ckpt, _ = final_checkpoint
+    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
+    probes = _read(nano_run["results"], paths.PROBE, paths.PROBES_TABLE).to_pylist()
+    controls = {p["behavior_id"]: p for p in probes if p["family"] == "memorized" and p["count"] == 0}
+    queries = list(controls.values())
+    assert queries
+    rows = cands.tokens.tolist() + [q["prompt_ids"] + q["target_ids"] for q in queries]
+    planted = np.arange(len(cands.tokens), len(rows))
+    totals = []
+    for run in ("a", "b"):
+        store = gradients.ekfac_scores(
+            tmp_path / run, ckpt, rows, [q["prompt_ids"] for q in queries],
+            [q["target_ids"] for q in queries], token_batch_size=1024, damping=0.1, seed=7, fit_rows=300,
+        )  # fmt: skip
+        totals.append(np.concatenate([b for _, b in gradients.score_store_blocks(store, 100)], axis=1))
+        assert not (tmp_path / run / "train.data").exists()
+    assert totals[0].shape == (len(queries), len(rows))
+    assert (totals[0].argmax(axis=1) == planted).all()
+    np.testing.assert_array_equal(totals[0], totals[1])
+    some = np.array([0, len(rows) - 1])
+    np.testing.assert_array_equal(gradients.score_store_totals(store)(some), totals[1][:, some])
+
+
 def test_non_exhibited_behaviors_are_skipped(nano_run, final_checkpoint):
     _, step = final_checkpoint
     results = nano_run["results"]
@@ -96,7 +122,7 @@ def test_every_method_and_table_is_present(nano_run):
     results = nano_run["results"]
     attributions = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)
     methods = set(attributions["method"].to_pylist())
-    assert methods == {"trackstar", "grad_cosine", "bm25", "activation", "random"}
+    assert methods == {"trackstar", "grad_cosine", "ekfac", "bm25", "activation", "random"}
     layers = _read(results, paths.ATTRIBUTE, paths.LAYER_SCORES_TABLE)
     assert set(layers["method"].to_pylist()) == {"trackstar", "grad_cosine"}
     # Per-module scores add up to the total score of each top-k row.

@@ -6,7 +6,10 @@ Uses the profile's final checkpoint and its first ``--sequences`` packed trainin
 (run the pipeline through ``probe`` first). Prints training tokens/s of (a) plain forward +
 backward over the same batches bergson uses and (b) bergson's gradient collection with the
 TrackStar normalizer and projection, and their ratio; then the time to build the query
-gradients for every exhibited behavior and score them against the index.
+gradients for every exhibited behavior and score them against the index. Then EK-FAC's steps
+(``gradients.ekfac_scores``: K-FAC factors with eigenvalue correction, full query gradients, the
+damped inverse, and the scoring pass) on the same sequences and queries, each in units of one
+plain forward + backward pass over the sequences.
 """
 
 from __future__ import annotations
@@ -82,12 +85,25 @@ def main() -> None:
             pass
         query_s = time.perf_counter() - start
 
+        steps: dict[str, float] = {}
+        gradients.ekfac_scores(
+            Path(tmp) / "ekfac", ckpt, rows, [q["prompt_ids"] for q in queries],
+            [q["target_ids"] for q in queries], token_batch_size=profile.attribute.token_batch_size,
+            damping=0.1, seed=profile.runtime.seed, timings=steps,
+        )  # fmt: skip
+
     shape = f"{len(rows)} sequences x {rows.shape[1] - 1} tokens"
     print(f"profile {profile.name}, {shape}, threads {profile.runtime.threads}")
     print(f"plain forward+backward: {plain:9.0f} tokens/s")
     print(f"bergson collection:     {collect:9.0f} tokens/s (Adam normalizer, random projection)")
     print(f"ratio collection/plain: {collect / plain:.2f}")
     print(f"queries: {len(queries)} exhibited behaviors, gradients + Hessian + scoring in {query_s:.1f} s")
+    pass_s = n_tokens / plain
+    print(f"EK-FAC, in plain forward+backward passes over the sequences ({pass_s:.1f} s each):")
+    for name, seconds in steps.items():
+        print(f"  {name:<13} {seconds:7.1f} s  {seconds / pass_s:5.2f} passes")
+    total = sum(steps.values())
+    print(f"  {'total':<13} {total:7.1f} s  {total / pass_s:5.2f} passes")
 
 
 if __name__ == "__main__":

@@ -399,6 +399,13 @@ class MemorizationConfig:
         "over the sequences trained before that checkpoint only",
         True,
     )
+    restricted_checkpoints: list[int] = doc(
+        "checkpoints at which that restricted attribution is done, each memorized sequence at the first "
+        "of them at or after the checkpoint where it was first memorized (the final one where none is); "
+        "empty: at every such checkpoint (one gradient index per checkpoint)",
+        default_factory=list,
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)

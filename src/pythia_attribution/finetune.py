@@ -112,6 +112,8 @@ class Selector:
             for start, block in scorer.chunks():
                 out[start : start + block.shape[1]] = block.mean(axis=0)
             return out
+        if method.kind == "ekfac":
+            return None  # each evaluation set would cost three more passes over the training data
         if method.kind == "bm25":
             texts = [b["prompt"] + b["target"] for b in behaviors]
             per_query = [
@@ -206,6 +208,9 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
             scores = selector.scores(name, behaviors, work / family)
             if scores is not None:
                 selections[name] = select(scores, cfg.finetune_k)
+            else:
+                log.info("select-and-fine-tune %s: no selection by %s (no index at the final checkpoint, "
+                         "or a method without one)", family, name)  # fmt: skip
         gt_all = np.unique(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]))
         gt = gt_all
         if len(gt) > cfg.finetune_k:

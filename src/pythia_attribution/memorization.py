@@ -91,6 +91,12 @@ def run(ctx) -> None:
     windows = cands.tokens[:, :width].astype(np.int64)
     ckpts = sorted(ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist(), key=lambda c: c["step"])
     ckpt_dirs = {c["step"]: ctx.inputs[paths.TRAIN] / c["path"] for c in ckpts}
+    unknown = sorted(set(cfg.restricted_checkpoints) - set(ckpt_dirs))
+    if unknown:
+        raise ConfigError(
+            f"memorization.restricted_checkpoints: {unknown} are not checkpoints of this run "
+            f"(checkpoints.arrow has steps {sorted(ckpt_dirs)})"
+        )
 
     ground = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
     canary_items = ground.filter(pa.compute.equal(ground["kind"], "canary")).to_pylist()
@@ -447,7 +453,7 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step) -> None
     }
     attribute_at(ctx, cands, windows, mem, final_step, None, rows, hasher, exact, early_late, "final")
     if cfg.restricted:
-        for step, g in mem.groupby("first_memorized"):
+        for step, g in mem.groupby(restricted_step(mem["first_memorized"].to_numpy(), cfg, final_step)):
             allowed = np.where(cands.first_step < int(step))[0]
             if len(allowed) == len(cands.tokens):
                 allowed = None  # every sequence was trained before: the unrestricted index serves
@@ -476,6 +482,17 @@ def attribute_memorized(ctx, cands, windows, summary, exact, final_step) -> None
     ctx.write_table(
         paths.MEMORIZED_COMPOSITION_TABLE, pa.Table.from_pylist(comp, MEMORIZED_COMPOSITION_SCHEMA)
     )
+
+
+def restricted_step(first_memorized: np.ndarray, cfg, final_step: int) -> np.ndarray:
+    """The checkpoint at which each memorized sequence is attributed over what was trained before:
+    its first memorized checkpoint, or, where ``restricted_checkpoints`` lists some, the first of them
+    at or after it (the final checkpoint where none is). Each distinct checkpoint costs a gradient
+    index over the candidates, so listing a few bounds the stage's time."""
+    chosen = np.array(sorted({*cfg.restricted_checkpoints, final_step}), dtype=np.int64)
+    if not cfg.restricted_checkpoints:
+        return first_memorized.astype(np.int64)
+    return chosen[np.searchsorted(chosen, first_memorized, side="left")]
 
 
 def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, early_late, setting) -> None:

@@ -80,18 +80,7 @@ def build_index(
     from bergson.build import build
     from bergson.config import DistributedConfig
 
-    data_dir = run_path.with_name(run_path.name + ".data")
-    if isinstance(rows, np.ndarray):
-        flat = pa.array(np.ascontiguousarray(rows, dtype=np.int64).reshape(-1))
-        columns = {
-            "input_ids": pa.ListArray.from_arrays(np.arange(0, len(flat) + 1, max(rows.shape[1], 1)), flat)
-        }
-        if labels is not None:
-            columns["labels"] = labels
-        dataset = Dataset(pa.table(columns))
-    else:
-        dataset = Dataset.from_dict({"input_ids": rows, **({"labels": labels} if labels is not None else {})})
-    dataset.save_to_disk(str(data_dir))
+    data_dir = save_rows(run_path.with_name(run_path.name + ".data"), rows, labels)
     distributed = DistributedConfig(nproc_per_node=nproc_per_node) if nproc_per_node else DistributedConfig()
     cfg = IndexConfig(
         run_path=str(run_path),
@@ -106,6 +95,151 @@ def build_index(
     build(cfg, PreprocessConfig())
     shutil.rmtree(data_dir)
     return run_path
+
+
+def save_rows(data_dir: Path, rows, labels: list[list[int]] | None = None) -> Path:
+    """Token rows (a 2-D array or a list of lists) and optional labels as a ``save_to_disk``
+    dataset, the form bergson reads (an ``input_ids`` column is used as is)."""
+    if isinstance(rows, np.ndarray):
+        flat = pa.array(np.ascontiguousarray(rows, dtype=np.int64).reshape(-1))
+        columns = {
+            "input_ids": pa.ListArray.from_arrays(np.arange(0, len(flat) + 1, max(rows.shape[1], 1)), flat)
+        }
+        if labels is not None:
+            columns["labels"] = labels
+        dataset = Dataset(pa.table(columns))
+    else:
+        dataset = Dataset.from_dict({"input_ids": rows, **({"labels": labels} if labels is not None else {})})
+    dataset.save_to_disk(str(data_dir))
+    return data_dir
+
+
+def ekfac_scores(
+    run_path: Path,
+    checkpoint: Path,
+    train_rows: np.ndarray,
+    prompts: list[list[int]],
+    targets: list[list[int]],
+    *,
+    token_batch_size: int,
+    damping: float,
+    seed: int,
+    fit_rows: int = 0,
+    timings: dict[str, float] | None = None,
+) -> Path:
+    """EK-FAC influence (Grosse et al. 2023) of every training row on every query, through the
+    steps of bergson's Hessian pipeline (``bergson.hessians.pipeline``), each kept in its own folder
+    under ``run_path`` and skipped when already complete:
+
+    1. ``factors/``: K-FAC covariances of each module's inputs and output gradients over the
+       training rows (labels sampled from the model: the true Fisher, seeded by ``seed``), their
+       eigendecomposition, and the eigenvalue correction (a second pass over the rows); over a
+       seeded sample of ``fit_rows`` training rows when it is smaller than their number (0: all);
+    2. ``queries/``: each query's full, unprojected gradient (loss on the target tokens);
+    3. ``queries-ihvp/``: the damped inverse (``damping`` x the mean eigenvalue) applied to them;
+    4. ``scores/``: a pass over the training rows scoring each row's full gradient against every
+       transformed query (bergson's ``score_dataset``; ``scores.bin``, one row per training row).
+
+    bergson refuses random projection with the eigenvalue correction, so nothing here is projected
+    and the stored training index is not reused: the method costs three passes over the training
+    rows (two for the factors, on the sample when there is one, and one to score). ``timings``
+    receives each step's seconds.
+    """
+    import time
+
+    _bergson()
+    from bergson import DataConfig, IndexConfig, PreprocessConfig
+    from bergson.config import DistributedConfig, HessianConfig, InversionConfig, ScoreConfig
+    from bergson.distributed import launch_distributed_run
+    from bergson.hessians.apply_hessian import EkfacConfig, apply_worker
+    from bergson.hessians.hessian_approximations import approximate_hessians
+    from bergson.score.score import score_dataset
+
+    run_path.mkdir(parents=True, exist_ok=True)
+    timings = {} if timings is None else timings
+    n = len(train_rows)
+    sample = np.arange(n)
+    if 0 < fit_rows < n:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 83]))
+        sample = np.sort(rng.choice(n, size=fit_rows, replace=False))
+    data_dirs = {"train": run_path / "train.data", "fit": run_path / "fit.data"}
+    for name, chosen in (("train", None), ("fit", sample)):
+        folder = data_dirs[name]
+        if not folder.exists() and not (run_path / "scores").exists():
+            rows = train_rows if chosen is None else [train_rows[i] for i in chosen]
+            rows = np.asarray(rows) if isinstance(train_rows, np.ndarray) else rows
+            shutil.rmtree(folder.with_name(folder.name + ".part"), ignore_errors=True)
+            save_rows(folder.with_name(folder.name + ".part"), rows).rename(folder)
+
+    def index_cfg(path: Path, data: str = "train") -> IndexConfig:
+        return IndexConfig(
+            run_path=str(path), model=str(checkpoint), data=DataConfig(dataset=str(data_dirs[data])),
+            projection_dim=0, token_batch_size=token_batch_size,
+        )  # fmt: skip
+
+    def step(name: str, make) -> Path:
+        path = run_path / name
+        if not path.exists():
+            start = time.perf_counter()
+            make(path)
+            timings[name] = time.perf_counter() - start
+        return path
+
+    def fit(path: Path) -> None:
+        torch.manual_seed(seed)  # the sampled labels
+        approximate_hessians(index_cfg(path, "fit"), HessianConfig(method="kfac", ev_correction=True))
+
+    factors = step("factors", fit)
+    queries = step(
+        "queries",
+        lambda path: query_index(
+            path, checkpoint, prompts, targets, optimizer_state=None, projection_dim=0,
+            token_batch_size=token_batch_size,
+        ),
+    )  # fmt: skip
+
+    def apply(path: Path) -> None:
+        part = path.with_name(path.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        cfg = EkfacConfig(
+            hessian_method_path=str(factors), gradient_path=str(queries), run_path=str(part),
+            ev_correction=True,
+        )  # fmt: skip
+        launch_distributed_run(
+            "apply_hessian", apply_worker, [cfg, InversionConfig(damping_factor=damping)], DistributedConfig()
+        )
+        part.rename(path)
+
+    transformed = step("queries-ihvp", apply)
+
+    def score(path: Path) -> None:
+        score_dataset(
+            index_cfg(path),
+            ScoreConfig(query_path=str(transformed), score="individual", higher_is_better=True),
+            PreprocessConfig(),
+        )
+
+    scores = step("scores", score)
+    for folder in data_dirs.values():
+        shutil.rmtree(folder, ignore_errors=True)
+    return scores
+
+
+def score_store_blocks(path: Path, chunk_rows: int):
+    """(first row, queries x rows) over a bergson score store (``scores.bin``), in row order."""
+    from bergson.data import load_scores
+
+    scores = load_scores(path)
+    for start in range(0, len(scores), chunk_rows):
+        yield start, np.asarray(scores[start : start + chunk_rows], dtype=np.float32).T
+
+
+def score_store_totals(path: Path):
+    """``totals(ids)``: the stored queries x len(ids) scores of the given rows."""
+    from bergson.data import load_scores
+
+    scores = load_scores(path)
+    return lambda ids: np.asarray(scores[np.asarray(ids)], dtype=np.float32).T
 
 
 def query_index(

@@ -8,7 +8,7 @@ from pathlib import Path
 from pythia_attribution.config import from_dict, read_toml
 from pythia_attribution.errors import ConfigError
 
-KINDS = ("gradient", "bm25", "activation", "random")
+KINDS = ("gradient", "ekfac", "bm25", "activation", "random")
 HESSIANS = ("none", "autocorrelation")
 
 
@@ -22,6 +22,8 @@ class Method:
     optimizer_normalize: bool = False
     hessian: str = "none"
     unit_norm: bool = True
+    damping: float = 0.1  # ekfac: the inverse's damping, as a multiple of the mean eigenvalue
+    fit_rows: int = 0  # ekfac: training sequences (a seeded sample) the factors are fitted on; 0: all
 
     @property
     def index_name(self) -> str:
@@ -44,5 +46,11 @@ def load_methods(path: Path, names: list[str]) -> list[Method]:
             )
         if method.hessian not in HESSIANS:
             raise ConfigError(f"{path}: method '{name}': unknown hessian '{method.hessian}'")
+        if method.damping <= 0:
+            raise ConfigError(f"{path}: method '{name}': damping must be > 0, got {method.damping}")
+        if method.fit_rows < 0:
+            raise ConfigError(
+                f"{path}: method '{name}': fit_rows must be >= 0 (0: all), got {method.fit_rows}"
+            )
         methods.append(method)
     return methods

@@ -230,6 +230,19 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             blocks = scorer.chunks(on_rows=top.add if top else None)
             ranking = rank(blocks, scorer.totals)
             all_scores[method.name] = Scored(ranking, scorer.per_module, top.result() if top else None)
+        elif method.kind == "ekfac":
+            timings: dict[str, float] = {}
+            store = gradients.ekfac_scores(
+                work / method.name, ckpt_dir, cands.tokens, [p["prompt_ids"] for p in queries],
+                [p["target_ids"] for p in queries], token_batch_size=cfg.token_batch_size,
+                damping=method.damping, seed=seed + step, fit_rows=method.fit_rows, timings=timings,
+            )  # fmt: skip
+            if timings:
+                spent = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+                log.info("%s at step%d: %s", method.name, step, spent)
+            blocks = gradients.score_store_blocks(store, cfg.chunk_rows)
+            ranking = rank(blocks, gradients.score_store_totals(store))
+            all_scores[method.name] = Scored(ranking)
         elif method.kind == "bm25":
             texts = [p["prompt"] + p["target"] for p in queries]
             per_query = baselines.bm25_query_scores(cands.texts, texts)

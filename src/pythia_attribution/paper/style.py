@@ -38,7 +38,7 @@ CATEGORIES: dict[str, tuple[str, str]] = {
 MEMORIZATION_GROUPS: dict[str, str] = {"early": "Memorized early", "late": "Memorized late"}
 SETTINGS: dict[str, str] = {
     "final": "At the final checkpoint",
-    "first_memorized": "At the first memorized checkpoint",
+    "first_memorized": "At first memorization, over what was trained before",
 }
 
 # injected-count ramp (light to dark, cividis-like) and the two non-dose curves

@@ -170,7 +170,8 @@ def compute(study: Study, build: dict) -> dict:
                     "n": str(row["n_behaviors"]),
                 }
             pairs = [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]
-            for a, b in [*pairs, ("trackstar_noadam", "trackstar")]:
+            pairs += [("trackstar_noadam", "trackstar"), ("ekfac", "trackstar"), ("ekfac", "bm25")]
+            for a, b in pairs:
                 if a in est and b in est:
                     tracing[f"{a}_vs_{b}"] = fmt.compare(est[a], est[b])
             v[key] = tracing
@@ -205,7 +206,7 @@ def compute(study: Study, build: dict) -> dict:
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
         pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")]
-        for a, b in [*pairs, ("trackstar", "trackstar_noadam")]:
+        for a, b in [*pairs, ("trackstar", "trackstar_noadam"), ("trackstar", "ekfac")]:
             paired = derive.causal_paired(study, a, b)
             causal[f"{a}_minus_{b}"] = (
                 {
@@ -224,6 +225,9 @@ def compute(study: Study, build: dict) -> dict:
 
     with _section(v, "noadam"):
         v["noadam"] = {"sentence": noadam_sentence(v)}
+
+    with _section(v, "ekfac"):
+        v["ekfac"] = {"sentence": ekfac_sentence(v)}
 
     with _section(v, "composition"):
         comp = derive.pooled_composition(study)
@@ -354,6 +358,7 @@ def _memorization(study: Study, final: int) -> dict:
         "canary_below": fmt.ratio(below["n_memorized"].sum(), below["n"].sum()),
         "early_until": str(mem_cfg["early_until"]),
         "top_k": str(mem_cfg["top_k"]),
+        "restricted_at": restricted_at(mem_cfg.get("restricted_checkpoints") or []),
     }
     for m, g in ca.group_by("method"):
         out[f"canary_top1_{m[0]}"] = fmt.ratio(g["top1_is_own_copy"].sum(), g.height)
@@ -390,6 +395,18 @@ def _memorization(study: Study, final: int) -> dict:
         else ""
     )
     return out
+
+
+def restricted_at(chosen: list[int]) -> str:
+    """Where the restricted attribution of a memorized sequence was done (``restricted_checkpoints``)."""
+    if not chosen:
+        return "at the checkpoint where each sequence was first memorized"
+    steps = fmt.listing(f"step {s}" for s in sorted(chosen))
+    return (
+        f"at the first of {steps} at or after the checkpoint where each sequence was first memorized "
+        "(the final checkpoint where none is; one gradient index per listed checkpoint instead of one per "
+        "first-memorized checkpoint)"
+    )
 
 
 def _step(step) -> str:
@@ -507,6 +524,31 @@ def finetune_variables(study: Study) -> dict:
             fam[f"order_{kind}"] = ", ".join(style.method_label(m) for m in methods)
         out[family] = fam
     return out
+
+
+def ekfac_sentence(v: dict) -> str:
+    """EK-FAC's tracing and tail-patch, next to TrackStar's and BM25's; a profile that does not run
+    ``ekfac`` says so."""
+    complete, partial = v.get("tracing_complete", {}), v.get("tracing", {})
+    if "ekfac" not in complete or "ekfac" not in partial:
+        return "EK-FAC, the influence-functions study's method, is not run by this profile."
+    text = (
+        f"EK-FAC, the influence-functions study's method, has an MRR of {complete['ekfac']['mrr']} "
+        f"{complete['ekfac']['mrr_ci']} under the complete definition and {partial['ekfac']['mrr']} "
+        f"{partial['ekfac']['mrr_ci']} under the partial one: by the overlap of the intervals, "
+        f"{complete.get('ekfac_vs_trackstar', 'n/a')} TrackStar's and {complete.get('ekfac_vs_bm25', 'n/a')} "
+        f"BM25's under the complete definition, {partial.get('ekfac_vs_trackstar', 'n/a')} TrackStar's and "
+        f"{partial.get('ekfac_vs_bm25', 'n/a')} BM25's under the partial one."
+    )
+    causal = v.get("causal", {})
+    paired = causal.get("trackstar_minus_ekfac", {})
+    if "ekfac" in causal and paired.get("mean", "n/a") != "n/a":
+        text += (
+            f" A tail-patch step on its top sequences changes the target by {causal['ekfac']['effect']} "
+            f"{causal['ekfac']['effect_ci']}; paired by behavior, TrackStar's effect minus EK-FAC's is "
+            f"{paired['mean']} {paired['ci']}."
+        )
+    return text
 
 
 def noadam_sentence(v: dict) -> str:
