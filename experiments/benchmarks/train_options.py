@@ -13,6 +13,10 @@ Variants: ``baseline`` (the train stage today), ``fused`` (AdamW's fused kernel)
 (AdamW's per-tensor loop), ``passive`` / ``active`` (``OMP_WAIT_POLICY``), ``compile``
 (``torch.compile`` of the model; the first step, which compiles, is timed separately),
 ``bf16`` (autocast to bfloat16).
+
+``--profile-ops N`` instead profiles ``N`` baseline steps with torch's profiler and prints where
+the time goes (the operators with the most self CPU time, and the share of the language-model
+head's matrix products).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ VARIANTS = ["baseline", "fused", "foreach_off", "passive", "active", "compile", 
 ENV = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"}}
 
 
-def one(profile_name: str, variant: str, steps: int) -> dict:
+def one(profile_name: str, variant: str, steps: int, profile_ops: bool = False) -> dict:
     import contextlib
 
     import torch
@@ -75,6 +79,30 @@ def one(profile_name: str, variant: str, steps: int) -> dict:
     start = time.perf_counter()
     step(tokens[:batch])  # warm-up (compiles under `compile`)
     first = time.perf_counter() - start
+    if profile_ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for s in range(1, steps + 1):
+                step(tokens[s * batch : (s + 1) * batch])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        # The language-model head alone: its forward, the cross-entropy and their backward, on
+        # hidden states of the step's shape, against whole steps, timed alternately.
+        head = model.embed_out
+        hidden = torch.randn(batch * (width - 1), head.in_features, requires_grad=True)
+        labels = tokens[1 : batch + 1, 1:].reshape(-1)
+        spent = {"step": 0.0, "head": 0.0}
+        for s in range(1, steps + 1):
+            start = time.perf_counter()
+            step(tokens[s * batch : (s + 1) * batch])
+            spent["step"] += time.perf_counter() - start
+            start = time.perf_counter()
+            F.cross_entropy(head(hidden), labels).backward()
+            head.zero_grad(set_to_none=True)
+            spent["head"] += time.perf_counter() - start
+        share = spent["head"] / spent["step"]
+        print(f"language-model head (forward, cross-entropy, backward): {share:.0%} of a step")
+        return {}
     start = time.perf_counter()
     for s in range(1, steps + 1):
         step(tokens[s * batch : (s + 1) * batch])
@@ -95,7 +123,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-ops", type=int, default=0, metavar="N", help="profile N baseline steps")
     args = parser.parse_args()
+    if args.profile_ops:
+        one(args.profile, "baseline", args.profile_ops, profile_ops=True)
+        return
     if args.child:
         print(json.dumps(one(args.profile, args.child, args.steps)))
         return
