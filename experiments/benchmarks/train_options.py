@@ -88,7 +88,7 @@ def one(profile_name: str, variant: str, steps: int, profile_ops: bool = False) 
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         # The language-model head alone: its forward, the cross-entropy and their backward, on
         # hidden states of the step's shape, against whole steps, timed alternately.
-        head = model.embed_out
+        head = model.get_output_embeddings()
         hidden = torch.randn(batch * (width - 1), head.in_features, requires_grad=True)
         labels = tokens[1 : batch + 1, 1:].reshape(-1)
         spent = {"step": 0.0, "head": 0.0}
