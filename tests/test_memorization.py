@@ -7,7 +7,7 @@ import torch
 from pythia_attribution import paths, tables
 from pythia_attribution.attribute.stage import load_candidates
 from pythia_attribution.config import load_profile
-from pythia_attribution.memorization import dup_bin, memorization_test, wilson, window_counts
+from pythia_attribution.memorization import dup_bin, memorization_test, restricted_step, wilson, window_counts
 from pythia_attribution.model import load_checkpoint
 
 
@@ -68,6 +68,16 @@ def test_restricted_candidates_were_trained_before_the_checkpoint(nano_run):
     assert len(restricted)
     first = cands.first_seq_idx[restricted["packed_id"].to_numpy()]
     assert (first < restricted["checkpoint"].to_numpy() * profile.corpus.batch_size).all()
+
+
+def test_restricted_checkpoints_choose_the_first_listed_at_or_after_first_memorization():
+    from types import SimpleNamespace
+
+    first = np.array([200, 300, 400, 600, 700, 749])
+    every = SimpleNamespace(restricted_checkpoints=[])
+    assert restricted_step(first, every, 749).tolist() == first.tolist()
+    listed = SimpleNamespace(restricted_checkpoints=[600, 300])
+    assert restricted_step(first, listed, 749).tolist() == [300, 300, 600, 600, 749, 749]
 
 
 def test_window_counts_find_repeats():

@@ -68,14 +68,7 @@ def build_index(
     predictions, not 2,048. Shorter rows (micro) are used whole.
     """
     _bergson()
-    from transformers import AutoConfig
-
-    limit = AutoConfig.from_pretrained(checkpoint).max_position_embeddings
-    width = rows.shape[1] if isinstance(rows, np.ndarray) else max((len(r) for r in rows), default=0)
-    if width > limit:
-        log.info("rows cut to the model's %d positions (one prediction of %d dropped)", limit, limit)
-        rows = rows[:, :limit] if isinstance(rows, np.ndarray) else [r[:limit] for r in rows]
-        labels = None if labels is None else [lab[:limit] for lab in labels]
+    rows, labels = within_context(checkpoint, rows, labels)
     from bergson import DataConfig, IndexConfig, PreprocessConfig
     from bergson.build import build
     from bergson.config import DistributedConfig
@@ -95,6 +88,19 @@ def build_index(
     build(cfg, PreprocessConfig())
     shutil.rmtree(data_dir)
     return run_path
+
+
+def within_context(checkpoint: Path, rows, labels: list[list[int]] | None = None):
+    """Rows (and labels) cut to the checkpoint's context, as ``build_index`` documents."""
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(checkpoint).max_position_embeddings
+    width = rows.shape[1] if isinstance(rows, np.ndarray) else max((len(r) for r in rows), default=0)
+    if width > limit:
+        log.info("rows cut to the model's %d positions (one prediction of %d dropped)", limit, limit)
+        rows = rows[:, :limit] if isinstance(rows, np.ndarray) else [r[:limit] for r in rows]
+        labels = None if labels is None else [lab[:limit] for lab in labels]
+    return rows, labels
 
 
 def save_rows(data_dir: Path, rows, labels: list[list[int]] | None = None) -> Path:
@@ -157,6 +163,7 @@ def ekfac_scores(
 
     run_path.mkdir(parents=True, exist_ok=True)
     timings = {} if timings is None else timings
+    train_rows, _ = within_context(checkpoint, train_rows)  # as the index: see build_index
     n = len(train_rows)
     sample = np.arange(n)
     if 0 < fit_rows < n:
