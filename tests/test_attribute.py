@@ -49,19 +49,25 @@ def test_candidates_map_stream_positions_to_packed_rows(nano_run):
     assert (cands.first_seq_idx < len(cands.tokens)).all()  # every packed sequence occurs in epoch 0
 
 
+def _planted(nano_run):
+    """The candidates, the never-injected control canaries as queries (so the planted row is the
+    only copy of a query), every candidate plus a verbatim copy of each query (the last rows), and
+    the copies' rows."""
+    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
+    probes = _read(nano_run["results"], paths.PROBE, paths.PROBES_TABLE).to_pylist()
+    picked = {p["behavior_id"]: p for p in probes if p["family"] == "memorized" and p["count"] == 0}
+    queries = list(picked.values())
+    assert queries
+    rows = cands.tokens.tolist() + [q["prompt_ids"] + q["target_ids"] for q in queries]
+    return cands, queries, rows, np.arange(len(cands.tokens), len(rows))
+
+
 def test_planted_verbatim_copy_ranks_first(nano_run, final_checkpoint, tmp_path):
     """A training sequence that is a verbatim copy of the query comes first for every gradient
     method and for BM25."""
     ckpt, _ = final_checkpoint
-    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
-    probes = _read(nano_run["results"], paths.PROBE, paths.PROBES_TABLE).to_pylist()
-    # The never-injected control canaries: the planted row is the only copy in the candidates.
-    picked = {p["behavior_id"]: p for p in probes if p["family"] == "memorized" and p["count"] == 0}
-    queries = list(picked.values())
-    assert queries
+    cands, queries, rows, planted = _planted(nano_run)
     q_rows = [q["prompt_ids"] + q["target_ids"] for q in queries]
-    rows = cands.tokens.tolist() + q_rows  # the copies are the last rows
-    planted = np.arange(len(cands.tokens), len(rows))
     labels = [[-100] * len(q["prompt_ids"]) + q["target_ids"] for q in queries]
     for name, opt in (("raw", None), ("adam", ckpt)):
         common = {"optimizer_state": opt, "projection_dim": 4, "token_batch_size": 1024}
@@ -81,13 +87,7 @@ def test_ekfac_ranks_a_planted_copy_first_and_is_reproducible(nano_run, final_ch
     """bergson's EK-FAC pipeline (factors with sampled labels, damped inverse, scoring pass) puts a
     verbatim copy of the query first, and two runs with the same seed give the same scores."""
     ckpt, _ = final_checkpoint
-    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
-    probes = _read(nano_run["results"], paths.PROBE, paths.PROBES_TABLE).to_pylist()
-    controls = {p["behavior_id"]: p for p in probes if p["family"] == "memorized" and p["count"] == 0}
-    queries = list(controls.values())
-    assert queries
-    rows = cands.tokens.tolist() + [q["prompt_ids"] + q["target_ids"] for q in queries]
-    planted = np.arange(len(cands.tokens), len(rows))
+    _, queries, rows, planted = _planted(nano_run)
     totals = []
     for run in ("a", "b"):
         store = gradients.ekfac_scores(

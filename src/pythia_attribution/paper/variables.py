@@ -526,54 +526,48 @@ def finetune_variables(study: Study) -> dict:
     return out
 
 
-def ekfac_sentence(v: dict) -> str:
-    """EK-FAC's tracing and tail-patch, next to TrackStar's and BM25's; a profile that does not run
-    ``ekfac`` says so."""
+def method_sentence(v: dict, method: str, subject: str, versus: list[str]) -> str | None:
+    """A method's MRR under both truth definitions (``subject``: the words before the first value),
+    compared by the overlap of the intervals with each method of ``versus``, and its tail-patch
+    effect paired with TrackStar's; None when this profile's tables do not have the method."""
     complete, partial = v.get("tracing_complete", {}), v.get("tracing", {})
-    if "ekfac" not in complete or "ekfac" not in partial:
-        return "EK-FAC, the influence-functions study's method, is not run by this profile."
+    if method not in complete or method not in partial:
+        return None
+
+    def against(tracing: dict) -> str:
+        return fmt.listing(
+            f"{tracing.get(f'{method}_vs_{b}', 'n/a')} {style.method_label(b)}'s" for b in versus
+        )
+
     text = (
-        f"EK-FAC, the influence-functions study's method, has an MRR of {complete['ekfac']['mrr']} "
-        f"{complete['ekfac']['mrr_ci']} under the complete definition and {partial['ekfac']['mrr']} "
-        f"{partial['ekfac']['mrr_ci']} under the partial one: by the overlap of the intervals, "
-        f"{complete.get('ekfac_vs_trackstar', 'n/a')} TrackStar's and {complete.get('ekfac_vs_bm25', 'n/a')} "
-        f"BM25's under the complete definition, {partial.get('ekfac_vs_trackstar', 'n/a')} TrackStar's and "
-        f"{partial.get('ekfac_vs_bm25', 'n/a')} BM25's under the partial one."
+        f"{subject} {complete[method]['mrr']} {complete[method]['mrr_ci']} under the complete "
+        f"definition and {partial[method]['mrr']} {partial[method]['mrr_ci']} under the partial one: by "
+        f"the overlap of the intervals, {against(complete)} under the complete definition and "
+        f"{against(partial)} under the partial one."
     )
     causal = v.get("causal", {})
-    paired = causal.get("trackstar_minus_ekfac", {})
-    if "ekfac" in causal and paired.get("mean", "n/a") != "n/a":
+    paired = causal.get(f"trackstar_minus_{method}", {})
+    if method in causal and paired.get("mean", "n/a") != "n/a":
         text += (
-            f" A tail-patch step on its top sequences changes the target by {causal['ekfac']['effect']} "
-            f"{causal['ekfac']['effect_ci']}; paired by behavior, TrackStar's effect minus EK-FAC's is "
+            f" A tail-patch step on its top sequences changes the target by {causal[method]['effect']} "
+            f"{causal[method]['effect_ci']}; paired by behavior, TrackStar's effect minus its is "
             f"{paired['mean']} {paired['ci']}."
         )
     return text
 
 
+def ekfac_sentence(v: dict) -> str:
+    """EK-FAC's tracing and tail-patch, next to TrackStar's and BM25's."""
+    subject = "EK-FAC, the influence-functions study's method,"
+    text = method_sentence(v, "ekfac", f"{subject} has an MRR of", ["trackstar", "bm25"])
+    return text or f"{subject} is not run by this profile."
+
+
 def noadam_sentence(v: dict) -> str:
-    """What TrackStar loses without the optimizer state (real Pythia publishes none), from the
-    tracing and causal variables; a profile that does not run ``trackstar_noadam`` says so."""
+    """What TrackStar loses without the optimizer state (real Pythia publishes none)."""
     lead = (
         "Real Pythia publishes no optimizer state, so its TrackStar runs without Adam's second moments "
         "(trackstar_noadam: the same Hessian and unit norm on raw gradients)."
     )
-    complete, partial = v.get("tracing_complete", {}), v.get("tracing", {})
-    if "trackstar_noadam" not in complete or "trackstar_noadam" not in partial:
-        return f"{lead} This profile does not run it."
-    text = (
-        f"{lead} Its MRR is {complete['trackstar_noadam']['mrr']} {complete['trackstar_noadam']['mrr_ci']} "
-        f"under the complete definition and {partial['trackstar_noadam']['mrr']} "
-        f"{partial['trackstar_noadam']['mrr_ci']} under the partial one: by the overlap of the intervals, "
-        f"{complete['trackstar_noadam_vs_trackstar']} TrackStar's under the complete definition and "
-        f"{partial['trackstar_noadam_vs_trackstar']} it under the partial one."
-    )
-    causal = v.get("causal", {})
-    paired = causal.get("trackstar_minus_trackstar_noadam", {})
-    if "trackstar_noadam" in causal and paired.get("mean", "n/a") != "n/a":
-        text += (
-            f" Its tail-patch effect is {causal['trackstar_noadam']['effect']} "
-            f"{causal['trackstar_noadam']['effect_ci']}; paired by behavior, TrackStar's effect minus its is "
-            f"{paired['mean']} {paired['ci']}."
-        )
-    return text
+    text = method_sentence(v, "trackstar_noadam", "Its MRR is", ["trackstar"])
+    return f"{lead} {text or 'This profile does not run it.'}"
