@@ -113,7 +113,7 @@ class Selector:
                 out[start : start + block.shape[1]] = block.mean(axis=0)
             return out
         if method.kind == "ekfac":
-            return None  # each evaluation set would cost three more passes over the training data
+            return None  # each evaluation set would cost another scoring pass over every training row
         if method.kind == "bm25":
             texts = [b["prompt"] + b["target"] for b in behaviors]
             per_query = [

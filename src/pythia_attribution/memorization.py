@@ -489,9 +489,9 @@ def restricted_step(first_memorized: np.ndarray, cfg, final_step: int) -> np.nda
     its first memorized checkpoint, or, where ``restricted_checkpoints`` lists some, the first of them
     at or after it (the final checkpoint where none is). Each distinct checkpoint costs a gradient
     index over the candidates, so listing a few bounds the stage's time."""
-    chosen = np.array(sorted({*cfg.restricted_checkpoints, final_step}), dtype=np.int64)
     if not cfg.restricted_checkpoints:
         return first_memorized.astype(np.int64)
+    chosen = np.array(sorted({*cfg.restricted_checkpoints, final_step}), dtype=np.int64)
     return chosen[np.searchsorted(chosen, first_memorized, side="left")]
 
 
