@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("stage", choices=[*paths.STAGES, *COMMANDS], help="stage or command to run")
+    parser.add_argument(
+        "stage", choices=[*paths.STAGES, *paths.OPTIONAL_STAGES, *COMMANDS], help="stage or command to run"
+    )
     parser.add_argument("--profile", default="micro", help="profile name or .toml path (default: micro)")
     parser.add_argument("--force", action="store_true", help="recompute even if the outputs are current")
     parser.add_argument("--threads", type=_positive_int, help="override runtime.threads of the profile")

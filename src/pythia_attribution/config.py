@@ -361,6 +361,22 @@ class CausalConfig:
 
 
 @dataclass(frozen=True)
+class LeaveOutConfig:
+    methods: list[str] = doc(
+        "methods whose top k are removed, one retraining run each ('random': the random method's top k, "
+        "the floor); a ground-truth run is added ([]: the stage writes empty tables)",
+        default_factory=list,
+    )
+    top_k: int = doc("training sequences removed per sampled behavior and method", 10, ge=1)
+    max_behaviors: int = doc(
+        "exhibited behaviors sampled (seeded; 0: all), their removals in one run", 32, ge=0
+    )
+    reference_truth: str = doc(
+        "truth definition of the ground-truth removal run", "complete", choices=("complete", "partial")
+    )
+
+
+@dataclass(frozen=True)
 class AnalysesConfig:
     methods: list[str] = doc(
         "gradient methods analysed (default: every gradient method attribute ran)", default_factory=list
@@ -425,6 +441,10 @@ class Profile:
     )
     analyses: AnalysesConfig = doc(
         "analyses stage (tokenwise, layer thirds, word order)", default_factory=AnalysesConfig
+    )
+    leave_out: LeaveOutConfig = doc(
+        "leave_out stage (retraining without each method's top k; not part of `all`)",
+        default_factory=LeaveOutConfig,
     )
 
 

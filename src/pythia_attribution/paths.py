@@ -59,7 +59,11 @@ def expand(template: str, profile: str) -> Path:
 # Stages, in pipeline order, and the tables each one writes.
 CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
 MEMORIZATION, CAUSAL, ANALYSES = "memorization", "causal", "analyses"
+LEAVE_OUT = "leave_out"
+# The pipeline that `all` runs, in order.
 STAGES = (CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES, MEMORIZATION, CAUSAL, ANALYSES)
+# Stages outside `all`, run by name (each costs a retraining per run: see README, "Measured").
+OPTIONAL_STAGES = (LEAVE_OUT,)
 
 # The stage graph: each stage and the stages whose tables it reads. Declared once, here, in plain
 # data (this module imports nothing outside the standard library, so the noxfile reads it too);
@@ -73,6 +77,7 @@ GRAPH: dict[str, tuple[str, ...]] = {
     MEMORIZATION: (CORPUS, TRAIN, ATTRIBUTE),
     CAUSAL: (CORPUS, TRAIN, PROBE, ATTRIBUTE),
     ANALYSES: (CORPUS, TRAIN, PROBE, ATTRIBUTE),
+    LEAVE_OUT: (CORPUS, TRAIN, PROBE, ATTRIBUTE),
 }
 STAGE_HELP: dict[str, str] = {
     CORPUS: "the training sequences in training order: micro-Pile built here, or the Pile by byte range",
@@ -83,6 +88,7 @@ STAGE_HELP: dict[str, str] = {
     MEMORIZATION: "memorization at every checkpoint, against duplication, and its attribution",
     CAUSAL: "tail-patch and select-and-fine-tune: training on what a method retrieves, and the change",
     ANALYSES: "where influence sits: tokenwise scores, layer-third retrieval, word-order query variants",
+    LEAVE_OUT: "leave-k-out: retrain without each method's top k for sampled behaviors, and the change",
 }
 
 CORPUS_TABLE = "corpus"
@@ -118,9 +124,13 @@ LAYER_THIRDS_TABLE = "layer_thirds"
 LAYER_THIRDS_SUMMARY_TABLE = "layer_thirds_summary"
 WORD_ORDER_TABLE = "word_order"
 WORD_ORDER_METRICS_TABLE = "word_order_metrics"
+LEAVE_OUT_TABLE = "leave_out"
+LEAVE_OUT_RUNS_TABLE = "leave_out_runs"
+LEAVE_OUT_METRICS_TABLE = "leave_out_metrics"
 
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
+RETRAINED_DIR = "retrained"  # results/<profile>/retrained/<key>/: leave-out's models, kept across runs
 STAGE_RECORD = "_stage.json"
 RESOLVED_CONFIG = "config.resolved.json"
 
@@ -139,6 +149,10 @@ def table_path(stage_root: Path, table: str) -> Path:
 
 def tokenizer_dir(profile: str) -> Path:
     return stage_dir(profile, CORPUS) / TOKENIZER_DIR
+
+
+def retrained_dir(profile: str) -> Path:
+    return results_root() / profile / RETRAINED_DIR
 
 
 def checkpoint_dir(profile: str, step: int) -> Path:

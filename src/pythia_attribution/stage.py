@@ -161,6 +161,14 @@ SPECS: dict[str, StageSpec] = {
         _files(_method_files, _word_order_files),
         help=paths.STAGE_HELP[paths.ANALYSES],
     ),
+    paths.LEAVE_OUT: StageSpec(
+        paths.LEAVE_OUT,
+        "pythia_attribution.leave_out",
+        paths.GRAPH[paths.LEAVE_OUT],
+        ("runtime", "leave_out", "train", "attribute"),
+        _method_files,
+        help=paths.STAGE_HELP[paths.LEAVE_OUT],
+    ),
 }
 
 PACKAGES = ("torch", "transformers", "tokenizers", "pyarrow", "numpy", "faker", "bergson")

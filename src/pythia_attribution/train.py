@@ -90,68 +90,56 @@ def export_optimizer_state(model, optimizer) -> dict:
     }
 
 
-def run(ctx) -> None:
-    cfg: TrainConfig = ctx.config
-    set_threads(ctx.profile.runtime.threads)
-    torch.manual_seed(ctx.profile.runtime.seed)
-    corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
-    tokenizer = AutoTokenizer.from_pretrained(
-        ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR,
-        local_files_only=True,  # a local folder; also keeps the saved config independent of HF_HUB_OFFLINE
-    )
-    batch_size = int(corpus["batch_pos"].to_numpy().max()) + 1
-    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy(), dtype=np.int64)
-    width = corpus.schema.field("input_ids").type.list_size
-    tokens = torch.from_numpy(tokens.reshape(-1, width))
-    n_steps = len(tokens) // batch_size
-    seq_len = width - 1
+def train_model(
+    cfg: TrainConfig,
+    tokens: torch.Tensor,
+    batch_size: int,
+    vocab_size: int,
+    *,
+    seed: int,
+    removed: np.ndarray | None = None,
+    on_checkpoint=None,
+    desc: str = "train",
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[dict]]:
+    """Train micro-Pythia from its seeded initialization on ``tokens`` (rows in training order,
+    ``batch_size`` rows a step); return the model, the optimizer and the training log's rows.
 
-    model = GPTNeoXForCausalLM(pythia_config(cfg, len(tokenizer)))
+    ``removed``: a boolean per row whose loss weight is zero (leave-k-out retraining). The batches,
+    their order, the learning rate schedule and the loss's denominator (every token of the batch)
+    stay the same; a removed row only stops contributing to the loss, so a run with nothing
+    removed is the training run itself, bit for bit. ``on_checkpoint(step, model, optimizer)`` is
+    called at step 0 and after every scheduled step (``checkpoint_steps``).
+    """
+    torch.manual_seed(seed)
+    n_steps = len(tokens) // batch_size
+    model = GPTNeoXForCausalLM(pythia_config(cfg, vocab_size))
     model.train()
+    log.info("%s: %.2fM parameters", desc, sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
-    schedule = checkpoint_steps(cfg, n_steps)
-    ckpt_root = ctx.out_dir / paths.CHECKPOINTS_DIR
-    ckpt_rows, log_rows = [], []
-
-    def save(step: int) -> None:
-        folder = ckpt_root / f"step{step}"
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        if step == n_steps:
-            torch.save(export_optimizer_state(model, optimizer), folder / "optimizer.pt")
-        ckpt_rows.append(
-            {
-                "step": step,
-                "path": str(folder.relative_to(ctx.out_dir)),
-                "sequences_seen": step * batch_size,
-                "tokens_seen": step * batch_size * seq_len,
-                "model_sha256": sha256_file(folder / "model.safetensors"),
-                "has_optimizer_state": step == n_steps,
-                "revision": f"step{step}",
-                "commit": "",
-            }
-        )
-
-    log.info(
-        "training %.2fM parameters for %d steps of %d x %d tokens; checkpoints at %s",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        n_steps,
-        batch_size,
-        seq_len,
-        schedule,
-    )
-    save(0)
+    schedule = set(checkpoint_steps(cfg, n_steps))
+    log_rows = []
+    if on_checkpoint is not None:
+        on_checkpoint(0, model, optimizer)
     window_start, window_tokens = time.perf_counter(), 0
-    bar = tqdm(range(n_steps), desc="train", unit="step", mininterval=5)
+    bar = tqdm(range(n_steps), desc=desc, unit="step", mininterval=5)
     for step in bar:
         lr = lr_at(cfg, step, n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = tokens[step * batch_size : (step + 1) * batch_size]
+        rows = slice(step * batch_size, (step + 1) * batch_size)
+        batch = tokens[rows]
         logits = model(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        drop = None if removed is None else removed[rows]
+        if drop is None or not drop.any():
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        else:
+            per_token = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="none"
+            ).view(len(batch), -1)
+            keep = torch.from_numpy(~drop).to(per_token.dtype)[:, None]
+            loss = (per_token * keep).sum() / per_token.numel()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -171,9 +159,62 @@ def run(ctx) -> None:
             )
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{window_tokens / elapsed:.0f}")
             window_start, window_tokens = time.perf_counter(), 0
-        if done in schedule:
-            save(done)
+        if done in schedule and on_checkpoint is not None:
+            on_checkpoint(done, model, optimizer)
+    return model, optimizer, log_rows
 
+
+def corpus_tokens(corpus: pa.Table) -> tuple[torch.Tensor, int]:
+    """The corpus' token rows (training order) as an int64 tensor, and the batch size."""
+    batch_size = int(corpus["batch_pos"].to_numpy().max()) + 1
+    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy(), dtype=np.int64)
+    width = corpus.schema.field("input_ids").type.list_size
+    return torch.from_numpy(tokens.reshape(-1, width)), batch_size
+
+
+def run(ctx) -> None:
+    cfg: TrainConfig = ctx.config
+    set_threads(ctx.profile.runtime.threads)
+    corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
+    tokenizer = AutoTokenizer.from_pretrained(
+        ctx.inputs[paths.CORPUS] / paths.TOKENIZER_DIR,
+        local_files_only=True,  # a local folder; also keeps the saved config independent of HF_HUB_OFFLINE
+    )
+    tokens, batch_size = corpus_tokens(corpus)
+    n_steps = len(tokens) // batch_size
+    seq_len = tokens.shape[1] - 1
+    ckpt_root = ctx.out_dir / paths.CHECKPOINTS_DIR
+    ckpt_rows = []
+
+    def save(step: int, model, optimizer) -> None:
+        folder = ckpt_root / f"step{step}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if step == n_steps:
+            torch.save(export_optimizer_state(model, optimizer), folder / "optimizer.pt")
+        ckpt_rows.append(
+            {
+                "step": step,
+                "path": str(folder.relative_to(ctx.out_dir)),
+                "sequences_seen": step * batch_size,
+                "tokens_seen": step * batch_size * seq_len,
+                "model_sha256": sha256_file(folder / "model.safetensors"),
+                "has_optimizer_state": step == n_steps,
+                "revision": f"step{step}",
+                "commit": "",
+            }
+        )
+
+    log.info(
+        "training for %d steps of %d x %d tokens; checkpoints at %s",
+        n_steps,
+        batch_size,
+        seq_len,
+        checkpoint_steps(cfg, n_steps),
+    )
+    _, _, log_rows = train_model(
+        cfg, tokens, batch_size, len(tokenizer), seed=ctx.profile.runtime.seed, on_checkpoint=save
+    )
     ctx.write_table(
         paths.CHECKPOINTS_TABLE, pa.Table.from_pylist(ckpt_rows, CHECKPOINT_SCHEMA), n_steps=n_steps
     )

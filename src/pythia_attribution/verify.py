@@ -40,7 +40,7 @@ class Report:
 
 def verify(profile: Profile, full: bool = False) -> Report:
     report = Report()
-    for name in paths.STAGES:
+    for name in (*paths.STAGES, *paths.OPTIONAL_STAGES):
         _verify_stage(profile, name, full, report)
     return report
 

@@ -415,7 +415,7 @@ def _step(step) -> str:
 
 def _by_commit(commits: dict[str, str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for stage in paths.STAGES:
+    for stage in (*paths.STAGES, *paths.OPTIONAL_STAGES):
         if stage in commits:
             out.setdefault(commits[stage], []).append(stage)
     return out
