@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute import baselines, gradients, metrics
+from pythia_attribution.attribute import activations, baselines, gradients, metrics
 from pythia_attribution.attribute.stage import load_candidates
 
 
@@ -103,6 +103,76 @@ def test_ekfac_ranks_a_planted_copy_first_and_is_reproducible(nano_run, final_ch
     np.testing.assert_array_equal(gradients.score_store_totals(store)(some), totals[1][:, some])
 
 
+def test_an_objective_index_with_bergsons_loss_is_the_query_index(nano_run, final_checkpoint, tmp_path):
+    """objective_index (bergson's collector with our own scalar) gives build_index's rows exactly
+    when the scalar is bergson's own loss."""
+    from bergson import IndexConfig
+    from bergson.collector.collector import fwd_bwd_factory
+
+    ckpt, _ = final_checkpoint
+    _, queries, _, _ = _planted(nano_run)
+    prompts, targets = [q["prompt_ids"] for q in queries], [q["target_ids"] for q in queries]
+    common = {"projection_dim": 4, "token_batch_size": 1024}
+    ours = gradients.objective_index(
+        tmp_path / "ours", ckpt, [p + t for p, t in zip(prompts, targets, strict=True)],
+        [[-100] * len(p) + t for p, t in zip(prompts, targets, strict=True)], {},
+        fwd_bwd_factory(IndexConfig(run_path=str(tmp_path / "unused"))), **common,
+    )  # fmt: skip
+    theirs = gradients.query_index(
+        tmp_path / "theirs", ckpt, prompts, targets, optimizer_state=None, **common
+    )
+    np.testing.assert_array_equal(gradients.module_blocks(ours)[0], gradients.module_blocks(theirs)[0])
+
+
+def test_residual_change_is_the_first_order_change_of_the_difference(nano_run, final_checkpoint, tmp_path):
+    """residual_change's score of a training row (full gradients, no projection) predicts how a
+    small gradient step on that row, over the modules bergson tracks, changes
+    d . (m(target) - m(control)): the sign for every row, the size up to second order."""
+    import copy
+
+    import torch
+
+    from pythia_attribution.model import load_checkpoint
+
+    ckpt, step = final_checkpoint
+    cands, queries, _, _ = _planted(nano_run)
+    queries = queries[:2]
+    pool = [p for p in _read(nano_run["results"], paths.PROBE, paths.PROBES_TABLE).to_pylist()
+            if p["checkpoint"] == step and p["family"] == "memorized"]  # fmt: skip
+    ctrls = activations.controls(queries, pool, seed=3)
+    model, _ = load_checkpoint(ckpt)
+    layer = baselines.middle_layer(model.config.num_hidden_layers)
+    dirs = activations.directions(model, queries, ctrls, layer)
+    rows = cands.tokens[:16].tolist()
+    common = {"projection_dim": 0, "token_batch_size": 1024}
+    train = gradients.build_index(tmp_path / "train", ckpt, rows, labels=None, optimizer_state=None, **common)
+    q = activations.change_queries(tmp_path / "q", ckpt, queries, ctrls, dirs, layer, **common)
+    scorer = gradients.GradientScorer(train, q, unit_norm=False, hessian_path=None)
+    predicted = np.concatenate([block for _, block in scorer.chunks()], axis=1)
+
+    def f(m):
+        prompts = [x["prompt_ids"] for x in queries]
+        treat = activations.completion_means(m, prompts, [x["target_ids"] for x in queries], layer)
+        control = activations.completion_means(m, prompts, [x["target_ids"] for x in ctrls], layer)
+        return ((treat - control) * dirs).sum(axis=1)
+
+    eps, before = 1e-3, f(model)
+    actual = np.zeros_like(predicted)
+    for j, row in enumerate(rows):
+        stepped = copy.deepcopy(model)
+        ids = torch.tensor([row])
+        logits = stepped(input_ids=ids[:, :-1]).logits
+        torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).backward()
+        with torch.no_grad():
+            for name, p in stepped.named_parameters():
+                if any(name.endswith(f"{module}.weight") for module in scorer.modules):
+                    p -= eps * p.grad
+        actual[:, j] = f(stepped) - before
+    for i in range(len(queries)):
+        assert np.corrcoef(predicted[i], actual[i])[0, 1] > 0.999
+        assert (np.sign(predicted[i]) == np.sign(actual[i])).all()
+
+
 def test_non_exhibited_behaviors_are_skipped(nano_run, final_checkpoint):
     _, step = final_checkpoint
     results = nano_run["results"]
@@ -122,9 +192,18 @@ def test_every_method_and_table_is_present(nano_run):
     results = nano_run["results"]
     attributions = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)
     methods = set(attributions["method"].to_pylist())
-    assert methods == {"trackstar", "grad_cosine", "ekfac", "bm25", "activation", "random"}
+    assert methods == {
+        "trackstar",
+        "grad_cosine",
+        "ekfac",
+        "bm25",
+        "activation",
+        "residual_diff",
+        "residual_change",
+        "random",
+    }
     layers = _read(results, paths.ATTRIBUTE, paths.LAYER_SCORES_TABLE)
-    assert set(layers["method"].to_pylist()) == {"trackstar", "grad_cosine"}
+    assert set(layers["method"].to_pylist()) == {"trackstar", "grad_cosine", "residual_change"}
     # Per-module scores add up to the total score of each top-k row.
     df = layers.to_pandas().groupby(["behavior_id", "method", "rank"])["score"].sum().reset_index()
     top = attributions.to_pandas().merge(df, on=["behavior_id", "method", "rank"], suffixes=("", "_sum"))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute import baselines, gradients, metrics
+from pythia_attribution.attribute import activations, baselines, gradients, metrics
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.model import load_checkpoint
@@ -84,6 +84,7 @@ class Selector:
 
     def __init__(self, ctx, cands, final_dir, final_step, seed):
         self.ctx, self.cands, self.final_dir, self.seed = ctx, cands, final_dir, seed
+        self.final_step = final_step
         acfg = ctx.profile.attribute
         self.acfg = acfg
         self.methods = {m.name: m for m in load_methods(paths.resolve_input(acfg.methods_file), acfg.methods)}
@@ -124,16 +125,53 @@ class Selector:
         if method.kind == "activation":
             with torch.no_grad():
                 if self._keys is None:  # the final model and every candidate's activation, once
-                    self._model, _ = load_checkpoint(self.final_dir)
-                    self._layer = baselines.middle_layer(self._model.config.num_hidden_layers)
+                    self._load_model()
                     self._keys = baselines.mean_activations(
                         self._model, self.cands.tokens[:, :-1].tolist(), self._layer
                     )
-                q = baselines.mean_activations(self._model, rows, self._layer).mean(axis=0)
+                if method.query == "difference":  # the mean of the set's unit differences
+                    q = self._directions(behaviors).mean(axis=0)
+                else:
+                    q = baselines.mean_activations(self._model, rows, self._layer).mean(axis=0)
             return self._keys @ (q / max(np.linalg.norm(q), 1e-12))
+        if method.kind == "activation_change":
+            folder = self.indexes / "raw"
+            if not (folder / "train").exists():
+                return None  # attribute built no raw index
+            self._load_model()
+            ctrls = activations.controls(behaviors, self._pool(), self.seed)
+            q = activations.change_queries(
+                work / method.name, self.final_dir, behaviors, ctrls, self._directions(behaviors),
+                self._layer, projection_dim=self.acfg.projection_dim,
+                token_batch_size=self.acfg.token_batch_size,
+            )  # fmt: skip
+            scorer = gradients.GradientScorer(
+                gradients.shards_of(folder / "train"), q, unit_norm=method.unit_norm, hessian_path=None,
+                chunk_rows=self.acfg.chunk_rows,
+            )  # fmt: skip
+            out = np.zeros(n, dtype=np.float64)
+            for start, block in scorer.chunks():
+                out[start : start + block.shape[1]] = block.mean(axis=0)
+            return out
         if method.kind == "random":
             return np.random.default_rng(np.random.SeedSequence([self.seed, 47, len(behaviors)])).random(n)
         raise ValueError(f"select-and-fine-tune: no selection rule for method kind '{method.kind}'")
+
+    def _load_model(self) -> None:
+        if getattr(self, "_model", None) is None:
+            self._model, _ = load_checkpoint(self.final_dir)
+            self._layer = baselines.middle_layer(self._model.config.num_hidden_layers)
+
+    def _pool(self) -> list[dict]:
+        """Every behavior probed at the final checkpoint: where controls are drawn from, as attribute does."""
+        probes = self.ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+        return [p for p in probes if p["checkpoint"] == self.final_step]
+
+    def _directions(self, behaviors: list[dict]) -> np.ndarray:
+        """The activation-space unit target-minus-control differences of ``behaviors``."""
+        self._load_model()
+        ctrls = activations.controls(behaviors, self._pool(), self.seed)
+        return activations.directions(self._model, behaviors, ctrls, self._layer)
 
 
 def select(scores: np.ndarray, k: int) -> np.ndarray:

@@ -103,21 +103,74 @@ def within_context(checkpoint: Path, rows, labels: list[list[int]] | None = None
     return rows, labels
 
 
-def save_rows(data_dir: Path, rows, labels: list[list[int]] | None = None) -> Path:
-    """Token rows (a 2-D array or a list of lists) and optional labels as a ``save_to_disk``
-    dataset, the form bergson reads (an ``input_ids`` column is used as is)."""
+def save_rows(
+    data_dir: Path, rows, labels: list[list[int]] | None = None, columns: dict | None = None
+) -> Path:
+    """Token rows (a 2-D array or a list of lists), optional labels and other columns as a
+    ``save_to_disk`` dataset, the form bergson reads (an ``input_ids`` column is used as is)."""
+    extra = {**({"labels": labels} if labels is not None else {}), **(columns or {})}
     if isinstance(rows, np.ndarray):
         flat = pa.array(np.ascontiguousarray(rows, dtype=np.int64).reshape(-1))
-        columns = {
+        table = {
             "input_ids": pa.ListArray.from_arrays(np.arange(0, len(flat) + 1, max(rows.shape[1], 1)), flat)
         }
-        if labels is not None:
-            columns["labels"] = labels
-        dataset = Dataset(pa.table(columns))
+        dataset = Dataset(pa.table({**table, **extra}))
     else:
-        dataset = Dataset.from_dict({"input_ids": rows, **({"labels": labels} if labels is not None else {})})
+        dataset = Dataset.from_dict({"input_ids": rows, **extra})
     dataset.save_to_disk(str(data_dir))
     return data_dir
+
+
+def objective_index(
+    run_path: Path,
+    checkpoint: Path,
+    rows: list[list[int]],
+    labels: list[list[int]],
+    columns: dict,
+    objective: Callable,
+    *,
+    projection_dim: int,
+    token_batch_size: int,
+) -> Path:
+    """A bergson index like ``build_index``'s (same model loading, projection, batching and
+    storage, one process, no optimizer normalizer) whose row ``i`` is the gradient of a scalar
+    of our own, ``objective(model, x, y, batch) -> per-row values`` (it must call backward on
+    their sum, as bergson's loss does); ``columns`` reach it through ``batch``.
+
+    bergson collects each row's gradient over every position but its last (the last input of a
+    language-model row predicts nothing); an objective that reads the last position's activations
+    needs its rows to end one token later. ``tests/test_attribute.py`` checks that bergson's own
+    loss as the objective gives ``build_index``'s rows.
+    """
+    _bergson()
+    from bergson import DataConfig, IndexConfig, PreprocessConfig
+    from bergson.collector.collector import CollectorComputer
+    from bergson.collector.gradient_collectors import GradientCollector
+    from bergson.data import allocate_batches
+    from bergson.utils.worker_utils import create_processor, setup_data_pipeline, setup_model_and_peft
+
+    data_dir = save_rows(run_path.with_name(run_path.name + ".data"), rows, labels, columns)
+    cfg = IndexConfig(
+        run_path=str(run_path), model=str(checkpoint), data=DataConfig(dataset=str(data_dir)),
+        projection_dim=projection_dim, token_batch_size=token_batch_size,
+        drop_columns=False,  # the objective's own columns reach it
+    )  # fmt: skip
+    shutil.rmtree(cfg.partial_run_path, ignore_errors=True)
+    cfg.partial_run_path.mkdir(parents=True)
+    data, _ = setup_data_pipeline(cfg)
+    model, target_modules = setup_model_and_peft(cfg)
+    processor = create_processor(model, cfg, target_modules)
+    collector = GradientCollector(
+        model=model.base_model, cfg=cfg, processor=processor, target_modules=target_modules, data=data,
+        preprocess_cfg=PreprocessConfig(), attention_cfgs={}, filter_modules=cfg.filter_modules,
+    )  # fmt: skip
+    batches = allocate_batches(data["length"][:], cfg.token_batch_size)
+    computer = CollectorComputer(model=model, data=data, collector=collector, batches=batches, cfg=cfg)
+    computer.forward_backward = objective
+    computer.run_with_collector_hooks(desc="objective gradients")
+    shutil.move(cfg.partial_run_path, run_path)
+    shutil.rmtree(data_dir)
+    return run_path
 
 
 def ekfac_scores(
@@ -343,7 +396,7 @@ class GradientScorer:
     def __init__(
         self,
         index: Path | list[Path],
-        query_path: Path,
+        query_path: Path | tuple[np.ndarray, dict[str, tuple[int, int]]],
         *,
         unit_norm: bool,
         hessian_path: Path | None,
@@ -375,7 +428,8 @@ class GradientScorer:
                 power=-0.5 if unit_norm else -1.0,
                 device=device,
             )
-        q_grads, q_blocks = module_blocks(query_path)
+        # a query index's folder, or its rows and module blocks computed elsewhere
+        q_grads, q_blocks = module_blocks(query_path) if isinstance(query_path, Path) else query_path
         q = {n: _tensor(q_grads[:, lo:hi], device) for n, (lo, hi) in q_blocks.items()}
         if self.preconditioner is not None:
             q = {n: g.to(torch.float32) for n, g in self.preconditioner.apply(q).items()}

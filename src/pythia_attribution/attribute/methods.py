@@ -8,7 +8,8 @@ from pathlib import Path
 from pythia_attribution.config import from_dict, read_toml
 from pythia_attribution.errors import ConfigError
 
-KINDS = ("gradient", "ekfac", "bm25", "activation", "random")
+KINDS = ("gradient", "ekfac", "bm25", "activation", "activation_change", "random")
+QUERIES = ("mean", "difference")
 HESSIANS = ("none", "autocorrelation")
 
 
@@ -24,6 +25,9 @@ class Method:
     unit_norm: bool = True
     damping: float = 0.1  # ekfac: the inverse's damping, as a multiple of the mean eigenvalue
     fit_rows: int = 0  # ekfac: training sequences (a seeded sample) the factors are fitted on; 0: all
+    # activation: the query's vector, its mean activation ("mean") or the target-minus-control
+    # difference ("difference", residual_diff; see attribute/activations.py)
+    query: str = "mean"
 
     @property
     def index_name(self) -> str:
@@ -46,6 +50,10 @@ def load_methods(path: Path, names: list[str]) -> list[Method]:
             )
         if method.hessian not in HESSIANS:
             raise ConfigError(f"{path}: method '{name}': unknown hessian '{method.hessian}'")
+        if method.query not in QUERIES:
+            raise ConfigError(
+                f"{path}: method '{name}': unknown query '{method.query}' (known: {', '.join(QUERIES)})"
+            )
         if method.damping <= 0:
             raise ConfigError(f"{path}: method '{name}': damping must be > 0, got {method.damping}")
         if method.fit_rows < 0:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute import baselines, gradients, metrics, shards
+from pythia_attribution.attribute import activations, baselines, gradients, metrics, shards
 from pythia_attribution.attribute.methods import Method, load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.errors import ConfigError
@@ -135,7 +135,7 @@ def run(ctx) -> None:
     log.info("%d candidate sequences; methods %s; checkpoints %s", len(cands.texts), cfg.methods, steps)
 
     tables: dict[str, list[dict]] = {
-        k: [] for k in ("attributions", "layers", "summary", "tracing", "skipped")
+        k: [] for k in ("attributions", "layers", "summary", "tracing", "skipped", "controls")
     }
     for step in steps:
         attribute_checkpoint(ctx, step, ckpts[step], methods, cands, truth, probes, tables, seed)
@@ -154,6 +154,11 @@ def run(ctx) -> None:
         ),
     )
     ctx.write_table(paths.SKIPPED_TABLE, pa.Table.from_pylist(tables["skipped"], SKIPPED_SCHEMA))
+    ctx.write_table(
+        paths.CONTROLS_TABLE,
+        pa.Table.from_pylist(tables["controls"], CONTROLS_SCHEMA),
+        controls="activation-space methods: each behavior's control completion (attribute/activations.py)",
+    )
     per_behavior = pa.Table.from_pylist(tables["tracing"], TRACING_SCHEMA)
     ctx.write_table(paths.TRACING_TABLE, per_behavior)
     ctx.write_table(
@@ -198,6 +203,43 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
         ``totals(ids)`` scores given rows, needed when a query's rows come in several blocks."""
         ranking = Ranking(len(queries), n_rows, cfg.top_k, q_truth, sample_size=cfg.summary_sample, seed=seed)
         return ranking.consume(blocks, totals)
+
+    shared: dict = {}  # what activation-space methods share at this checkpoint, made once
+
+    def activation_model():
+        """The checkpoint's model in eval mode and the layer the activation methods read."""
+        if "model" not in shared:
+            shared["model"], _ = load_checkpoint(ckpt_dir)
+            shared["layer"] = baselines.middle_layer(shared["model"].config.num_hidden_layers)
+        return shared["model"], shared["layer"]
+
+    def activation_keys():
+        """Every candidate's unit mean activation (rows x hidden), a memory map filled in one pass."""
+        if "keys" not in shared:
+            model, layer = activation_model()
+            work.mkdir(parents=True, exist_ok=True)
+            keys = np.lib.format.open_memmap(
+                work / "activations.npy",
+                mode="w+",
+                dtype=np.float32,
+                shape=(n_rows, model.config.hidden_size),
+            )
+            for start in range(0, n_rows, cfg.chunk_rows):
+                ids = np.arange(start, min(start + cfg.chunk_rows, n_rows))
+                keys[ids] = baselines.mean_activations(model, cands.tokens[ids, :-1].tolist(), layer)
+            shared["keys"] = keys
+        return shared["keys"]
+
+    def query_controls():
+        """Each query's control completion (``activations.controls``), recorded in a table."""
+        if "controls" not in shared:
+            shared["controls"] = activations.controls(queries, here, seed)
+            for q, c in zip(queries, shared["controls"], strict=True):
+                tables["controls"].append(
+                    {"behavior_id": q["behavior_id"], "family": q["family"], "checkpoint": step,
+                     "control_behavior_id": c["behavior_id"], "control_target": c["target"]}
+                )  # fmt: skip
+        return shared["controls"]
 
     for method in tqdm(methods, desc=f"attribute step{step}", unit="method"):
         if method.kind == "gradient":
@@ -248,30 +290,53 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             per_query = baselines.bm25_query_scores(cands.texts, texts)
             all_scores[method.name] = Scored(rank(per_query_blocks(per_query)))
         elif method.kind == "activation":
-            model, _ = load_checkpoint(ckpt_dir)
-            layer = baselines.middle_layer(model.config.num_hidden_layers)
-            q = baselines.mean_activations(model, q_rows, layer)
-
-            def keys(ids, model=model, layer=layer):
-                return baselines.mean_activations(model, cands.tokens[ids, :-1].tolist(), layer)
-
+            model, layer = activation_model()
+            keys = activation_keys()
+            if method.query == "difference":
+                q = activations.directions(model, queries, query_controls(), layer)
+            else:
+                q = baselines.mean_activations(model, q_rows, layer)
             top = baselines.FaissTopK(q, cfg.top_k) if cfg.faiss else None
 
             def blocks(keys=keys, q=q, top=top):
                 for start in range(0, n_rows, cfg.chunk_rows):
-                    k = keys(np.arange(start, min(start + cfg.chunk_rows, n_rows)))
+                    k = np.asarray(keys[start : start + cfg.chunk_rows])
                     if top is not None:
                         top.add(start, k)
                     yield start, q @ k.T
 
-            ranking = rank(blocks(), lambda ids, keys=keys, q=q: q @ keys(ids).T)
+            ranking = rank(blocks(), lambda ids, keys=keys, q=q: q @ np.asarray(keys[np.asarray(ids)]).T)
             all_scores[method.name] = Scored(ranking, faiss=top.result() if top else None)
+        elif method.kind == "activation_change":
+            if "raw" not in indexes:
+                indexes["raw"] = build_indexes(ctx, step, ckpt, "raw", cands, queries, None)
+            model, layer = activation_model()
+            ctrls = query_controls()
+            dirs = activations.directions(model, queries, ctrls, layer)
+            q = activations.change_queries(
+                work / method.name, ckpt_dir, queries, ctrls, dirs, layer,
+                projection_dim=cfg.projection_dim, token_batch_size=cfg.token_batch_size,
+            )  # fmt: skip
+            scorer = gradients.GradientScorer(
+                indexes["raw"][0], q, unit_norm=method.unit_norm, hessian_path=None,
+                chunk_rows=cfg.chunk_rows, device=compute_device(),
+            )  # fmt: skip
+            top = (
+                baselines.FaissTopK(gradients.unit(q[0]), cfg.top_k)
+                if cfg.faiss and method.unit_norm
+                else None
+            )
+            ranking = rank(scorer.chunks(on_rows=top.add if top else None), scorer.totals)
+            all_scores[method.name] = Scored(ranking, scorer.per_module, top.result() if top else None)
         elif method.kind == "random":
             per_query = baselines.random_query_scores(len(queries), n_rows, seed + step)
             all_scores[method.name] = Scored(rank(per_query_blocks(per_query)))
     for method in methods:
         if method.name in all_scores:
             record(tables, step, method, queries, all_scores[method.name], cands, cfg.top_k)
+    if "keys" in shared:  # a cache for this checkpoint's methods, not an output
+        del shared["keys"]
+        (work / "activations.npy").unlink()
 
 
 def compute_device() -> str:
@@ -400,6 +465,15 @@ LAYER_SCHEMA = pa.schema(
     [*TOP_K_ROW, ("module", pa.string()), ("layer", pa.int32()), ("score", pa.float64())]
 )
 SKIPPED_SCHEMA = pa.schema([*QUERY_KEY, ("reason", pa.string())])
+CONTROLS_SCHEMA = pa.schema(
+    [
+        ("behavior_id", pa.string()),
+        ("family", pa.string()),
+        ("checkpoint", pa.int64()),
+        ("control_behavior_id", pa.string()),
+        ("control_target", pa.string()),
+    ]
+)
 # What metrics.tracing returns for one query, as columns.
 TRACING_FIELDS = [
     ("mrr", pa.float64()),

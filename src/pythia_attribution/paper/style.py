@@ -12,6 +12,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "ekfac": ("EK-FAC", "#009E73"),
     "bm25": ("BM25", "#E69F00"),
     "activation": ("Activation similarity", "#CC79A7"),
+    "residual_diff": ("Residual difference", "#D55E00"),
+    "residual_change": ("Residual change", "#882255"),
     "random": ("Random", "#999999"),
     "ground_truth": ("Ground truth (reference)", "#000000"),
 }
