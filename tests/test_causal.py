@@ -102,11 +102,12 @@ def test_fine_tuning_on_the_ground_truth_beats_random_selection(nano_run):
     table = _read(results, paths.CAUSAL, paths.FINETUNE_TABLE).to_pandas()
     summary = _read(results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE).to_pandas()
     assert set(table["family"]) == {"factual", "fictional_fact"}
-    methods = {"trackstar", "grad_cosine", "bm25", "activation", "random", "ground_truth"}
+    methods = {"trackstar", "grad_cosine", "bm25", "activation", "residual_diff", "residual_change"}
+    methods |= {"random", "ground_truth"}  # every method but EK-FAC (see finetune.Selector)
     assert set(table["method"]) == methods
     assert set(table["prompt_kind"]) == {"original", "paraphrase"}
     per = table.groupby(["family", "prompt_kind"])
-    assert (per["method"].nunique() == 6).all()
+    assert (per["method"].nunique() == len(methods)).all()
     assert (table.groupby(["family", "method", "prompt_kind"])["behavior_id"].nunique() == 2).all()
     original = summary[summary["prompt_kind"] == "original"].set_index(["family", "method"])
     for family in ("factual", "fictional_fact"):

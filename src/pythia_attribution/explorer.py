@@ -58,6 +58,7 @@ def build(results: Path, out: Path) -> Path:
     ckpts = _table(results, paths.TRAIN, paths.CHECKPOINTS_TABLE)
     causal = _table(results, paths.CAUSAL, paths.TAIL_PATCH_METRICS_TABLE, required=False)
     finetuned = _table(results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE, required=False)
+    left_out = _table(results, paths.LEAVE_OUT, paths.LEAVE_OUT_METRICS_TABLE, required=False)
     tokenwise = _table(results, paths.ANALYSES, paths.TOKENWISE_TABLE, required=False)
     thirds = _table(results, paths.ANALYSES, paths.LAYER_THIRDS_SUMMARY_TABLE, required=False)
     word = _table(results, paths.ANALYSES, paths.WORD_ORDER_METRICS_TABLE, required=False)
@@ -157,6 +158,8 @@ def build(results: Path, out: Path) -> Path:
         sections.append(_causal_section(causal))
     if finetuned is not None and len(finetuned):
         sections.append(_finetune_section(finetuned))
+    if left_out is not None and len(left_out):
+        sections.append(_leave_out_section(left_out))
     if thirds is not None:
         sections.append(_thirds_section(thirds))
     if word is not None:
@@ -280,6 +283,20 @@ def _finetune_section(finetuned) -> str:
         "family?</h2><p>Change in the targets' log-probability over the family's evaluation set, on the "
         "probe's prompts and on paraphrases (copies: complete ground-truth copies among the selection).</p>"
         + _table_html(["family", "prompts", "selection", "copies", "change", "exhibited"], rows)
+    )
+
+
+def _leave_out_section(left_out) -> str:
+    t = left_out[left_out["family"] == "all"].sort_values("delta_logp")
+    rows = [[r["run"], str(int(r["n_behaviors"])), _ci(r, "delta_logp", 2),
+             "" if r["run"] == "random" or r["vs_random"] != r["vs_random"] else _ci(r, "vs_random", 2),
+             f"{r['lost']:.0%}"] for _, r in t.iterrows()]  # fmt: skip
+    return (
+        "<h2>Leave-k-out: retrained without a method's top k, how much does the target fall?</h2>"
+        "<p>Change in the sampled behaviors' target log-probability at the final step against the training "
+        "run (ground_truth: the behaviors' own complete copies removed), paired difference from random "
+        "removal, share of exhibited behaviors lost (<code>nox -s leave_out</code>).</p>"
+        + _table_html(["removed", "behaviors", "change", "beyond random", "lost"], rows)
     )
 
 

@@ -48,6 +48,12 @@ NEEDED: dict[str, str] = {
     paths.WORD_ORDER_METRICS_TABLE: paths.ANALYSES,
     paths.WORD_ORDER_TABLE: paths.ANALYSES,
 }
+# tables the paper uses when their stage has run (stages outside `all`)
+OPTIONAL: dict[str, str] = {
+    paths.LEAVE_OUT_TABLE: paths.LEAVE_OUT,
+    paths.LEAVE_OUT_RUNS_TABLE: paths.LEAVE_OUT,
+    paths.LEAVE_OUT_METRICS_TABLE: paths.LEAVE_OUT,
+}
 
 
 class Study:
@@ -62,8 +68,13 @@ class Study:
                 f"{profile}` first"
             )
 
+    def has(self, table: str) -> bool:
+        """Whether a table (of NEEDED or OPTIONAL) was written for this profile."""
+        stage = NEEDED.get(table) or OPTIONAL[table]
+        return paths.table_path(self.results / stage, table).is_file()
+
     def path(self, table: str) -> Path:
-        stage = NEEDED[table]
+        stage = NEEDED.get(table) or OPTIONAL[table]
         path = paths.table_path(self.results / stage, table)
         if not path.is_file():
             raise MissingInputError(
@@ -96,7 +107,8 @@ class Study:
     def commits(self) -> dict[str, str]:
         """Stage -> the git commit (and a dirty mark) of the code that wrote its tables."""
         out = {}
-        for table, stage in NEEDED.items():
+        present = {t: s for t, s in OPTIONAL.items() if self.has(t)}
+        for table, stage in {**NEEDED, **present}.items():
             prov = self.provenance(table)
             commit = prov.get("git_commit", "unknown")
             out.setdefault(stage, commit + ("+dirty" if prov.get("git_dirty") else ""))

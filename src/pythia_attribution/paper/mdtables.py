@@ -308,6 +308,65 @@ def finetune(study: Study) -> str:
     )  # fmt: skip
 
 
+def leave_out(study: Study) -> str:
+    """Leave-k-out retraining: per run, the change of the sampled behaviors' targets."""
+    if not study.has(paths.LEAVE_OUT_METRICS_TABLE):
+        return pipe_table(
+            ["Leave-k-out retraining"],
+            [["not run for this build: `nox -s leave_out` (outside `all`)"]],
+            "Leave-k-out retraining was not run for this build.",
+            "tbl-leave-out",
+            "l",
+        )
+    lm = study.frame(paths.LEAVE_OUT_METRICS_TABLE)
+    runs = {r["run"]: r for r in study.frame(paths.LEAVE_OUT_RUNS_TABLE).iter_rows(named=True)}
+    prov = study.provenance(paths.LEAVE_OUT_METRICS_TABLE)
+    cfg = prov["config"]["leave_out"]
+    level = derive.interval_level(prov.get("bootstrap", ""), "leave_out_metrics")
+    families = [f for f in style.FAMILIES if f != "all" and f in set(lm["family"])]
+    everything = lm.filter(pl.col("family") == "all")
+    order = [*derive.ordered_methods([m for m in everything["run"] if m != "ground_truth"]), "ground_truth"]
+    rows = []
+    for run in [m for m in order if m in runs]:
+        r = everything.filter(pl.col("run") == run).row(0, named=True)
+        vs = (
+            "" if run == "random" or r["vs_random"] != r["vs_random"]
+            else f"{fmt.dec(r['vs_random'], 2)} {fmt.interval(r['vs_random_lo'], r['vs_random_hi'], 2)}"
+        )  # fmt: skip
+        cells = [
+            style.method_label(run) if run != "ground_truth" else "Complete copies",
+            f"{runs[run]['n_removed']} ({runs[run]['n_rows_removed']})",
+            f"{fmt.dec(r['delta_logp'], 2)} {fmt.interval(r['delta_logp_lo'], r['delta_logp_hi'], 2)}",
+            vs,
+            fmt.pct(r["lost"]),
+        ]
+        for family in families:
+            f = lm.filter((pl.col("family") == family) & (pl.col("run") == run))
+            cells.append(fmt.dec(f["delta_logp"][0], 2) if f.height else "n/a")
+        rows.append(cells)
+    n = everything["n_behaviors"][0]
+    return pipe_table(
+        [
+            "Removed",
+            "Sequences (rows)",
+            "Δ log p",
+            "Beyond random",
+            "Lost",
+            *map(style.family_label, families),
+        ],
+        rows,
+        f"Leave-k-out retraining: for {n} sampled behaviors, each method's top {cfg['top_k']} per behavior "
+        "removed together (zero loss weight, every epoch) and the model retrained from its initialization "
+        "on the same batches; the change in the behaviors' target log-probability at the final step against "
+        f"the training run ({level} percentile-bootstrap intervals over behaviors), paired against the "
+        "random removal, and the share of exhibited behaviors no longer exhibited (teacher-forced argmax). "
+        "Sequences: packed sequences removed (training rows, every epoch's copy).",
+        "tbl-leave-out",
+        "l" + "r" * (4 + len(families)),
+        [3, 2, 4, 4, 1] + [2] * len(families),
+    )
+
+
 VARIANT_ORDER = ("original", "swapped", "no_prompt", "entity_replaced", "unrelated")
 
 
@@ -363,6 +422,7 @@ TABLES = {
     "tracing": tracing,
     "causal": causal,
     "finetune": finetune,
+    "leave-out": leave_out,
     "word-order": word_order,
     "surprise": surprise,
     "top-examples": top_examples,

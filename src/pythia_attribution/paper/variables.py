@@ -171,6 +171,8 @@ def compute(study: Study, build: dict) -> dict:
                 }
             pairs = [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]
             pairs += [("trackstar_noadam", "trackstar"), ("ekfac", "trackstar"), ("ekfac", "bm25")]
+            pairs += [("residual_diff", "activation"), ("residual_diff", "trackstar")]
+            pairs += [("residual_change", "grad_cosine"), ("residual_change", "trackstar")]
             for a, b in pairs:
                 if a in est and b in est:
                     tracing[f"{a}_vs_{b}"] = fmt.compare(est[a], est[b])
@@ -206,7 +208,8 @@ def compute(study: Study, build: dict) -> dict:
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
         pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")]
-        for a, b in [*pairs, ("trackstar", "trackstar_noadam"), ("trackstar", "ekfac")]:
+        pairs += [("trackstar", "trackstar_noadam"), ("trackstar", "ekfac")]
+        for a, b in [*pairs, ("trackstar", "residual_diff"), ("trackstar", "residual_change")]:
             paired = derive.causal_paired(study, a, b)
             causal[f"{a}_minus_{b}"] = (
                 {
@@ -228,6 +231,12 @@ def compute(study: Study, build: dict) -> dict:
 
     with _section(v, "ekfac"):
         v["ekfac"] = {"sentence": ekfac_sentence(v)}
+
+    with _section(v, "activation_space"):
+        v["activation_space"] = {"sentence": activation_space_sentence(v)}
+
+    with _section(v, "leave_out"):
+        v["leave_out"] = leave_out_variables(study, v.get("causal", {}))
 
     with _section(v, "composition"):
         comp = derive.pooled_composition(study)
@@ -571,3 +580,63 @@ def noadam_sentence(v: dict) -> str:
     )
     text = method_sentence(v, "trackstar_noadam", "Its MRR is", ["trackstar"])
     return f"{lead} {text or 'This profile does not run it.'}"
+
+
+def activation_space_sentence(v: dict) -> str:
+    """The activation-space family's tracing and tail-patch, next to its nearest relatives."""
+    diff = method_sentence(
+        v, "residual_diff", "The residual difference has an MRR of", ["activation", "trackstar"]
+    )
+    change = method_sentence(
+        v, "residual_change", "The residual change has an MRR of", ["grad_cosine", "trackstar"]
+    )
+    parts = [text for text in (diff, change) if text]
+    return " ".join(parts) if parts else "This profile does not run the activation-space family."
+
+
+def leave_out_variables(study: Study, causal: dict) -> dict:
+    """Leave-k-out retraining: one generated paragraph, from its tables when the stage has run."""
+    if not study.has(paths.LEAVE_OUT_METRICS_TABLE):
+        return {
+            "ran": "no",
+            "sentence": (
+                "Leave-k-out retraining, the largest intervention, is its own session outside `all` "
+                "(`nox -s leave_out`, one retraining per method); it was not run for this build."
+            ),
+        }
+    lm = study.frame(paths.LEAVE_OUT_METRICS_TABLE).filter(pl.col("family") == "all")
+    runs = study.frame(paths.LEAVE_OUT_RUNS_TABLE)
+    cfg = study.config(paths.LEAVE_OUT_METRICS_TABLE, "leave_out")
+    by_run = {r["run"]: r for r in lm.iter_rows(named=True)}
+    methods = [m for m in cfg["methods"] if m in by_run and m != "random"]
+
+    def effect(run: str) -> str:
+        r = by_run[run]
+        return f"{fmt.dec(r['delta_logp'], 2)} {fmt.interval(r['delta_logp_lo'], r['delta_logp_hi'], 2)}"
+
+    def versus(run: str) -> str:
+        r = by_run[run]
+        if r["vs_random"] is None or r["vs_random"] != r["vs_random"]:
+            return ""
+        ci = fmt.interval(r["vs_random_lo"], r["vs_random_hi"], 2)
+        return f" ({fmt.dec(r['vs_random'], 2)} {ci} beyond random removal, paired by behavior)"
+
+    n = next(iter(by_run.values()))["n_behaviors"]
+    listing = fmt.listing(f"{style.method_label(m)}'s {effect(m)}{versus(m)}" for m in methods)
+    floor = (
+        f"the random method's top {cfg['top_k']}, by {effect('random')}, and " if "random" in by_run else ""
+    )
+    order = sorted([m for m in by_run if m != "ground_truth"], key=lambda m: by_run[m]["delta_logp"])
+    sentence = (
+        f"**Leave-k-out retraining** (`nox -s leave_out`, outside `all`; @tbl-leave-out) retrains the model "
+        f"from its initialization on the same batches with a set of sequences' loss weight set to zero, "
+        f"every epoch, so that the training run itself is the paired baseline. For {n} behaviors sampled "
+        f"with the study's seed, each method's top {cfg['top_k']} per behavior are removed together, one "
+        f"run per method ({fmt.count(int(runs['seconds'].mean()))} s of training each here). Removing them "
+        f"changes the behaviors' target log-probability at the final step by {listing}; removing "
+        f"{floor}up to {cfg['top_k']} of each "
+        f"behavior's own {cfg['reference_truth']} ground-truth copies, by {effect('ground_truth')}"
+        f"{versus('ground_truth')}. By the size of the drop the methods rank "
+        f"{', '.join(style.method_label(m) for m in order)}."
+    )
+    return {"ran": "yes", "sentence": sentence}
