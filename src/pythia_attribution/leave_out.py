@@ -29,6 +29,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import torch
+from transformers import GPTNeoXForCausalLM
 
 from pythia_attribution import model as model_module
 from pythia_attribution import paths, tables, train
@@ -103,7 +105,7 @@ def retrained(profile, key: dict, tokens, batch_size, removed_rows, vocab_size, 
     record = folder / "key.json"
     if record.is_file() and json.loads(record.read_text()) == key:
         log.info("leave-out %s: adopting the retrained model %s", name, folder)
-        model, _ = load_checkpoint(folder)
+        model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # no tokenizer kept
         return model, json.loads((folder / "run.json").read_text())["seconds"], True
     started = time.perf_counter()
     model, _, log_rows = train.train_model(
