@@ -272,6 +272,27 @@ def causal_paired(study: Study, a: str, b: str) -> dict | None:
     return {"mean": float(d.mean()), "lo": lo, "hi": hi, "ahead": float(np.mean(d > 0)), "n": len(d)}
 
 
+def leave_out_paired(study: Study, a: str, b: str) -> dict | None:
+    """Per-behavior paired difference of two leave-k-out runs' changes (``a`` minus ``b``): mean,
+    percentile bootstrap interval (the attribute stage's seed and resamples) and the share of
+    behaviors whose target falls further under ``a``."""
+    import numpy as np
+
+    from pythia_attribution.attribute.metrics import bootstrap_ci
+
+    lo_table = study.frame(paths.LEAVE_OUT_TABLE)
+    wide = lo_table.pivot(on="run", index="behavior_id", values="delta_logp").sort("behavior_id")
+    if a not in wide.columns or b not in wide.columns:
+        return None
+    d = (wide[a] - wide[b]).drop_nulls().to_numpy()
+    if not len(d):
+        return None
+    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
+    lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
+    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "further": float(np.mean(d < 0)), "n": len(d)}
+
+
 def query_run_shares(study: Study) -> pl.DataFrame:
     """Per gradient method: over the tokenwise sequences that repeat part of the query, the share of
     their positions in runs shared with the query and the share of their summed score there."""

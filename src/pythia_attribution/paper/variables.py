@@ -622,6 +622,24 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         return f" ({fmt.dec(r['vs_random'], 2)} {ci} beyond random removal, paired by behavior)"
 
     n = next(iter(by_run.values()))["n_behaviors"]
+    medians = (
+        study.frame(paths.LEAVE_OUT_TABLE).group_by("run").agg(pl.col("delta_logp").median()).sort("run")
+    )
+    median = dict(zip(medians["run"], medians["delta_logp"], strict=True))
+    median_text = fmt.listing(
+        f"{fmt.dec(median[m], 2)} ({style.method_label(m) if m != 'ground_truth' else 'complete copies'})"
+        for m in [*methods, *(r for r in ("random", "ground_truth") if r in median)]
+    )
+    pairs = []
+    for a, b in zip(methods, methods[1:], strict=False):
+        paired = derive.leave_out_paired(study, a, b)
+        if paired:
+            pairs.append(
+                f"removing {style.method_label(a)}'s top sequences changes the target by "
+                f"{fmt.dec(paired['mean'], 2)} {fmt.interval(paired['lo'], paired['hi'], 2)} relative to "
+                f"removing {style.method_label(b)}'s (further for {fmt.pct(paired['further'])} of "
+                f"{paired['n']} behaviors)"
+            )
     listing = fmt.listing(f"{style.method_label(m)}'s {effect(m)}{versus(m)}" for m in methods)
     floor = (
         f"the random method's top {cfg['top_k']}, by {effect('random')}, and " if "random" in by_run else ""
@@ -636,7 +654,10 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         f"changes the behaviors' target log-probability at the final step by {listing}; removing "
         f"{floor}up to {cfg['top_k']} of each "
         f"behavior's own {cfg['reference_truth']} ground-truth copies, by {effect('ground_truth')}"
-        f"{versus('ground_truth')}. By the size of the drop the methods rank "
-        f"{', '.join(style.method_label(m) for m in order)}."
+        f"{versus('ground_truth')}. By the size of the mean drop the methods rank "
+        f"{', '.join(style.method_label(m) for m in order)}; the medians, which a few large drops "
+        f"(a canary losing its memorized continuation) do not sway, are {median_text}."
     )
+    if pairs:
+        sentence += " Paired by behavior, " + "; ".join(pairs) + "."
     return {"ran": "yes", "sentence": sentence}
