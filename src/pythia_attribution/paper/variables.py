@@ -619,7 +619,7 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         if r["vs_random"] is None or r["vs_random"] != r["vs_random"]:
             return ""
         ci = fmt.interval(r["vs_random_lo"], r["vs_random_hi"], 2)
-        return f" ({fmt.dec(r['vs_random'], 2)} {ci} beyond random removal, paired by behavior)"
+        return f" (beyond random removal, paired by behavior: {fmt.dec(r['vs_random'], 2)} {ci})"
 
     n = next(iter(by_run.values()))["n_behaviors"]
     medians = (
