@@ -86,3 +86,20 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run):
     assert all(r["adopted"] for r in again)
     assert _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_TABLE).equals(table)
     assert len(list(paths.retrained_dir("nano").iterdir())) == len(runs)
+
+
+def test_check_names_a_leave_out_method_the_attribute_stage_does_not_run():
+    import dataclasses
+
+    import pytest
+
+    from pythia_attribution.check import check_inputs
+    from pythia_attribution.errors import ConfigError
+
+    profile = load_profile("nano")
+    bad = dataclasses.replace(profile, leave_out=dataclasses.replace(profile.leave_out, methods=["nope"]))
+    with pytest.raises(ConfigError, match="leave_out.methods: 'nope' is not in attribute.methods"):
+        check_inputs(bad)
+    hub = dataclasses.replace(profile, train=dataclasses.replace(profile.train, source="hub"))
+    with pytest.raises(ConfigError, match="retraining needs train.source = 'train'"):
+        check_inputs(hub)

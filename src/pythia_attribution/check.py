@@ -27,6 +27,18 @@ def check_inputs(profile: Profile) -> list[str]:
     lines.append(
         f"ok      methods {methods_file}: {', '.join(sorted({*attribute.methods, *memorization.methods}))}"
     )
+    leave_out = profile.leave_out.methods
+    unknown = sorted(set(leave_out) - set(attribute.methods))
+    if unknown:
+        raise ConfigError(
+            f"leave_out.methods: '{unknown[0]}' is not in attribute.methods (leave-k-out removes what a "
+            "method the attribute stage ran retrieved)"
+        )
+    if leave_out and profile.train.source != "train":
+        raise ConfigError(
+            f"leave_out.methods: retraining needs train.source = 'train', not '{profile.train.source}'; "
+            "set leave_out.methods = [] for this profile"
+        )
     if profile.corpus.source == "micro-pile":
         from pythia_attribution.corpus.manifest import load_manifest
 
