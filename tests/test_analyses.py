@@ -175,7 +175,8 @@ def test_methods_sharing_an_index_get_their_own_tokenwise_split(tmp_path, monkey
         tmp_path / "profiles",
         manifest,
         **{
-            'methods = ["trackstar", "grad_cosine", "ekfac", "bm25", "activation", "random"]': (
+            'methods = ["trackstar", "grad_cosine", "ekfac", "bm25", "activation", "residual_diff", '
+            '"residual_change", "random"]': (
                 'methods = ["trackstar", "trackstar_noadam", "grad_cosine", "random"]'
             ),
             "finetune_min_count = 8": "finetune_min_count = 8\nfinetune_families = []",
