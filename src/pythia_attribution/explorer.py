@@ -102,12 +102,13 @@ def build(results: Path, out: Path) -> Path:
         item = last["item_id"] if isinstance(last["item_id"], str) else None  # null: no ground truth
         gt = {name: set(sets[item].tolist()) if item in sets else None for name, sets in truth.items()}
         count = "" if item is None or np.isnan(last["count"]) else f" (stated {int(last['count'])} times)"
-        columns = []
+        columns, shown = [], set()
         for m in methods:
             cards = []
             for r in rows[rows["method"] == m].sort_values("rank").head(SHOWN).itertuples():
                 pid = int(r.packed_id)
                 cat = category.get((b, m, int(r.rank)), "unclassified")
+                shown.add(cat)
                 mark = _truth_mark(pid, gt)
                 tokens = cands.tokens[pid]
                 scores = shading.get((b, m, int(r.rank)))
@@ -138,7 +139,8 @@ def build(results: Path, out: Path) -> Path:
                 curve["checkpoint"].to_numpy(), curve["target_logprob"].to_numpy(), curve["exhibited"]
             ),
             method_boxes=_boxes("method", methods),
-            category_boxes=_boxes("category", [*CATEGORY_ORDER, "unclassified"]),
+            # the categories this page's cards have ("unclassified": a row the duplicates stage has not seen)
+            category_boxes=_boxes("category", [c for c in [*CATEGORY_ORDER, "unclassified"] if c in shown]),
             columns="\n".join(columns),
             k=SHOWN,
         )
