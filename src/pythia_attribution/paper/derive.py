@@ -249,48 +249,44 @@ def causal_orders(study: Study) -> dict[str, list[str]]:
     return {key: frame["method"].to_list() for key, frame in frames.items()}
 
 
-def causal_paired(study: Study, a: str, b: str) -> dict | None:
-    """Per-behavior paired difference of two methods' mean tail-patch effects: mean, percentile
-    bootstrap interval (the attribute stage's seed and resamples) and the share of behaviors where
-    ``a`` is ahead."""
+def paired(study: Study, wide: pl.DataFrame, a: str, b: str) -> dict | None:
+    """Paired per-behavior difference of columns ``a`` and ``b`` of ``wide`` (one row per behavior,
+    sorted: the bootstrap resamples by position): mean, percentile bootstrap interval (the attribute
+    stage's seed and resamples), the share of behaviors where ``a`` is ahead (``ahead``: the
+    difference is positive) and where it is behind (``further``: negative), and n."""
     import numpy as np
 
     from pythia_attribution.attribute.metrics import bootstrap_ci
 
+    if a not in wide.columns or b not in wide.columns:
+        return None
+    d = (wide[a] - wide[b]).drop_nulls().to_numpy()
+    if not len(d):
+        return None
+    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
+    lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
+    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "ahead": float(np.mean(d > 0)),
+            "further": float(np.mean(d < 0)), "n": len(d)}  # fmt: skip
+
+
+def causal_paired(study: Study, a: str, b: str) -> dict | None:
+    """Per-behavior paired difference of two methods' mean tail-patch effects (``paired``)."""
     tp = study.frame(paths.TAIL_PATCH_TABLE)
     per = tp.group_by("method", "behavior_id").agg(pl.col("effect").mean())
     # sorted: polars' group order varies from run to run, and the bootstrap resamples by position
-    wide = per.pivot(on="method", index="behavior_id", values="effect").sort("behavior_id")
-    if a not in wide.columns or b not in wide.columns:
-        return None
-    d = (wide[a] - wide[b]).drop_nulls().to_numpy()
-    if not len(d):
-        return None
-    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
-    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
-    lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
-    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "ahead": float(np.mean(d > 0)), "n": len(d)}
+    return paired(
+        study, per.pivot(on="method", index="behavior_id", values="effect").sort("behavior_id"), a, b
+    )
 
 
 def leave_out_paired(study: Study, a: str, b: str) -> dict | None:
-    """Per-behavior paired difference of two leave-k-out runs' changes (``a`` minus ``b``): mean,
-    percentile bootstrap interval (the attribute stage's seed and resamples) and the share of
-    behaviors whose target falls further under ``a``."""
-    import numpy as np
-
-    from pythia_attribution.attribute.metrics import bootstrap_ci
-
-    lo_table = study.frame(paths.LEAVE_OUT_TABLE)
-    wide = lo_table.pivot(on="run", index="behavior_id", values="delta_logp").sort("behavior_id")
-    if a not in wide.columns or b not in wide.columns:
-        return None
-    d = (wide[a] - wide[b]).drop_nulls().to_numpy()
-    if not len(d):
-        return None
-    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
-    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
-    lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
-    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "further": float(np.mean(d < 0)), "n": len(d)}
+    """Per-behavior paired difference of two leave-k-out runs' changes, ``a`` minus ``b``
+    (``paired``; ``further``: the share of behaviors whose target falls further under ``a``)."""
+    table = study.frame(paths.LEAVE_OUT_TABLE)
+    return paired(
+        study, table.pivot(on="run", index="behavior_id", values="delta_logp").sort("behavior_id"), a, b
+    )
 
 
 def query_run_shares(study: Study) -> pl.DataFrame:
