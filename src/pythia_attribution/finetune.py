@@ -109,10 +109,7 @@ class Selector:
             scorer = method_scorer(
                 gradients.shards_of(folder / "train"), query, method, hessian, self.acfg.chunk_rows
             )
-            out = np.zeros(n, dtype=np.float64)
-            for start, block in scorer.chunks():
-                out[start : start + block.shape[1]] = block.mean(axis=0)
-            return out
+            return _mean_scores(scorer, n)
         if method.kind == "ekfac":
             return None  # each evaluation set would cost another scoring pass over every training row
         if method.kind == "bm25":
@@ -130,7 +127,7 @@ class Selector:
                         self._model, self.cands.tokens[:, :-1].tolist(), self._layer
                     )
                 if method.query == "difference":  # the mean of the set's unit differences
-                    q = self._directions(behaviors).mean(axis=0)
+                    q = self._directions(behaviors, self._controls(behaviors)).mean(axis=0)
                 else:
                     q = baselines.mean_activations(self._model, rows, self._layer).mean(axis=0)
             return self._keys @ (q / max(np.linalg.norm(q), 1e-12))
@@ -138,10 +135,9 @@ class Selector:
             folder = self.indexes / "raw"
             if not (folder / "train").exists():
                 return None  # attribute built no raw index
-            self._load_model()
-            ctrls = activations.controls(behaviors, self._pool(), self.seed)
+            ctrls = self._controls(behaviors)
             q = activations.change_queries(
-                work / method.name, self.final_dir, behaviors, ctrls, self._directions(behaviors),
+                work / method.name, self.final_dir, behaviors, ctrls, self._directions(behaviors, ctrls),
                 self._layer, projection_dim=self.acfg.projection_dim,
                 token_batch_size=self.acfg.token_batch_size,
             )  # fmt: skip
@@ -149,10 +145,7 @@ class Selector:
                 gradients.shards_of(folder / "train"), q, unit_norm=method.unit_norm, hessian_path=None,
                 chunk_rows=self.acfg.chunk_rows,
             )  # fmt: skip
-            out = np.zeros(n, dtype=np.float64)
-            for start, block in scorer.chunks():
-                out[start : start + block.shape[1]] = block.mean(axis=0)
-            return out
+            return _mean_scores(scorer, n)
         if method.kind == "random":
             return np.random.default_rng(np.random.SeedSequence([self.seed, 47, len(behaviors)])).random(n)
         raise ValueError(f"select-and-fine-tune: no selection rule for method kind '{method.kind}'")
@@ -162,16 +155,27 @@ class Selector:
             self._model, _ = load_checkpoint(self.final_dir)
             self._layer = baselines.middle_layer(self._model.config.num_hidden_layers)
 
-    def _pool(self) -> list[dict]:
-        """Every behavior probed at the final checkpoint: where controls are drawn from, as attribute does."""
-        probes = self.ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
-        return [p for p in probes if p["checkpoint"] == self.final_step]
+    def _controls(self, behaviors: list[dict]) -> list[dict]:
+        """Each behavior's control completion, drawn as attribute draws it: from every behavior probed
+        at the final checkpoint (read once)."""
+        if getattr(self, "_pool", None) is None:
+            probes = self.ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+            self._pool = [p for p in probes if p["checkpoint"] == self.final_step]
+        return activations.controls(behaviors, self._pool, self.seed)
 
-    def _directions(self, behaviors: list[dict]) -> np.ndarray:
+    def _directions(self, behaviors: list[dict], ctrls: list[dict]) -> np.ndarray:
         """The activation-space unit target-minus-control differences of ``behaviors``."""
         self._load_model()
-        ctrls = activations.controls(behaviors, self._pool(), self.seed)
         return activations.directions(self._model, behaviors, ctrls, self._layer)
+
+
+def _mean_scores(scorer, n: int) -> np.ndarray:
+    """Each training row's mean score over a scorer's queries (with unit-norm queries: its score
+    against the mean of the normalized query vectors)."""
+    out = np.zeros(n, dtype=np.float64)
+    for start, block in scorer.chunks():
+        out[start : start + block.shape[1]] = block.mean(axis=0)
+    return out
 
 
 def select(scores: np.ndarray, k: int) -> np.ndarray:

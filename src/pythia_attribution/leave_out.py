@@ -203,7 +203,6 @@ def leave_out(ctx, corpus, cands, truth, final, final_dir, attributions, probes,
     set_threads(threads)
     runs = removal_sets(cfg, attributions, behaviors, probes, truth, profile.runtime.seed)
     tokens, batch_size = train.corpus_tokens(corpus)
-    row_packed = corpus["packed_id"].to_numpy()
     baseline, tokenizer = load_checkpoint(final_dir)
     queries = [
         SimpleNamespace(prompt_ids=probes[b]["prompt_ids"], target_ids=probes[b]["target_ids"])
@@ -215,7 +214,7 @@ def leave_out(ctx, corpus, cands, truth, final, final_dir, attributions, probes,
     rows, runs_rows = [], []
     for name, per_behavior in runs.items():
         removed = np.unique(np.concatenate([np.zeros(0, np.int64), *per_behavior.values()]))
-        removed_rows = np.isin(row_packed, removed)
+        removed_rows = np.isin(cands.row_packed, removed)
         key = run_key(profile, final, removed, threads)
         model, seconds, adopted = retrained(
             profile, key, tokens, batch_size, removed_rows, len(tokenizer), name
