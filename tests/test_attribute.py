@@ -124,6 +124,30 @@ def test_an_objective_index_with_bergsons_loss_is_the_query_index(nano_run, fina
     np.testing.assert_array_equal(gradients.module_blocks(ours)[0], gradients.module_blocks(theirs)[0])
 
 
+def test_the_paired_pass_writes_both_indexes_byte_for_byte(nano_run, final_checkpoint, tmp_path):
+    """build_index_pair (one forward and backward pass) writes the Adam-normalized and the raw
+    index exactly as two build_index calls do: every file of both folders, byte for byte."""
+    ckpt, _ = final_checkpoint
+    cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
+    rows = cands.tokens[:40]
+    common = {"projection_dim": 4, "token_batch_size": 1024}
+    opt = ckpt / "optimizer.pt"
+    gradients.build_index_pair(tmp_path / "adam", tmp_path / "raw", ckpt, rows, optimizer_state=opt, **common)
+    for name, state in (("adam", opt), ("raw", None)):
+        alone = gradients.build_index(
+            tmp_path / f"{name}-alone", ckpt, rows, labels=None, optimizer_state=state, **common
+        )
+        files = sorted(p.relative_to(alone) for p in alone.rglob("*") if p.is_file())
+        assert files == sorted(
+            p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file()
+        )
+        assert "gradients.bin" in {f.name for f in files}
+        for f in files:
+            assert (alone / f).read_bytes() == (tmp_path / name / f).read_bytes(), f"{name}: {f} differs"
+    adam, raw = (gradients.module_blocks(tmp_path / n)[0] for n in ("adam", "raw"))
+    assert not np.array_equal(adam, raw)  # two different indexes, not one written twice
+
+
 def test_residual_change_is_the_first_order_change_of_the_difference(nano_run, final_checkpoint, tmp_path):
     """residual_change's score of a training row (full gradients, no projection) predicts how a
     small gradient step on that row, over the modules bergson tracks, changes

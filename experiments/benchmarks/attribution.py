@@ -5,7 +5,8 @@
 Uses the profile's final checkpoint and its first ``--sequences`` packed training sequences
 (run the pipeline through ``probe`` first). Prints training tokens/s of (a) plain forward +
 backward over the same batches bergson uses and (b) bergson's gradient collection with the
-TrackStar normalizer and projection, and their ratio; then the time to build the query
+TrackStar normalizer and projection, and their ratio; the raw index alone, and both from one
+paired pass (``gradients.build_index_pair``) against the two built apart; then the time to build the query
 gradients for every exhibited behavior and score them against the index. Then EK-FAC's steps
 (``gradients.ekfac_scores``: K-FAC factors with eigenvalue correction, full query gradients, the
 damped inverse, and the scoring pass) on the same sequences and queries, each in units of one
@@ -36,6 +37,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", default="micro")
     parser.add_argument("--sequences", type=int, default=1024)
+    parser.add_argument(
+        "--ekfac", action=argparse.BooleanOptionalAction, default=True, help="time EK-FAC too"
+    )
     args = parser.parse_args()
     profile = load_profile(args.profile)
     set_threads(profile.runtime.threads)
@@ -70,7 +74,19 @@ def main() -> None:
         }
         start = time.perf_counter()
         index = gradients.build_index(Path(tmp) / "train", ckpt, rows, labels=None, **common)
-        collect = n_tokens / (time.perf_counter() - start)
+        adam_s = time.perf_counter() - start
+        collect = n_tokens / adam_s
+        start = time.perf_counter()
+        gradients.build_index(
+            Path(tmp) / "raw", ckpt, rows, labels=None, **{**common, "optimizer_state": None}
+        )
+        raw_s = time.perf_counter() - start
+        start = time.perf_counter()
+        gradients.build_index_pair(
+            Path(tmp) / "pair-adam", Path(tmp) / "pair-raw", ckpt, rows, optimizer_state=ckpt,
+            projection_dim=common["projection_dim"], token_batch_size=common["token_batch_size"],
+        )  # fmt: skip
+        pair_s = time.perf_counter() - start
 
         probes = table(paths.PROBE, paths.PROBES_TABLE)
         final = probes.filter(pc.and_(pc.equal(probes["checkpoint"], ckpts[-1]["step"]), probes["exhibited"]))
@@ -86,18 +102,25 @@ def main() -> None:
         query_s = time.perf_counter() - start
 
         steps: dict[str, float] = {}
-        gradients.ekfac_scores(
-            Path(tmp) / "ekfac", ckpt, rows, [q["prompt_ids"] for q in queries],
-            [q["target_ids"] for q in queries], token_batch_size=profile.attribute.token_batch_size,
-            damping=0.1, seed=profile.runtime.seed, timings=steps,
-        )  # fmt: skip
+        if args.ekfac:
+            gradients.ekfac_scores(
+                Path(tmp) / "ekfac", ckpt, rows, [q["prompt_ids"] for q in queries],
+                [q["target_ids"] for q in queries], token_batch_size=profile.attribute.token_batch_size,
+                damping=0.1, seed=profile.runtime.seed, timings=steps,
+            )  # fmt: skip
 
     shape = f"{len(rows)} sequences x {rows.shape[1] - 1} tokens"
     print(f"profile {profile.name}, {shape}, threads {profile.runtime.threads}")
     print(f"plain forward+backward: {plain:9.0f} tokens/s")
     print(f"bergson collection:     {collect:9.0f} tokens/s (Adam normalizer, random projection)")
     print(f"ratio collection/plain: {collect / plain:.2f}")
+    print(
+        f"Adam-normalized + raw index: built apart {adam_s:.1f} + {raw_s:.1f} = {adam_s + raw_s:.1f} s, "
+        f"in one paired pass {pair_s:.1f} s (ratio {pair_s / (adam_s + raw_s):.2f})"
+    )
     print(f"queries: {len(queries)} exhibited behaviors, gradients + Hessian + scoring in {query_s:.1f} s")
+    if not steps:
+        return
     pass_s = n_tokens / plain
     print(f"EK-FAC, in plain forward+backward passes over the sequences ({pass_s:.1f} s each):")
     for name, seconds in steps.items():

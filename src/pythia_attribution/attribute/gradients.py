@@ -90,6 +90,32 @@ def build_index(
     return run_path
 
 
+def build_index_pair(
+    adam_path: Path,
+    raw_path: Path,
+    checkpoint: Path,
+    rows,
+    *,
+    optimizer_state: Path,
+    projection_dim: int,
+    token_batch_size: int,
+) -> tuple[Path, Path]:
+    """The Adam-normalized and the raw index over ``rows`` from one forward and backward pass
+    (``paired.build_pair``): the two ``build_index`` calls with and without ``optimizer_state``
+    give the same files, at the cost of one. One process; bergson's launcher builds them apart."""
+    _bergson()
+    from pythia_attribution.attribute import paired
+
+    rows, _ = within_context(checkpoint, rows)
+    data_dir = save_rows(adam_path.with_name(adam_path.name + ".data"), rows)
+    paired.build_pair(
+        adam_path, raw_path, checkpoint, data_dir, optimizer_state=optimizer_state,
+        projection_dim=projection_dim, token_batch_size=token_batch_size,
+    )  # fmt: skip
+    shutil.rmtree(data_dir)
+    return adam_path, raw_path
+
+
 def within_context(checkpoint: Path, rows, labels: list[list[int]] | None = None):
     """Rows (and labels) cut to the checkpoint's context, as ``build_index`` documents."""
     from transformers import AutoConfig

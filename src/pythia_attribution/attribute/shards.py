@@ -67,22 +67,16 @@ def _recorded(folder: Path, key: dict) -> bool:
     return record.exists() and json.loads(record.read_text()) == key
 
 
-def build_shard(cfg, dest: Path, key: dict, rows: np.ndarray, ckpt_dir: Path, opt_state) -> Path:
-    """Build one shard into ``dest`` (through ``dest``.part, so a killed build leaves nothing)."""
+def _part(dest: Path) -> Path:
+    """``dest``.part, cleared of what a killed build left."""
     part = dest.with_name(dest.name + ".part")
     for stale in (part, part.with_name(part.name + ".data"), part.with_name(part.name + ".part")):
         shutil.rmtree(stale, ignore_errors=True)
     part.parent.mkdir(parents=True, exist_ok=True)
-    gradients.build_index(
-        part,
-        ckpt_dir,
-        rows,
-        labels=None,
-        optimizer_state=opt_state,
-        projection_dim=cfg.projection_dim,
-        token_batch_size=cfg.token_batch_size,
-        nproc_per_node=cfg.nproc_per_node,
-    )
+    return part
+
+
+def _finish(part: Path, dest: Path, key: dict) -> Path:
     (part / SHARD_RECORD).write_text(json.dumps(key, indent=2, sort_keys=True) + "\n")
     if dest.exists():
         shutil.rmtree(dest)
@@ -90,32 +84,82 @@ def build_shard(cfg, dest: Path, key: dict, rows: np.ndarray, ckpt_dir: Path, op
     return dest
 
 
+def build_shards(
+    cfg, todo: dict[str, tuple[Path, dict]], rows: np.ndarray, ckpt_dir: Path, opt_state
+) -> None:
+    """Build the shards in ``todo`` (index name -> destination and key) over ``rows``, each through
+    ``dest``.part so that a killed build leaves nothing. The Adam-normalized and the raw index
+    share one forward and backward pass (``gradients.build_index_pair``) when both are due and one
+    process builds them; bergson's launcher (``attribute.nproc_per_node``) builds them apart."""
+    common = {"projection_dim": cfg.projection_dim, "token_batch_size": cfg.token_batch_size}
+    todo = dict(todo)
+    if {"adam", "raw"} <= todo.keys() and not cfg.nproc_per_node:
+        (adam, adam_key), (raw, raw_key) = todo.pop("adam"), todo.pop("raw")
+        parts = _part(adam), _part(raw)
+        gradients.build_index_pair(*parts, ckpt_dir, rows, optimizer_state=opt_state, **common)
+        _finish(parts[0], adam, adam_key)
+        _finish(parts[1], raw, raw_key)
+    for name, (dest, key) in todo.items():
+        part = _part(dest)
+        gradients.build_index(
+            part, ckpt_dir, rows, labels=None, optimizer_state=opt_state if name == "adam" else None,
+            nproc_per_node=cfg.nproc_per_node, **common,
+        )  # fmt: skip
+        _finish(part, dest, key)
+
+
 def build_or_adopt(
-    profile, cfg, folder: Path, step, ckpt, index_name, cands, opt_state, ckpt_dir
-) -> list[Path]:
-    """The training index's shards in ``folder``, in row order."""
+    profile, cfg, folders: dict[str, Path], step, ckpt, cands, opt_state, ckpt_dir
+) -> dict[str, list[Path]]:
+    """The training indexes named in ``folders`` (``raw``, and ``adam`` normalized by the optimizer
+    state ``opt_state``), each as shards in its folder, in row order."""
     ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
-    opt_sha256 = _opt_sha256(opt_state)
-    out = []
+    opt_sha256 = {"adam": _opt_sha256(opt_state), "raw": None}
+    out: dict[str, list[Path]] = {name: [] for name in folders}
     for i, (lo, hi) in enumerate(ranges):
         name = gradients.shard_name(i, len(ranges))
         rows = cands.tokens[lo:hi]
-        key = shard_key(cfg, ckpt, index_name, rows, lo, hi, opt_sha256)
-        dest = folder / name
-        prebuilt = prebuilt_dir(profile.name, step, index_name) / name
-        if (prebuilt / SHARD_RECORD).exists():
-            if _recorded(prebuilt, key):
-                log.info("adopting %s (built elsewhere)", prebuilt)
-                folder.mkdir(parents=True, exist_ok=True)
-                shutil.move(prebuilt, dest)
-                out.append(dest)
-                continue
-            log.warning(
-                "%s does not match this run (checkpoint, rows or settings differ); rebuilding", prebuilt
+        todo = {}
+        for index, folder in folders.items():
+            key = shard_key(cfg, ckpt, index, rows, lo, hi, opt_sha256[index])
+            dest = folder / name
+            out[index].append(dest)
+            prebuilt = prebuilt_dir(profile.name, step, index) / name
+            if (prebuilt / SHARD_RECORD).exists():
+                if _recorded(prebuilt, key):
+                    log.info("adopting %s (built elsewhere)", prebuilt)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    shutil.move(prebuilt, dest)
+                    continue
+                log.warning(
+                    "%s does not match this run (checkpoint, rows or settings differ); rebuilding", prebuilt
+                )
+            todo[index] = (dest, key)
+        if todo:
+            log.info(
+                "bergson index over rows %d-%d of %d (%s, %s)",
+                lo,
+                hi,
+                len(cands.tokens),
+                "+".join(todo),
+                name,
             )
-        log.info("bergson index over rows %d-%d of %d (%s, %s)", lo, hi, len(cands.tokens), index_name, name)
-        out.append(build_shard(cfg, dest, key, rows, ckpt_dir, opt_state))
+            build_shards(cfg, todo, rows, ckpt_dir, opt_state)
     return out
+
+
+def needed_indexes(methods, has_optimizer_state: bool) -> list[str]:
+    """The training indexes a checkpoint's methods read: ``adam`` for the gradient methods that
+    normalize by the optimizer state (where it was saved), ``raw`` for the other gradient methods
+    and the residual-change method."""
+    names = {
+        m.index_name
+        for m in methods
+        if m.kind == "gradient" and (has_optimizer_state or not m.optimizer_normalize)
+    }
+    if any(m.kind == "activation_change" for m in methods):
+        names.add("raw")
+    return sorted(names)
 
 
 def build_for_profile(profile, shard: int) -> list[Path]:
@@ -143,29 +187,34 @@ def build_for_profile(profile, shard: int) -> list[Path]:
         c["step"]: c
         for c in tables.read_table(paths.table_path(train_dir, paths.CHECKPOINTS_TABLE)).to_pylist()
     }
-    kinds = {
-        m.index_name: m
-        for m in load_methods(paths.resolve_input(cfg.methods_file), cfg.methods)
-        if m.kind == "gradient"
-    }
+    methods = load_methods(paths.resolve_input(cfg.methods_file), cfg.methods)
     ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
     lo, hi = ranges[shard]
     built = []
     for step in sorted({max(ckpts), *cfg.checkpoints}):
         ckpt_dir = train_dir / ckpts[step]["path"]
-        for name, method in sorted(kinds.items()):
-            opt_state = ckpt_dir / "optimizer.pt" if method.optimizer_normalize else None
-            if opt_state is not None and not opt_state.is_file():
-                continue
-            rows = cands.tokens[lo:hi]
-            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(opt_state))
+        opt_state = ckpt_dir / "optimizer.pt"
+        rows = cands.tokens[lo:hi]
+        todo = {}
+        for name in needed_indexes(methods, opt_state.is_file()):
+            key = shard_key(
+                cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(opt_state if name == "adam" else None)
+            )
             dest = prebuilt_dir(profile.name, step, name) / gradients.shard_name(shard, len(ranges))
             if _recorded(dest, key):
                 log.info("%s is already built", dest)  # a rerun after a kill resumes here
             else:
-                log.info(
-                    "shard %d of %d: rows %d-%d, step%d, %s index", shard, len(ranges), lo, hi, step, name
-                )
-                build_shard(cfg, dest, key, rows, ckpt_dir, opt_state)
+                todo[name] = (dest, key)
             built.append(dest)
+        if todo:
+            log.info(
+                "shard %d of %d: rows %d-%d, step%d, %s index",
+                shard,
+                len(ranges),
+                lo,
+                hi,
+                step,
+                "+".join(todo),
+            )
+            build_shards(cfg, todo, rows, ckpt_dir, opt_state)
     return built

@@ -254,11 +254,8 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
                     }
                 )
                 continue
-            if method.index_name not in indexes:
-                indexes[method.index_name] = build_indexes(
-                    ctx, step, ckpt, method.index_name, cands, queries,
-                    opt_state if method.optimizer_normalize else None,
-                )  # fmt: skip
+            if not indexes:
+                indexes = build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state)
             train_shards, query_idx = indexes[method.index_name]
             hessian = None
             if method.hessian == "autocorrelation":
@@ -308,8 +305,8 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             ranking = rank(blocks(), lambda ids, keys=keys, q=q: q @ np.asarray(keys[np.asarray(ids)]).T)
             all_scores[method.name] = Scored(ranking, faiss=top.result() if top else None)
         elif method.kind == "activation_change":
-            if "raw" not in indexes:
-                indexes["raw"] = build_indexes(ctx, step, ckpt, "raw", cands, queries, None)
+            if not indexes:
+                indexes = build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state)
             model, layer = activation_model()
             ctrls = query_controls()
             dirs = activations.directions(model, queries, ctrls, layer)
@@ -355,28 +352,30 @@ def method_scorer(train, query, method: Method, hessian, chunk_rows: int) -> gra
     )  # fmt: skip
 
 
-def build_indexes(ctx, step, ckpt, name, cands, queries, opt_state):
-    """The training index (as shards, adopting any built by ``index-shard``) and the query index."""
+def build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state) -> dict[str, tuple]:
+    """Every training index the checkpoint's methods read (``shards.needed_indexes``; as shards,
+    adopting any built by ``index-shard``; Adam-normalized and raw in one pass when both are
+    needed), each with its query index."""
     cfg = ctx.config
-    folder = ctx.out_dir / "indexes" / f"step{step}" / name
-    folder.mkdir(parents=True, exist_ok=True)
+    names = shards.needed_indexes(methods, opt_state.is_file())
+    folder = ctx.out_dir / "indexes" / f"step{step}"
     ckpt_dir = ctx.inputs[paths.TRAIN] / ckpt["path"]
     train = shards.build_or_adopt(
-        ctx.profile, cfg, folder / "train", step, ckpt, name, cands, opt_state, ckpt_dir
+        ctx.profile, cfg, {n: folder / n / "train" for n in names}, step, ckpt, cands, opt_state, ckpt_dir
     )
-    common = {
-        "optimizer_state": opt_state,
-        "projection_dim": cfg.projection_dim,
-        "token_batch_size": cfg.token_batch_size,
-    }
-    query_idx = gradients.query_index(
-        folder / "queries",
-        ckpt_dir,
-        [p["prompt_ids"] for p in queries],
-        [p["target_ids"] for p in queries],
-        **common,
-    )
-    return train, query_idx
+    out = {}
+    for name in names:
+        query_idx = gradients.query_index(
+            folder / name / "queries",
+            ckpt_dir,
+            [p["prompt_ids"] for p in queries],
+            [p["target_ids"] for p in queries],
+            optimizer_state=opt_state if name == "adam" else None,
+            projection_dim=cfg.projection_dim,
+            token_batch_size=cfg.token_batch_size,
+        )
+        out[name] = train[name], query_idx
+    return out
 
 
 def record(tables, step, method: Method, queries, scored: Scored, cands, top_k) -> None:
