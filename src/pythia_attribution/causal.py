@@ -27,9 +27,9 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from pythia_attribution import finetune, paths
+from pythia_attribution import evaluation, finetune, paths
 from pythia_attribution.attribute import metrics
-from pythia_attribution.attribute.stage import load_candidates, truth_sets
+from pythia_attribution.attribute.stage import truth_sets
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
 
@@ -119,27 +119,21 @@ class TailPatch:
 def run(ctx) -> None:
     cfg = ctx.config
     set_threads(ctx.profile.runtime.threads)
-    cands = load_candidates(ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE))
-    ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
-    truth = truth_sets(ground_truth, cands, cfg.reference_truth)
-    ckpts = ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
-    final = max(ckpts, key=lambda c: c["step"])
-    ckpt_dir = ctx.inputs[paths.TRAIN] / final["path"]
-    attributions = ctx.input_table(paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
-    attributions = attributions[attributions["checkpoint"] == final["step"]]
+    seed = ctx.profile.runtime.seed
+    view = evaluation.at_final(ctx, cfg.reference_truth)
+    cands, truth, final, ckpt_dir, attributions, probes = (
+        view.cands,
+        view.truth,
+        view.final,
+        view.final_dir,
+        view.attributions,
+        view.probes,
+    )
     methods = cfg.methods or sorted(attributions["method"].unique())
     unknown = sorted(set(methods) - set(attributions["method"]))
     if unknown:
         raise ConfigError(f"causal.methods: '{unknown[0]}' has no attributions at step{final['step']}")
-    probes = {
-        p["behavior_id"]: p
-        for p in ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
-        if p["checkpoint"] == final["step"] and p["exhibited"]
-    }
-    behaviors = sorted(set(attributions["behavior_id"]) & set(probes))
-    if cfg.max_behaviors and len(behaviors) > cfg.max_behaviors:
-        rng = np.random.default_rng(np.random.SeedSequence([ctx.profile.runtime.seed, 31]))
-        behaviors = sorted(rng.choice(behaviors, size=cfg.max_behaviors, replace=False).tolist())
+    behaviors = evaluation.sample(view.behaviors(), cfg.max_behaviors, seed, 31)
 
     # the sequences to patch: each method's top k, and up to k ground-truth sequences per behavior
     wanted: list[dict] = []
@@ -152,14 +146,7 @@ def run(ctx) -> None:
     for b in behaviors:
         item = probes[b]["item_id"]
         if item in truth:
-            rng = np.random.default_rng(
-                np.random.SeedSequence([ctx.profile.runtime.seed, 37, len(truth[item])])
-            )
-            chosen = (
-                truth[item]
-                if len(truth[item]) <= cfg.top_k
-                else np.sort(rng.choice(truth[item], cfg.top_k, replace=False))
-            )
+            chosen = evaluation.reference(truth[item], cfg.top_k, seed, 37)
             for rank, pid in enumerate(chosen, start=1):
                 wanted.append({"behavior_id": b, "method": REFERENCE, "rank": rank, "packed_id": int(pid)})
 
@@ -215,7 +202,7 @@ def run(ctx) -> None:
             f"percentile bootstrap over behaviors, {ctx.profile.attribute.bootstrap} resamples, 95% interval"
         ),
     )
-    select_and_finetune(ctx, cands, ground_truth, ckpts, ckpt_dir)
+    select_and_finetune(ctx, cands, view.ground_truth, view.checkpoints, ckpt_dir)
 
 
 def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:

@@ -32,10 +32,9 @@ import pyarrow as pa
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from pythia_attribution import evaluation, paths, tables, train
 from pythia_attribution import model as model_module
-from pythia_attribution import paths, tables, train
 from pythia_attribution.attribute import metrics
-from pythia_attribution.attribute.stage import load_candidates, truth_sets
 from pythia_attribution.config import to_jsonable
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
@@ -44,14 +43,6 @@ from pythia_attribution.probe import teacher_forced
 log = logging.getLogger(__name__)
 REFERENCE = "ground_truth"
 RANDOM = "random"
-
-
-def sample_behaviors(behaviors: list[str], n: int, seed: int) -> list[str]:
-    """A seeded sample of ``n`` behaviors (all of them when ``n`` is 0 or not smaller)."""
-    if not n or len(behaviors) <= n:
-        return sorted(behaviors)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 41]))
-    return sorted(rng.choice(sorted(behaviors), size=n, replace=False).tolist())
 
 
 def removal_sets(cfg, attributions, behaviors, probes, truth, seed) -> dict[str, dict[str, np.ndarray]]:
@@ -64,13 +55,10 @@ def removal_sets(cfg, attributions, behaviors, probes, truth, seed) -> dict[str,
             b: np.sort(chosen.loc[chosen["behavior_id"] == b, "packed_id"].to_numpy(np.int64))
             for b in behaviors
         }
-    runs[REFERENCE] = {}
-    for b in behaviors:
-        own = truth.get(probes[b]["item_id"], np.zeros(0, np.int64))
-        if len(own) > cfg.top_k:
-            rng = np.random.default_rng(np.random.SeedSequence([seed, 43, len(own)]))
-            own = np.sort(rng.choice(own, cfg.top_k, replace=False))
-        runs[REFERENCE][b] = np.asarray(own, np.int64)
+    runs[REFERENCE] = {
+        b: evaluation.reference(truth.get(probes[b]["item_id"], np.zeros(0, np.int64)), cfg.top_k, seed, 43)
+        for b in behaviors
+    }
     return runs
 
 
@@ -131,15 +119,8 @@ def run(ctx) -> None:
     profile = ctx.profile
     seed = profile.runtime.seed
     set_threads(profile.runtime.threads)
-    corpus = ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE)
-    cands = load_candidates(corpus)
-    ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
-    truth = truth_sets(ground_truth, cands, cfg.reference_truth)
-    ckpts = ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
-    final = max(ckpts, key=lambda c: c["step"])
-    final_dir = ctx.inputs[paths.TRAIN] / final["path"]
-    attributions = ctx.input_table(paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
-    attributions = attributions[attributions["checkpoint"] == final["step"]]
+    view = evaluation.at_final(ctx, cfg.reference_truth)
+    attributions, final = view.attributions, view.final
     rows: list[dict] = []
     runs_rows: list[dict] = []
     if cfg.methods:
@@ -151,17 +132,8 @@ def run(ctx) -> None:
         unknown = sorted(set(cfg.methods) - set(attributions["method"]))
         if unknown:
             raise ConfigError(f"leave_out.methods: '{unknown[0]}' has no attributions at step{final['step']}")
-        probes = {
-            p["behavior_id"]: p
-            for p in ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
-            if p["checkpoint"] == final["step"] and p["exhibited"]
-        }
-        behaviors = sample_behaviors(
-            sorted(set(attributions["behavior_id"]) & set(probes)), cfg.max_behaviors, seed
-        )
-        rows, runs_rows = leave_out(
-            ctx, corpus, cands, truth, final, final_dir, attributions, probes, behaviors
-        )
+        behaviors = evaluation.sample(view.behaviors(), cfg.max_behaviors, seed, 41)
+        rows, runs_rows = leave_out(ctx, view, behaviors)
     else:
         log.info("leave_out.methods is empty: nothing to retrain")
     how = (
@@ -190,9 +162,10 @@ def run(ctx) -> None:
     )
 
 
-def leave_out(ctx, corpus, cands, truth, final, final_dir, attributions, probes, behaviors):
+def leave_out(ctx, view: evaluation.AtFinal, behaviors: list[str]):
     """One retraining per run and every sampled behavior measured on each: the stage's rows."""
     cfg, profile = ctx.config, ctx.profile
+    cands, truth, final, probes = view.cands, view.truth, view.final, view.probes
     # the training run's thread count: torch's CPU arithmetic depends on it, and removing nothing
     # must give the training run bit for bit
     threads = tables.provenance(ctx.input_table(paths.TRAIN, paths.TRAINING_LOG_TABLE)).get(
@@ -201,9 +174,9 @@ def leave_out(ctx, corpus, cands, truth, final, final_dir, attributions, probes,
     if threads != profile.runtime.threads:
         log.info("leave-out: retraining with %d threads, as the training run did", threads)
     set_threads(threads)
-    runs = removal_sets(cfg, attributions, behaviors, probes, truth, profile.runtime.seed)
-    tokens, batch_size = train.corpus_tokens(corpus)
-    baseline, tokenizer = load_checkpoint(final_dir)
+    runs = removal_sets(cfg, view.attributions, behaviors, probes, truth, profile.runtime.seed)
+    tokens, batch_size = train.corpus_tokens(view.corpus)
+    baseline, tokenizer = load_checkpoint(view.final_dir)
     queries = [
         SimpleNamespace(prompt_ids=probes[b]["prompt_ids"], target_ids=probes[b]["target_ids"])
         for b in behaviors
