@@ -114,7 +114,7 @@ def build_or_adopt(
     """The training indexes named in ``folders`` (``raw``, and ``adam`` normalized by the optimizer
     state ``opt_state``), each as shards in its folder, in row order."""
     ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
-    opt_sha256 = {"adam": _opt_sha256(opt_state), "raw": None}
+    opt_sha256 = {name: _opt_sha256(opt_state if name == "adam" else None) for name in folders}
     out: dict[str, list[Path]] = {name: [] for name in folders}
     for i, (lo, hi) in enumerate(ranges):
         name = gradients.shard_name(i, len(ranges))
