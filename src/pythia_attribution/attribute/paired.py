@@ -4,10 +4,11 @@ TrackStar's index divides each per-sequence gradient by Adam's second-moment est
 random projection; the raw index (gradient cosine, TrackStar without Adam, the residual-change
 method) projects the same gradient undivided. Both need the same forward and backward pass over
 the same sequences, and the pass is what costs: built separately, the micro corpus' two indexes
-took two passes of about 100 s each. This collector is bergson's ``GradientCollector`` building
-the Adam index, plus, in the same backward hook, the raw rows by bergson's own raw arithmetic (its
-forward hook's projection of the inputs, then ``_module_gradient`` without a normalizer), written
-by a second ``Builder`` into a second index. Imported only when used (bergson's import is slow).
+took two passes of 135 and 130 s (README, "Measured"). This collector is bergson's
+``GradientCollector`` building the Adam index, plus, in the same backward hook, the raw rows by
+bergson's own raw arithmetic (its forward hook's projection of the inputs, then
+``_module_gradient`` without a normalizer), written by a second ``Builder`` into a second index.
+Imported only when used (bergson's import is slow).
 
 ``tests/test_attribute.py`` checks that both indexes are byte for byte the ones two separate
 ``gradients.build_index`` calls write.

@@ -57,8 +57,14 @@ def shard_key(cfg, ckpt: dict, index_name: str, rows: np.ndarray, lo: int, hi: i
     }
 
 
-def _opt_sha256(opt_state: Path | None) -> str | None:
-    return tables.sha256_file(opt_state) if opt_state else None
+def index_optimizer_state(index: str, opt_state: Path) -> Path | None:
+    """The optimizer state an index is normalized by: the checkpoint's for ``adam``, none for ``raw``."""
+    return opt_state if index == "adam" else None
+
+
+def _opt_sha256(index: str, opt_state: Path) -> str | None:
+    state = index_optimizer_state(index, opt_state)
+    return tables.sha256_file(state) if state else None
 
 
 def _recorded(folder: Path, key: dict) -> bool:
@@ -102,7 +108,7 @@ def build_shards(
     for name, (dest, key) in todo.items():
         part = _part(dest)
         gradients.build_index(
-            part, ckpt_dir, rows, labels=None, optimizer_state=opt_state if name == "adam" else None,
+            part, ckpt_dir, rows, labels=None, optimizer_state=index_optimizer_state(name, opt_state),
             nproc_per_node=cfg.nproc_per_node, **common,
         )  # fmt: skip
         _finish(part, dest, key)
@@ -114,7 +120,7 @@ def build_or_adopt(
     """The training indexes named in ``folders`` (``raw``, and ``adam`` normalized by the optimizer
     state ``opt_state``), each as shards in its folder, in row order."""
     ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
-    opt_sha256 = {name: _opt_sha256(opt_state if name == "adam" else None) for name in folders}
+    opt_sha256 = {name: _opt_sha256(name, opt_state) for name in folders}
     out: dict[str, list[Path]] = {name: [] for name in folders}
     for i, (lo, hi) in enumerate(ranges):
         name = gradients.shard_name(i, len(ranges))
@@ -197,9 +203,7 @@ def build_for_profile(profile, shard: int) -> list[Path]:
         rows = cands.tokens[lo:hi]
         todo = {}
         for name in needed_indexes(methods, opt_state.is_file()):
-            key = shard_key(
-                cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(opt_state if name == "adam" else None)
-            )
+            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(name, opt_state))
             dest = prebuilt_dir(profile.name, step, name) / gradients.shard_name(shard, len(ranges))
             if _recorded(dest, key):
                 log.info("%s is already built", dest)  # a rerun after a kill resumes here

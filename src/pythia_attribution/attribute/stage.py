@@ -370,7 +370,7 @@ def build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state) -> dict[s
             ckpt_dir,
             [p["prompt_ids"] for p in queries],
             [p["target_ids"] for p in queries],
-            optimizer_state=opt_state if name == "adam" else None,
+            optimizer_state=shards.index_optimizer_state(name, opt_state),
             projection_dim=cfg.projection_dim,
             token_batch_size=cfg.token_batch_size,
         )
