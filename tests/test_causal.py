@@ -102,8 +102,8 @@ def test_fine_tuning_on_the_ground_truth_beats_random_selection(nano_run):
     table = _read(results, paths.CAUSAL, paths.FINETUNE_TABLE).to_pandas()
     summary = _read(results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE).to_pandas()
     assert set(table["family"]) == {"factual", "fictional_fact"}
-    methods = {"trackstar", "grad_cosine", "bm25", "activation", "residual_diff", "residual_change"}
-    methods |= {"random", "ground_truth"}  # every method but EK-FAC (see finetune.Selector)
+    methods = {"trackstar", "grad_cosine", "ekfac", "bm25", "activation", "residual_diff", "residual_change"}
+    methods |= {"random", "ground_truth"}
     assert set(table["method"]) == methods
     assert set(table["prompt_kind"]) == {"original", "paraphrase"}
     per = table.groupby(["family", "prompt_kind"])
@@ -114,3 +114,33 @@ def test_fine_tuning_on_the_ground_truth_beats_random_selection(nano_run):
         gt, random = original.loc[(family, "ground_truth")], original.loc[(family, "random")]
         assert gt["delta_logp"] > random["delta_logp"] + 1.0, (family, gt["delta_logp"], random["delta_logp"])
         assert gt["n_selected_truth"] == gt["n_selected"] > 0
+
+
+def test_ekfac_scores_of_summed_queries_are_the_sums_of_their_scores(nano_run, tmp_path):
+    """Select-and-fine-tune scores an evaluation set by EK-FAC with one summed transformed query per
+    set: each training row's score against it is the sum of its scores against the set's queries
+    (the attribute stage's factors, scored both ways on a few rows)."""
+    from bergson.data import load_scores
+
+    from pythia_attribution.attribute import gradients
+
+    results = nano_run["results"]
+    ckpt, step = _final(results)
+    factors = results / paths.ATTRIBUTE / "indexes" / f"step{step}" / "ekfac" / "factors"
+    assert factors.exists()
+    cands = load_candidates(_read(results, paths.CORPUS, paths.CORPUS_TABLE))
+    probes = _read(results, paths.PROBE, paths.PROBES_TABLE)
+    final = probes.filter(pc.equal(probes["checkpoint"], step)).to_pylist()[:5]
+    common = {
+        "prompts": [q["prompt_ids"] for q in final], "targets": [q["target_ids"] for q in final],
+        "token_batch_size": 1024, "damping": 0.1, "seed": 0, "factors": factors,
+    }  # fmt: skip
+    rows = cands.tokens[:12]
+    each = np.asarray(load_scores(gradients.ekfac_scores(tmp_path / "each", ckpt, rows, **common)))
+    sets = [np.array([0, 1, 2]), np.array([3, 4])]
+    summed = gradients.ekfac_scores(tmp_path / "sets", ckpt, rows, query_sets=sets, **common)
+    summed = np.asarray(load_scores(summed))
+    assert summed.shape == (len(rows), 2)
+    want = np.stack([each[:, s].sum(axis=1) for s in sets], axis=1)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(summed, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())

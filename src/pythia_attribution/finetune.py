@@ -6,10 +6,13 @@ items are stated at least ``finetune_min_count`` times. Every training sequence 
 the whole set at once, per method: gradient methods by the cosine between the sequence's
 attribution vector and the mean of the set's normalized query vectors (the mean of the per-query
 cosines, which ranks the same), computed at the final checkpoint as the attribute stage computes
-them; ``bm25`` by the mean of each query's scores divided by that query's best; ``activation`` by
-the cosine with the mean of the queries' normalized mean activations; ``random`` by seeded uniform
-scores. Each method's top ``finetune_k`` are selected; ``ground_truth`` (the set's complete copies,
-a seeded sample of ``finetune_k`` when there are more) is the reference.
+them; ``ekfac`` by the mean of its EK-FAC influences on the set's queries (its influence on the
+set's mean target loss: every set's summed transformed query scored in one pass over the training
+rows, with the attribute stage's factors); ``bm25`` by the mean of each query's scores divided by
+that query's best; ``activation`` by the cosine with the mean of the queries' normalized mean
+activations; ``random`` by seeded uniform scores. Each method's top ``finetune_k`` are selected;
+``ground_truth`` (the set's complete copies, a seeded sample of ``finetune_k`` when there are more)
+is the reference.
 
 An early checkpoint is then fine-tuned on each selection, the same way for every method: AdamW
 with the run's betas, weight decay and clipping, a constant ``finetune_lr``, ``finetune_steps``
@@ -90,6 +93,37 @@ class Selector:
         self.methods = {m.name: m for m in load_methods(paths.resolve_input(acfg.methods_file), acfg.methods)}
         self.indexes = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{final_step}"
         self._keys = None
+        self._set_scores: dict[tuple, np.ndarray] = {}
+
+    def prepare(self, names: list[str], sets: dict[str, list[dict]], work) -> None:
+        """Score every evaluation set at once by the methods whose cost is a pass over every
+        training row (``ekfac``): the attribute stage's EK-FAC factors at the final checkpoint, the
+        sets' query gradients through their damped inverse, summed per set, and one scoring pass."""
+        families = list(sets)
+        behaviors = [b for f in families for b in sets[f]]
+        bounds = np.cumsum([0] + [len(sets[f]) for f in families])
+        members = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        for name in names:
+            method = self.methods[name]
+            if method.kind != "ekfac" or not behaviors:
+                continue
+            factors = self.indexes / method.name / "factors"
+            if not factors.exists():
+                log.info("select-and-fine-tune: %s skipped (no EK-FAC factors at %s)", name, factors)
+                continue
+            timings: dict[str, float] = {}
+            store = gradients.ekfac_scores(
+                work / name, self.final_dir, self.cands.tokens, [b["prompt_ids"] for b in behaviors],
+                [b["target_ids"] for b in behaviors], token_batch_size=self.acfg.token_batch_size,
+                damping=method.damping, seed=self.seed, factors=factors, query_sets=members,
+                timings=timings,
+            )  # fmt: skip
+            log.info("select-and-fine-tune: %s over %d sets: %s", name, len(families),
+                     ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))  # fmt: skip
+            scores = gradients.score_store_totals(store)(np.arange(len(self.cands.tokens)))
+            for j, family in enumerate(families):
+                key = (name, tuple(b["behavior_id"] for b in sets[family]))
+                self._set_scores[key] = scores[j].astype(np.float64) / len(sets[family])
 
     def scores(self, name: str, behaviors: list[dict], work) -> np.ndarray | None:
         method = self.methods[name]
@@ -111,7 +145,7 @@ class Selector:
             )
             return _mean_scores(scorer, n)
         if method.kind == "ekfac":
-            return None  # each evaluation set would cost another scoring pass over every training row
+            return self._set_scores.get((name, tuple(b["behavior_id"] for b in behaviors)))
         if method.kind == "bm25":
             texts = [b["prompt"] + b["target"] for b in behaviors]
             per_query = [
@@ -231,6 +265,7 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(final_dir).pad_token_id
+    selector.prepare(methods, sets, work / "sets")
     rows = []
     for family, behaviors in sets.items():
         step = early_checkpoint(cfg, probes, behaviors)

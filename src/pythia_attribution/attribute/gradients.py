@@ -211,10 +211,13 @@ def ekfac_scores(
     seed: int,
     fit_rows: int = 0,
     timings: dict[str, float] | None = None,
+    factors: Path | None = None,
+    query_sets: list[np.ndarray] | None = None,
 ) -> Path:
     """EK-FAC influence (Grosse et al. 2023) of every training row on every query, through the
     steps of bergson's Hessian pipeline (``bergson.hessians.pipeline``), each kept in its own folder
-    under ``run_path`` and skipped when already complete:
+    under ``run_path`` and skipped when already complete (``factors``: an already fitted
+    ``factors/`` folder to use instead of step 1; ``query_sets``: see step 3b):
 
     1. ``factors/``: K-FAC covariances of each module's inputs and output gradients over the
        training rows (labels sampled from the model: the true Fisher, seeded by ``seed``), their
@@ -222,6 +225,10 @@ def ekfac_scores(
        seeded sample of ``fit_rows`` training rows when it is smaller than their number (0: all);
     2. ``queries/``: each query's full, unprojected gradient (loss on the target tokens);
     3. ``queries-ihvp/``: the damped inverse (``damping`` x the mean eigenvalue) applied to them;
+    3b. with ``query_sets`` (lists of query positions), ``queries-sets/``: one query per set, the
+       sum of its transformed queries; influence is linear in the query gradient, so a training
+       row's score against it is its summed influence on the set's target losses, and every set
+       costs one scoring pass together instead of one each;
     4. ``scores/``: a pass over the training rows scoring each row's full gradient against every
        transformed query (bergson's ``score_dataset``; ``scores.bin``, one row per training row).
 
@@ -281,7 +288,7 @@ def ekfac_scores(
         torch.manual_seed(seed)  # the sampled labels
         approximate_hessians(index_cfg(path, "fit"), HessianConfig(method="kfac", ev_correction=True))
 
-    factors = step("factors", fit)
+    factors = factors if factors is not None else step("factors", fit)
     queries = step(
         "queries",
         lambda path: query_index(
@@ -303,6 +310,8 @@ def ekfac_scores(
         part.rename(path)
 
     transformed = step("queries-ihvp", apply)
+    if query_sets is not None:
+        transformed = step("queries-sets", lambda path: sum_query_sets(transformed, path, query_sets))
 
     def score(path: Path) -> None:
         score_dataset(
@@ -315,6 +324,26 @@ def ekfac_scores(
     for folder in data_dirs.values():
         shutil.rmtree(folder, ignore_errors=True)
     return scores
+
+
+def sum_query_sets(query_path: Path, out: Path, sets: list[np.ndarray]) -> None:
+    """A bergson query index at ``out`` with one row per set: the sum of ``query_path``'s rows listed
+    in it (float64 accumulation, stored in the index's dtype); the processor's files are copied."""
+    from bergson.data import create_index
+
+    part = out.with_name(out.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    shutil.copytree(query_path, part, ignore=shutil.ignore_patterns("gradients.bin", "info.json"))
+    info = json.loads((query_path / "info.json").read_text())
+    rows, _ = module_blocks(query_path)
+    summed = create_index(part, len(sets), info["grad_sizes"], rows.dtype)
+    for i, members in enumerate(sets):
+        if not len(members):
+            raise ValueError(f"query set {i} is empty")
+        summed[i] = np.asarray(rows[np.asarray(members)], dtype=np.float64).sum(axis=0)
+    summed.flush()
+    del summed
+    part.rename(out)
 
 
 def score_store_blocks(path: Path, chunk_rows: int):
