@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pythia_attribution import paths
+from pythia_attribution import evaluation, paths
 from pythia_attribution.attribute import activations, baselines, gradients, metrics
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.stage import method_scorer
@@ -122,8 +122,8 @@ class Selector:
                      ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))  # fmt: skip
             scores = gradients.score_store_totals(store)(np.arange(len(self.cands.tokens)))
             for j, family in enumerate(families):
-                key = (name, tuple(b["behavior_id"] for b in sets[family]))
-                self._set_scores[key] = scores[j].astype(np.float64) / len(sets[family])
+                set_scores = scores[j].astype(np.float64) / len(sets[family])
+                self._set_scores[_set_key(name, sets[family])] = set_scores
 
     def scores(self, name: str, behaviors: list[dict], work) -> np.ndarray | None:
         method = self.methods[name]
@@ -145,7 +145,7 @@ class Selector:
             )
             return _mean_scores(scorer, n)
         if method.kind == "ekfac":
-            return self._set_scores.get((name, tuple(b["behavior_id"] for b in behaviors)))
+            return self._set_scores.get(_set_key(name, behaviors))
         if method.kind == "bm25":
             texts = [b["prompt"] + b["target"] for b in behaviors]
             per_query = [
@@ -201,6 +201,11 @@ class Selector:
         """The activation-space unit target-minus-control differences of ``behaviors``."""
         self._load_model()
         return activations.directions(self._model, behaviors, ctrls, self._layer)
+
+
+def _set_key(method: str, behaviors: list[dict]) -> tuple:
+    """What ``Selector.prepare``'s scores of an evaluation set are kept under."""
+    return method, tuple(b["behavior_id"] for b in behaviors)
 
 
 def _mean_scores(scorer, n: int) -> np.ndarray:
@@ -289,11 +294,7 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
                 log.info("select-and-fine-tune %s: no selection by %s (no index at the final checkpoint, "
                          "or a method without one)", family, name)  # fmt: skip
         gt_all = np.unique(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]))
-        gt = gt_all
-        if len(gt) > cfg.finetune_k:
-            rng = np.random.default_rng(np.random.SeedSequence([seed, 59, len(gt)]))
-            gt = np.sort(rng.choice(gt, cfg.finetune_k, replace=False))
-        selections[REFERENCE] = gt
+        selections[REFERENCE] = evaluation.reference(gt_all, cfg.finetune_k, seed, 59)
         log.info("select-and-fine-tune %s: %d behaviors, from step%d", family, len(behaviors), step)
         for name, chosen in tqdm(selections.items(), desc=f"fine-tune {family}", unit="method"):
             model = finetune(ckpt_dir, cands.tokens[chosen], ctx.profile.train, cfg, seed)
