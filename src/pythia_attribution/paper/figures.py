@@ -468,11 +468,29 @@ def write_all(study: Study, folder: Path) -> list[Path]:
 
 
 def _save(folder: Path, name: str, plot, size: tuple[float, float]) -> list[Path]:
+    """``plot.save`` to PNG and SVG from one drawing: plotnine's ``save`` draws the figure anew for
+    each file, and drawing is most of the paper's time (32.6 s -> 23.7 s for the micro paper). The
+    PNG is byte for byte what ``plot.save`` writes; the SVG's coordinates differ from it in the sixth
+    decimal (the layout was computed at the PNG's resolution)."""
+    import matplotlib.pyplot as plt
+    from plotnine._utils.context import plot_context
+
+    if not hasattr(plot, "save_helper"):  # a figure drawn here, not by plotnine (the token shading)
+        paths = [folder / f"{name}.{ext}" for ext in ("png", "svg")]
+        for path in paths:
+            plot.save(path, size[0], size[1], style.DPI, metadata=_metadata(path.suffix[1:]))
+        return paths
+    width, height = size
+    view = plot.save_helper(folder / f"{name}.png", width=width, height=height, dpi=style.DPI, verbose=False)
     out = []
-    for ext in ("png", "svg"):
-        path = folder / f"{name}.{ext}"
-        plot.save(path, width=size[0], height=size[1], dpi=style.DPI, verbose=False, metadata=_metadata(ext))
-        out.append(path)
+    try:
+        with plot_context(plot).rc_context:  # as ``plot.save`` writes its file
+            for ext in ("png", "svg"):
+                path = folder / f"{name}.{ext}"
+                view.figure.savefig(path, metadata=_metadata(ext))
+                out.append(path)
+    finally:
+        plt.close(view.figure)
     return out
 
 
