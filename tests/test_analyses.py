@@ -12,7 +12,7 @@ import pytest
 from pythia_attribution import paths, tables
 from pythia_attribution.analyses import THIRDS, WHOLE, read_variants, third_modules
 from pythia_attribution.attribute import gradients
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from pythia_attribution import paths, tables
 from pythia_attribution.attribute import activations, baselines, gradients, metrics
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 
 
 def _read(results, stage_name, table):

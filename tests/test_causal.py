@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import torch
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.causal import REFERENCE, TailPatch
 from pythia_attribution.model import load_checkpoint
 

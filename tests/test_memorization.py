@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import torch
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
 from pythia_attribution.memorization import dup_bin, memorization_test, restricted_step, wilson, window_counts
 from pythia_attribution.model import load_checkpoint

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from pythia_attribution import paths, tables
 from pythia_attribution.attribute import gradients
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.cli import main
 
 

@@ -26,7 +26,7 @@ import torch
 
 from pythia_attribution import paths, tables
 from pythia_attribution.attribute import gradients
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, set_threads
 

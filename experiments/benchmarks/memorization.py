@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute.stage import load_candidates
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
 from pythia_attribution.memorization import memorization_test
 from pythia_attribution.model import load_checkpoint, set_threads

@@ -39,17 +39,10 @@ from tqdm.auto import tqdm
 
 from pythia_attribution import duplicates, paths
 from pythia_attribution.attribute import gradients, metrics
+from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.ranking import Ranking
-from pythia_attribution.attribute.stage import (
-    QUERY_KEY,
-    TRACING_FIELDS,
-    TRUTHS,
-    layer_of,
-    load_candidates,
-    method_scorer,
-    truth_sets,
-)
+from pythia_attribution.attribute.stage import QUERY_KEY, TRACING_FIELDS, layer_of, method_scorer
 from pythia_attribution.behaviors import encoder, split_ids
 from pythia_attribution.config import array_of_tables, from_dict, read_toml
 from pythia_attribution.errors import ConfigError

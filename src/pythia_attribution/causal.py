@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pythia_attribution import evaluation, finetune, paths
 from pythia_attribution.attribute import metrics
-from pythia_attribution.attribute.stage import truth_sets
+from pythia_attribution.attribute.candidates import truth_sets
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
 

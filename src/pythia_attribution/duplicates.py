@@ -24,7 +24,8 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute.stage import ATTRIBUTION_SCHEMA, load_candidates, truth_sets
+from pythia_attribution.attribute.candidates import load_candidates, truth_sets
+from pythia_attribution.attribute.stage import ATTRIBUTION_SCHEMA
 from pythia_attribution.config import DuplicatesConfig
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pythia_attribution import paths
-from pythia_attribution.attribute.stage import Candidates, load_candidates, truth_sets
+from pythia_attribution.attribute.candidates import Candidates, load_candidates, truth_sets
 
 
 @dataclass

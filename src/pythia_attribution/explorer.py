@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute.stage import TRUTHS, load_candidates, truth_sets
+from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
 from pythia_attribution.errors import MissingInputError
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,10 @@ from transformers import AutoTokenizer
 
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients
+from pythia_attribution.attribute.candidates import load_candidates, truth_sets
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
-from pythia_attribution.attribute.stage import load_candidates, method_scorer, truth_sets
+from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, memorization_test, set_threads

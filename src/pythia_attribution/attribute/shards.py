@@ -171,8 +171,8 @@ def needed_indexes(methods, has_optimizer_state: bool) -> list[str]:
 def build_for_profile(profile, shard: int) -> list[Path]:
     """``index-shard``: build shard ``shard`` of every training index the attribute stage will need."""
     from pythia_attribution import stage
+    from pythia_attribution.attribute.candidates import load_candidates
     from pythia_attribution.attribute.methods import load_methods
-    from pythia_attribution.attribute.stage import load_candidates
     from pythia_attribution.model import set_threads
 
     cfg = profile.attribute

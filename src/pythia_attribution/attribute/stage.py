@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -20,86 +19,13 @@ from tqdm.auto import tqdm
 
 from pythia_attribution import paths
 from pythia_attribution.attribute import activations, baselines, gradients, metrics, shards
+from pythia_attribution.attribute.candidates import TRUTH_TEXT, TRUTHS, load_candidates, truth_sets
 from pythia_attribution.attribute.methods import Method, load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Candidates:
-    """The packed training sequences, in ``packed_id`` order.
-
-    At micro scale the corpus is the whole stream (every epoch a permutation of the packed
-    sequences); at real scale it is a selection of training sequences, each its own packed id.
-    """
-
-    tokens: np.ndarray  # [n, seq_len + 1]
-    texts: list[str]
-    first_seq_idx: np.ndarray  # packed_id -> its first position in the training stream
-    first_step: np.ndarray  # packed_id -> the step that first trains it
-    row_seq_idx: np.ndarray  # corpus row -> seq_idx (sorted)
-    row_packed: np.ndarray  # corpus row -> packed_id
-
-    def packed_of(self, seq_idxs) -> np.ndarray:
-        """Packed ids of training sequences given by ``seq_idx``; each must be a corpus row."""
-        seq_idxs = np.asarray(seq_idxs, dtype=np.int64)
-        rows = np.searchsorted(self.row_seq_idx, seq_idxs)
-        if len(seq_idxs) and (
-            rows.max() >= len(self.row_seq_idx) or (self.row_seq_idx[rows] != seq_idxs).any()
-        ):
-            raise ValueError("a seq_idx is not a row of corpus.arrow")
-        return self.row_packed[rows]
-
-
-def load_candidates(corpus: pa.Table) -> Candidates:
-    packed = corpus["packed_id"].to_numpy()
-    seq_idx = corpus["seq_idx"].to_numpy()
-    n = int(packed.max()) + 1
-    first_row = np.full(n, len(packed), dtype=np.int64)
-    np.minimum.at(first_row, packed, np.arange(len(packed)))  # rows are in training order
-    width = corpus.schema.field("input_ids").type.list_size
-    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, width)
-    texts = corpus["text"].to_pylist()
-    steps = corpus["step"].to_numpy().astype(np.int64)
-    identity = len(first_row) == len(packed) and bool((first_row == np.arange(len(packed))).all())
-    return Candidates(
-        tokens if identity else tokens[first_row],  # the corpus' uint16, not a 4x larger int64 copy
-        texts if identity else [texts[i] for i in first_row],
-        seq_idx[first_row].astype(np.int64),
-        steps[first_row],
-        seq_idx.astype(np.int64),
-        packed,
-    )
-
-
-# Truth definitions: which packed sequences count as a source of an item.
-TRUTHS = {
-    # the sequence holds the whole item: the statement, or the canary's 64 tokens
-    "complete": "seq_idxs",
-    # the sequence touches a document that carries the item, however small the fragment
-    "partial": "seq_idxs_partial",
-}
-TRUTH_TEXT = {
-    "complete": "packed sequences holding a complete copy of the behavior's ground-truth item",
-    "partial": "packed sequences touching any document that carries the behavior's ground-truth item",
-}
-
-
-def truth_sets(
-    ground_truth: pa.Table, cands: Candidates, definition: str = "partial"
-) -> dict[str, np.ndarray]:
-    """Ground-truth packed sequences per item under a truth definition (``TRUTHS``); items with
-    no such sequence are left out."""
-    out = {}
-    for item, seqs in zip(
-        ground_truth["item_id"].to_pylist(), ground_truth[TRUTHS[definition]].to_pylist(), strict=True
-    ):
-        if seqs:
-            out[item] = np.unique(cands.packed_of(seqs))
-    return out
 
 
 class Scored(NamedTuple):
