@@ -1,6 +1,7 @@
 """Sessions of the study. ``nox -s all`` runs every stage of a profile; ``nox -s tests`` tests.
 
-Every stage session runs ``python -m pythia_attribution <stage>`` in one shared environment,
+Every stage session runs ``python -m pythia_attribution <stage>`` (and ``all`` runs
+``python -m pythia_attribution all``: every stage in order, in one process) in one shared environment,
 ``.venv/``, installed from ``requirements/cpu.lock`` (exact pins with hashes; torch 2.13.0 is
 installed first on its own). The environment is rebuilt only when the lock changes. Inside the
 Docker image, ``PYTHIA_ATTRIBUTION_PYTHON`` names the image's interpreter, which already holds
