@@ -1,10 +1,16 @@
 """Per-stage wall time of a cold run, then of an immediate second run (which must be a no-op).
 
     python experiments/benchmarks/stage_times.py --profile micro [--stages corpus train probe]
+        [--processes one|per-stage]
 
-Runs each stage as the CLI does, in a fresh results folder (source artifacts come from the
+Runs the stages as the CLI does, in a fresh results folder (source artifacts come from the
 usual cache), and prints one line per stage plus totals. Pass ``--results DIR`` to keep the
-outputs.
+outputs. ``--processes one`` (the default) runs the stages one after the other in one Python
+process, as ``nox -s all`` (``python -m pythia_attribution all``) does since commit 4b85b6d, so
+only the first stage pays for importing torch, transformers and bergson; the time outside the
+stages (the interpreter's start and the CLI's imports) is printed on its own line.
+``--processes per-stage`` runs each stage in its own process, as ``nox -s all`` did before
+(each stage then pays for its own imports, about 9 s on micro).
 
 Machine calibration, measured in the same run (before the stages and again after them, since a
 machine's speed drifts): plain forward + backward tokens/s of the profile's model on random
@@ -16,6 +22,7 @@ what to compare between machines.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +31,20 @@ import time
 
 from pythia_attribution.paths import STAGES
 
+# Each stage through the CLI's own entry point, one after the other in this one process; prints
+# {stage: seconds} as JSON.
+ONE_PROCESS = """
+import json, sys, time
+from pythia_attribution import cli
+times = {}
+for stage in sys.argv[2:]:
+    start = time.perf_counter()
+    if cli.main([stage, "--profile", sys.argv[1], "-q"]):
+        sys.exit(f"stage {stage} failed")
+    times[stage] = time.perf_counter() - start
+print(json.dumps(times))
+"""
+
 
 def timed(stage: str, profile: str, env: dict) -> float:
     start = time.perf_counter()
@@ -31,6 +52,16 @@ def timed(stage: str, profile: str, env: dict) -> float:
         [sys.executable, "-m", "pythia_attribution", stage, "--profile", profile, "-q"], env=env, check=True
     )
     return time.perf_counter() - start
+
+
+def timed_together(stages: list[str], profile: str, env: dict) -> tuple[dict[str, float], float]:
+    """Each stage's seconds, run in one process, and that process's whole wall time."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, profile, *stages], env=env, check=True, stdout=subprocess.PIPE
+    )
+    wall = time.perf_counter() - start
+    return json.loads(done.stdout.decode().strip().splitlines()[-1]), wall
 
 
 def calibrate(profile_name: str, steps: int = 8) -> float:
@@ -68,15 +99,29 @@ def main() -> None:
     parser.add_argument("--profile", default="micro")
     parser.add_argument("--results", help="results folder to use (default: a fresh temporary one)")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages, in order")
+    parser.add_argument(
+        "--processes",
+        choices=("one", "per-stage"),
+        default="one",
+        help="run the stages in one process, as nox -s all does (default), or each in its own",
+    )
     args = parser.parse_args()
     results = args.results or tempfile.mkdtemp(prefix="pythia-attribution-bench-")
     env = {**os.environ, "PYTHIA_ATTRIBUTION_RESULTS": results}
     before = calibrate(args.profile)
-    cold = {s: timed(s, args.profile, env) for s in args.stages}
-    warm = {s: timed(s, args.profile, env) for s in args.stages}
+    outside = {}
+    if args.processes == "one":
+        cold, wall = timed_together(args.stages, args.profile, env)
+        outside["cold"] = wall - sum(cold.values())
+        warm, wall = timed_together(args.stages, args.profile, env)
+        outside["warm"] = wall - sum(warm.values())
+    else:
+        cold = {s: timed(s, args.profile, env) for s in args.stages}
+        warm = {s: timed(s, args.profile, env) for s in args.stages}
     after = calibrate(args.profile)
     calibration = (before + after) / 2
-    print(f"profile {args.profile}, results in {results}")
+    how = "one process" if args.processes == "one" else "one process per stage"
+    print(f"profile {args.profile}, results in {results}, the stages run in {how}")
     print(
         f"calibration: forward+backward {before:,.0f} tokens/s before the stages, {after:,.0f} after "
         f"(mean {calibration:,.0f}; 1 Mtok = {1e6 / calibration:.1f} s on this machine)"
@@ -84,8 +129,14 @@ def main() -> None:
     print(f"{'stage':<12} {'cold (s)':>10} {'cold (Mtok)':>12} {'second run (s)':>15}")
     for s in args.stages:
         print(f"{s:<12} {cold[s]:>10.1f} {cold[s] * calibration / 1e6:>12.2f} {warm[s]:>15.1f}")
-    total = sum(cold.values())
-    print(f"{'total':<12} {total:>10.1f} {total * calibration / 1e6:>12.2f} {sum(warm.values()):>15.1f}")
+    if outside:
+        print(
+            f"{'(outside)':<12} {outside['cold']:>10.1f} {outside['cold'] * calibration / 1e6:>12.2f} "
+            f"{outside['warm']:>15.1f}   <- the process's start and imports before the first stage"
+        )
+    total = sum(cold.values()) + outside.get("cold", 0.0)
+    warm_total = sum(warm.values()) + outside.get("warm", 0.0)
+    print(f"{'total':<12} {total:>10.1f} {total * calibration / 1e6:>12.2f} {warm_total:>15.1f}")
 
 
 if __name__ == "__main__":
