@@ -5,6 +5,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pythia_attribution import paths, tables
+from pythia_attribution.attribute.candidates import holds, load_candidates, truth_sets
 from pythia_attribution.cli import main
 from pythia_attribution.config import load_profile
 from pythia_attribution.corpus.build import EOD_ID, pack
@@ -94,6 +95,37 @@ def test_ground_truth_sequences_hold_their_items(nano_run):
             assert found
             checked += 1
     assert checked > 0
+
+
+def test_holds_finds_a_contiguous_run_only():
+    rows = np.array([[1, 2, 3, 4], [2, 1, 3, 4], [4, 3, 2, 1]])
+    assert holds(rows, [2, 3]).tolist() == [True, False, False]
+    assert holds(rows, [3, 4]).tolist() == [True, True, False]
+    assert holds(rows, []).tolist() == holds(rows, [1, 2, 3, 4, 5]).tolist() == [False] * 3
+
+
+def test_target_truth_is_the_partial_sequences_holding_the_target(nano_run):
+    """Each definition from the table, checked against the sequences' own tokens: ``target`` is every
+    partial sequence that holds the item's target ids, and nothing else."""
+    results = nano_run["results"]
+    cands = load_candidates(_read(results, paths.CORPUS, paths.CORPUS_TABLE))
+    ground = _read(results, paths.CORPUS, paths.GROUND_TRUTH_TABLE)
+    partial, complete, target = (truth_sets(ground, cands, d) for d in ("partial", "complete", "target"))
+    with pytest.raises(ValueError, match="unknown truth definition 'strict'"):
+        truth_sets(ground, cands, "strict")
+    fragments = 0
+    for item in ground.to_pylist():
+        rows = partial.get(item["item_id"], np.zeros(0, dtype=np.int64))
+        want = [int(p) for p in rows if _has_run(cands.tokens[p].tolist(), item["target_ids"])]
+        assert target.get(item["item_id"], np.zeros(0)).tolist() == want
+        if item["kind"] == "canary":  # a canary's copy holds its target: complete is within target
+            assert set(complete.get(item["item_id"], [])) <= set(want)
+            fragments += len(set(want) - set(complete.get(item["item_id"], [])))
+    assert target and fragments > 0  # some sequences hold a canary's target without its prompt
+
+
+def _has_run(row: list[int], run: list[int]) -> bool:
+    return any(row[i : i + len(run)] == run for i in range(len(row) - len(run) + 1))
 
 
 def test_canary_counts_and_controls(nano_run):

@@ -15,7 +15,7 @@ gradient methods' attributions at the final checkpoint:
   decomposition of the score, as in the study (each module's score keeps the whole row's
   normalization, so the thirds sum to the score).
   Each third's top k is classified like the duplicates stage's, and traced against the
-  ground truth under both truth definitions.
+  ground truth under each truth definition.
 - **Word order**: query variants of synthetic items (``analyses.word_order_file``: the original,
   prompt and completion swapped, the completion alone, the completion's entity replaced, an
   unrelated query), each scored against the item's own complete ground-truth sequences.

@@ -121,14 +121,8 @@ def run(ctx) -> None:
     set_threads(ctx.profile.runtime.threads)
     seed = ctx.profile.runtime.seed
     view = evaluation.at_final(ctx, cfg.reference_truth)
-    cands, truth, final, ckpt_dir, attributions, probes = (
-        view.cands,
-        view.truth,
-        view.final,
-        view.final_dir,
-        view.attributions,
-        view.probes,
-    )
+    cands, truth, probes, attributions = view.cands, view.truth, view.probes, view.attributions
+    final, ckpt_dir = view.final, view.final_dir
     methods = cfg.methods or sorted(attributions["method"].unique())
     unknown = sorted(set(methods) - set(attributions["method"]))
     if unknown:

@@ -340,7 +340,7 @@ class CausalConfig:
     reference_truth: str = doc(
         "truth definition of the ground-truth reference sequences",
         "complete",
-        choices=("complete", "partial"),
+        choices=("complete", "partial", "target"),
     )
     finetune_families: list[str] = doc(
         "select-and-fine-tune: families whose behaviors form an evaluation set ([]: not run)",
@@ -372,7 +372,9 @@ class LeaveOutConfig:
         "exhibited behaviors sampled (seeded; 0: all), their removals in one run", 32, ge=0
     )
     reference_truth: str = doc(
-        "truth definition of the ground-truth removal run", "complete", choices=("complete", "partial")
+        "truth definition of the ground-truth removal run",
+        "complete",
+        choices=("complete", "partial", "target"),
     )
 
 

@@ -182,6 +182,9 @@ def build(results: Path, out: Path) -> Path:
 def _truth_mark(pid: int, gt: dict) -> str:
     if gt.get("complete") is not None and pid in gt["complete"]:
         return '<span class="gt complete" title="holds a complete copy of the item">&#10003; complete</span>'
+    if gt.get("target") is not None and pid in gt["target"]:
+        title = "touches a document with the item and holds its target tokens"
+        return f'<span class="gt target" title="{title}">~ target</span>'
     if gt.get("partial") is not None and pid in gt["partial"]:
         return '<span class="gt partial" title="touches a document with the item">~ partial</span>'
     if gt.get("partial") is not None:
@@ -257,8 +260,9 @@ def _tracing_section(tracing, final: int) -> str:
              _ci(r, "top1_hit")] for _, r in t.iterrows()]  # fmt: skip
     return (
         "<h2>Tracing: is a ground-truth sequence retrieved?</h2><p>Every family, final checkpoint, "
-        "under both truth definitions (complete: the sequence holds the whole item; partial: it touches "
-        "a document with the item). 95% bootstrap intervals over behaviors.</p>"
+        "under each truth definition (complete: the sequence holds the whole item; partial: it touches "
+        "a document with the item; target: it touches such a document and holds the target's tokens). "
+        "95% bootstrap intervals over behaviors.</p>"
         + _table_html(["truth", "method", "behaviors", "MRR", "recall@10", "top-1 hit"], rows)
     )
 
@@ -337,8 +341,8 @@ table { border-collapse: collapse; margin: .5rem 0; } td, th { padding: .2rem .6
 .cat { border-radius: 4px; padding: 0 .3rem; font-size: .8rem; }
 .cat.exact { background: #ffebe9; } .cat.near_duplicate { background: #fff8c5; }
 .cat.thematic { background: #dafbe1; } .cat.unrelated { background: #eaeef2; }
-.gt.complete { color: #1a7f37; font-weight: 600; } .gt.partial { color: #9a6700; }
-.gt.none { color: #8c959f; }
+.gt.complete { color: #1a7f37; font-weight: 600; } .gt.target { color: #4d7c0f; }
+.gt.partial { color: #9a6700; } .gt.none { color: #8c959f; }
 .filters { margin: .6rem 0; padding: .4rem .6rem; background: #f6f8fa; border-radius: 6px; }
 .filters label { margin-right: .7rem; white-space: nowrap; }
 .curve { width: 420px; max-width: 100%; } .curve .line { fill: none; stroke: #0969da; stroke-width: 1.5; }

@@ -66,11 +66,30 @@ TRUTHS = {
     "complete": "seq_idxs",
     # the sequence touches a document that carries the item, however small the fragment
     "partial": "seq_idxs_partial",
+    # a partial sequence that also holds the item's target token ids verbatim: the tokens the
+    # behavior's loss is on, in a document that carries the item (so the sequence trains the model
+    # to predict exactly them there); need not hold the prompt, and a complete copy whose statement
+    # tokenizes the target differently (a capital at the start of a sentence, without its leading
+    # space) does not count
+    "target": "seq_idxs_partial",
 }
 TRUTH_TEXT = {
     "complete": "packed sequences holding a complete copy of the behavior's ground-truth item",
     "partial": "packed sequences touching any document that carries the behavior's ground-truth item",
+    "target": (
+        "packed sequences touching a document that carries the behavior's ground-truth item and "
+        "holding its target token ids verbatim"
+    ),
 }
+
+
+def holds(tokens: np.ndarray, pattern) -> np.ndarray:
+    """Which rows of ``tokens`` ([n, width]) hold ``pattern`` (token ids) as a contiguous run."""
+    pattern = np.asarray(pattern, dtype=np.int64)
+    if len(pattern) == 0 or len(pattern) > tokens.shape[1]:
+        return np.zeros(len(tokens), dtype=bool)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens.astype(np.int64), len(pattern), axis=1)
+    return (windows == pattern).all(-1).any(-1)
 
 
 def truth_sets(
@@ -78,10 +97,18 @@ def truth_sets(
 ) -> dict[str, np.ndarray]:
     """Ground-truth packed sequences per item under a truth definition (``TRUTHS``); items with
     no such sequence are left out."""
+    if definition not in TRUTHS:
+        raise ValueError(f"unknown truth definition {definition!r} (known: {', '.join(TRUTHS)})")
     out = {}
-    for item, seqs in zip(
-        ground_truth["item_id"].to_pylist(), ground_truth[TRUTHS[definition]].to_pylist(), strict=True
+    targets = ground_truth["target_ids"].to_pylist() if definition == "target" else None
+    for i, (item, seqs) in enumerate(
+        zip(ground_truth["item_id"].to_pylist(), ground_truth[TRUTHS[definition]].to_pylist(), strict=True)
     ):
-        if seqs:
-            out[item] = np.unique(cands.packed_of(seqs))
+        if not seqs:
+            continue
+        packed = np.unique(cands.packed_of(seqs))
+        if targets is not None:
+            packed = packed[holds(cands.tokens[packed], targets[i])]
+        if len(packed):
+            out[item] = packed
     return out

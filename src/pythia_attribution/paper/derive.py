@@ -10,6 +10,10 @@ from pythia_attribution import paths
 from pythia_attribution.paper import style
 from pythia_attribution.paper.data import Study
 
+# The truth definitions of attribute's tracing tables in the order the paper discusses them: the
+# study's first (lenient), the strict one, and the one defined by the target tokens.
+TRUTH_ORDER = ("partial", "complete", "target")
+
 CATEGORY_ORDER = list(style.CATEGORIES)
 
 
@@ -237,13 +241,13 @@ def interval_level(note: str, what: str) -> str:
 
 def causal_orders(study: Study) -> dict[str, list[str]]:
     """The methods, best first, by tail-patch effect (``causal``) and by tracing MRR under each
-    truth definition (``partial``, ``complete``), over the methods present in both tables (the
+    truth definition (``TRUTH_ORDER``), over the methods present in both tables (the
     ground-truth reference is not ranked)."""
     tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
     methods = list(set(tp["method"].to_list()) & set(tm["method"].to_list()))
     frames = {"causal": tp.filter(pl.col("method").is_in(methods)).sort("effect", descending=True)}
-    for truth in ("partial", "complete"):
+    for truth in TRUTH_ORDER:
         sub = tm.filter((pl.col("truth") == truth) & pl.col("method").is_in(methods))
         frames[truth] = sub.sort("mrr", descending=True)
     return {key: frame["method"].to_list() for key, frame in frames.items()}

@@ -123,7 +123,7 @@ def causal(study: Study) -> str:
         r = tp.filter(pl.col("method") == m).row(0, named=True)
         mrr = {
             truth: tm.filter((pl.col("method") == m) & (pl.col("truth") == truth))["mrr"].to_list()
-            for truth in ("partial", "complete")
+            for truth in derive.TRUTH_ORDER
         }
         rows.append(
             [
@@ -132,26 +132,24 @@ def causal(study: Study) -> str:
                 f"{fmt.sci(r['effect'])} {fmt.interval_sci(r['effect_lo'], r['effect_hi'])}",
                 fmt.pct(r["positive"]),
                 rank(m, "causal"),
-                fmt.dec(mrr["partial"][0]) if mrr["partial"] else "n/a",
-                rank(m, "partial"),
-                fmt.dec(mrr["complete"][0]) if mrr["complete"] else "n/a",
-                rank(m, "complete"),
             ]
+            + [x for t in derive.TRUTH_ORDER for x in (fmt.dec(mrr[t][0]) if mrr[t] else "n/a", rank(m, t))]
         )
     k = study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]
     return pipe_table(
-        ["Method", "n", "Tail-patch effect", "> 0", "Rank", "MRR partial", "Rank", "MRR complete", "Rank"],
+        ["Method", "n", "Tail-patch effect", "> 0", "Rank"]
+        + [x for t in derive.TRUTH_ORDER for x in (f"MRR {t}", "Rank")],
         rows,
         f"Tail-patch: the change in the target's log-probability after one training step (the run's "
         f"AdamW state, final learning rate) on each of a method's top {k} sequences, beyond the same step "
         f"with a zero gradient, averaged over the top {k} and then over n behaviors ({level} "
         'percentile-bootstrap intervals); "> 0": the share of a behavior\'s top-k sequences whose step '
         "raises the target, averaged over behaviors. "
-        f"Beside it, tracing MRR under both truth definitions and each criterion's ranking of the "
+        f"Beside it, tracing MRR under each truth definition and each criterion's ranking of the "
         f"methods (ground truth, a reference rather than a method, is not ranked).",
         "tbl-causal",
-        "lrrrrrrrr",
-        [3, 1, 5, 2, 1, 2, 1, 2, 1],
+        "lrrrr" + "rr" * len(derive.TRUTH_ORDER),
+        [3, 1, 5, 2, 1] + [2, 1] * len(derive.TRUTH_ORDER),
     )
 
 
@@ -160,7 +158,7 @@ def tracing(study: Study) -> str:
     prov = study.provenance(paths.TRACING_METRICS_TABLE)
     level = derive.interval_level(prov.get("bootstrap", ""), "tracing_metrics")
     rows = []
-    for truth in ("partial", "complete"):
+    for truth in derive.TRUTH_ORDER:
         for m in derive.ordered_methods(tm["method"].unique()):
             sub = tm.filter((pl.col("method") == m) & (pl.col("truth") == truth))
             if sub.is_empty():
@@ -181,7 +179,8 @@ def tracing(study: Study) -> str:
         f"definition (top {k} of every method), with {level} percentile-bootstrap intervals over "
         f"behaviors. Partial: the sources of a behavior are every packed training sequence touching "
         f"a document that states its item, however small the fragment. Complete: only those holding "
-        f"the whole item (the statement, or all of a canary's tokens).",
+        f"the whole item (the statement, or all of a canary's tokens). Target: the partial ones that "
+        f"also hold the behavior's target tokens verbatim.",
         "tbl-tracing",
         "llrrrrr",
         [2, 3, 1, 5, 5, 5, 5],

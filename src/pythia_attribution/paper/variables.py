@@ -152,9 +152,10 @@ def compute(study: Study, build: dict) -> dict:
         }
     with _section(v, "tracing"):
         # "tracing" under the partial truth definition (the study's first), "tracing_complete"
-        # under the complete one; the manuscript names the definition with every number
+        # and "tracing_target" under the others; the manuscript names the definition with every number
         tm_all = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
-        for key, truth in (("tracing", "partial"), ("tracing_complete", "complete")):
+        keys = {"partial": "tracing", "complete": "tracing_complete", "target": "tracing_target"}
+        for truth, key in keys.items():
             tm = tm_all.filter(pl.col("truth") == truth)
             tracing: dict = {}
             est = {}
@@ -185,10 +186,12 @@ def compute(study: Study, build: dict) -> dict:
         threshold = derive.canary_learned_from(study)
         canary = {"learned_from": str(threshold) if threshold is not None else "n/a"}
         methods = tm_all["method"].unique().to_list()
-        canary |= {m: "0/0" for m in methods} | {"complete": {m: "0/0" for m in methods}}
+        canary |= {m: "0/0" for m in methods}
+        canary |= {truth: {m: "0/0" for m in methods} for truth in ("complete", "target")}
         if threshold is not None:
             learned = tr.filter(pl.col("count") >= threshold)
-            for truth, into in (("partial", canary), ("complete", canary["complete"])):
+            into_of = {"partial": canary, "complete": canary["complete"], "target": canary["target"]}
+            for truth, into in into_of.items():
                 for m, g in learned.filter(pl.col("truth") == truth).group_by("method"):
                     into[m[0]] = fmt.ratio(g["top1_hit"].sum(), g.height)
         v["canary"] = canary
@@ -221,7 +224,7 @@ def compute(study: Study, build: dict) -> dict:
                 if paired
                 else dict.fromkeys(("mean", "ci", "ahead", "n"), "n/a")
             )
-        for truth in ("partial", "complete"):
+        for truth in derive.TRUTH_ORDER:
             agree = orders["causal"] == orders[truth]
             causal[f"agrees_{truth}"] = "the same as" if agree else "different from"
         v["causal"] = causal
@@ -536,9 +539,10 @@ def finetune_variables(study: Study) -> dict:
 
 
 def method_sentence(v: dict, method: str, subject: str, versus: list[str]) -> str | None:
-    """A method's MRR under both truth definitions (``subject``: the words before the first value),
-    compared by the overlap of the intervals with each method of ``versus``, and its tail-patch
-    effect paired with TrackStar's; None when this profile's tables do not have the method."""
+    """A method's MRR under the complete and the partial truth definitions (``subject``: the words
+    before the first value), compared by the overlap of the intervals with each method of
+    ``versus``, and its tail-patch effect paired with TrackStar's; None when this profile's tables
+    do not have the method."""
     complete, partial = v.get("tracing_complete", {}), v.get("tracing", {})
     if method not in complete or method not in partial:
         return None
