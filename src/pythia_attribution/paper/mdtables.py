@@ -133,23 +133,23 @@ def causal(study: Study) -> str:
                 fmt.pct(r["positive"]),
                 rank(m, "causal"),
             ]
-            + [x for t in derive.TRUTH_ORDER for x in (fmt.dec(mrr[t][0]) if mrr[t] else "n/a", rank(m, t))]
+            + [f"{fmt.dec(mrr[t][0])} ({rank(m, t)})" if mrr[t] else "n/a" for t in derive.TRUTH_ORDER]
         )
     k = study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]
     return pipe_table(
-        ["Method", "n", "Tail-patch effect", "> 0", "Rank"]
-        + [x for t in derive.TRUTH_ORDER for x in (f"MRR {t}", "Rank")],
+        ["Method", "n", "Tail-patch effect", "> 0", "Rank"] + [f"MRR {t} (rank)" for t in derive.TRUTH_ORDER],
         rows,
         f"Tail-patch: the change in the target's log-probability after one training step (the run's "
         f"AdamW state, final learning rate) on each of a method's top {k} sequences, beyond the same step "
         f"with a zero gradient, averaged over the top {k} and then over n behaviors ({level} "
         'percentile-bootstrap intervals); "> 0": the share of a behavior\'s top-k sequences whose step '
         "raises the target, averaged over behaviors. "
-        f"Beside it, tracing MRR under each truth definition and each criterion's ranking of the "
-        f"methods (ground truth, a reference rather than a method, is not ranked).",
+        f"Beside it, tracing MRR under each truth definition; Rank and the bracketed numbers are each "
+        f"criterion's ranking of the methods (ground truth, a reference rather than a method, is not "
+        f"ranked).",
         "tbl-causal",
-        "lrrrr" + "rr" * len(derive.TRUTH_ORDER),
-        [3, 1, 5, 2, 1] + [2, 1] * len(derive.TRUTH_ORDER),
+        "lrrrr" + "r" * len(derive.TRUTH_ORDER),
+        [3, 1, 5, 2, 1] + [3] * len(derive.TRUTH_ORDER),
     )
 
 
