@@ -127,7 +127,8 @@ def tracing(study: Study):
         ]
     )
     data, methods = _by_family_and_method(long)
-    data["truth"] = data["truth"].astype("category").cat.set_categories(list(TRUTH_LABELS.values()))
+    order = [TRUTH_LABELS[t] for t in derive.TRUTH_ORDER]
+    data["truth"] = data["truth"].astype("category").cat.set_categories(order)
     dodge = position_dodge(width=0.7)
     plot = (
         ggplot(data, aes("family_label", "value", ymin="lo", ymax="hi", colour="method"))
@@ -141,7 +142,8 @@ def tracing(study: Study):
     return plot, (style.FIGURE_WIDTH_IN, 9.6)
 
 
-# How the paper names the truth definitions of attribute's tracing tables.
+# How the paper names the truth definitions of attribute's tracing tables (ordered by
+# ``derive.TRUTH_ORDER``).
 TRUTH_LABELS = {
     "partial": "partial: touches a source document",
     "complete": "complete: holds the whole item",
