@@ -12,7 +12,10 @@ the same variant's other rounds (a variant the train stage may use must be deter
 Variants: ``baseline`` (the train stage today), ``fused`` (AdamW's fused kernel), ``foreach_off``
 (AdamW's per-tensor loop), ``passive`` / ``active`` (``OMP_WAIT_POLICY``), ``compile``
 (``torch.compile`` of the model; the first step, which compiles, is timed separately),
-``bf16`` (autocast to bfloat16).
+``bf16`` (autocast to bfloat16), ``mmap`` (glibc's default allocator settings, which map every
+block above 32 MiB afresh; every other variant runs with ``model.keep_freed_memory_for_reuse``, as
+the stages do since it was measured here) and ``heap_env`` (the same allocator settings through
+glibc's environment variables, from the process's start, to check the runtime call matches them).
 
 ``--profile-ops N`` instead profiles ``N`` baseline steps with torch's profiler and prints where
 the time goes (the operators with the most self CPU time, and the share of the language-model
@@ -31,8 +34,12 @@ import time
 
 import numpy as np
 
-VARIANTS = ["baseline", "fused", "foreach_off", "passive", "active", "compile", "bf16"]
-ENV = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "active": {"OMP_WAIT_POLICY": "ACTIVE"}}
+VARIANTS = ["baseline", "fused", "foreach_off", "passive", "active", "compile", "bf16", "mmap", "heap_env"]
+ENV = {
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "heap_env": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
+}
 
 
 def one(profile_name: str, variant: str, steps: int, profile_ops: bool = False) -> dict:
@@ -49,7 +56,7 @@ def one(profile_name: str, variant: str, steps: int, profile_ops: bool = False) 
 
     profile = load_profile(profile_name)
     cfg = profile.train
-    set_threads(profile.runtime.threads)
+    set_threads(profile.runtime.threads, keep_freed_memory=variant != "mmap")
     corpus = tables.read_table(
         paths.table_path(paths.stage_dir(profile.name, paths.CORPUS), paths.CORPUS_TABLE), made_by="corpus"
     )

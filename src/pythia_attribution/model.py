@@ -31,10 +31,37 @@ def pythia_config(cfg: TrainConfig, vocab_size: int) -> GPTNeoXConfig:
     )
 
 
-def set_threads(threads: int) -> None:
-    """Set torch's thread count; also silence transformers' per-file progress bars."""
+def set_threads(threads: int, *, keep_freed_memory: bool = True) -> None:
+    """Set torch's thread count; also silence transformers' per-file progress bars, and (unless
+    ``keep_freed_memory`` is false) keep the C allocator's freed memory for reuse
+    (:func:`keep_freed_memory`)."""
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
+    if keep_freed_memory:
+        keep_freed_memory_for_reuse()
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc's allocator serve large blocks from its heap and keep what is freed there.
+
+    torch's CPU tensors come from ``malloc``, and glibc maps every block above 32 MiB afresh with
+    ``mmap`` and unmaps it on ``free``: each training step of micro allocates its logits, their
+    log-probabilities and both gradients (134 MB each) and pays the kernel's page faults and
+    zero-filling for every one. With ``M_MMAP_MAX`` 0 and a trim threshold of 2 GiB (the most
+    ``mallopt`` takes) the blocks come from the heap and are reused. Only where memory comes from
+    changes, not the arithmetic: the weights after the steps are bit-identical, training 1.18 times
+    as fast (``experiments/benchmarks/train_options.py``, against its variant ``mmap``), a raw
+    gradient index 1.35 times. The cost: the process keeps its peak memory until it exits. Returns
+    whether it applied (not where the C library has no working ``mallopt``: macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (AttributeError, OSError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
 
 
 def model_limits(train_dir: Path, checkpoints: list[dict]) -> dict[int, tuple[int, int]]:
