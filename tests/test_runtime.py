@@ -1,0 +1,59 @@
+"""The process-wide runtime settings every stage applies (``model.set_threads``)."""
+
+import subprocess
+import sys
+
+import pytest
+
+# In a fresh interpreter: where glibc puts a 64 MiB tensor before and after the setting.
+# mallinfo2's hblkhd is the bytes held in mmap'ed blocks, arena the bytes of the heap and
+# uordblks the heap's bytes in use.
+CHILD = """
+import ctypes, json, torch
+from pythia_attribution.model import keep_freed_memory_for_reuse
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def where(applied):
+    before = libc.mallinfo2()
+    block = torch.ones(16 << 20)
+    during = libc.mallinfo2()
+    del block
+    after = libc.mallinfo2()
+    return {"applied": applied, "mmap": during.hblkhd - before.hblkhd,
+            "heap_used": during.uordblks - before.uordblks, "heap_grown": during.arena - before.arena,
+            "heap_trimmed": during.arena - after.arena}
+
+first = where(None)
+second = where(keep_freed_memory_for_reuse())
+start = libc.mallinfo2().arena
+again = [where(True) for _ in range(8)]
+print(json.dumps([first, second, again, libc.mallinfo2().arena - start]))
+"""
+
+
+def test_large_blocks_come_from_the_heap_and_stay_for_reuse():
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later")
+    import json
+
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
+    default, applied, again, grown = json.loads(out.stdout.strip().splitlines()[-1])
+    size = 64 << 20
+    assert default["mmap"] >= size and default["heap_used"] < size  # glibc's default: a fresh mapping
+    assert applied["applied"] is True
+    assert applied["mmap"] == 0 and applied["heap_used"] >= size  # now from the heap
+    assert applied["heap_trimmed"] == 0  # and kept there once freed
+    # Eight more blocks of the same size: all from the heap, which grows by less than one block in
+    # all (a small allocation may take the front of the freed block, so the next one grows the top
+    # once; glibc does not promise more).
+    assert all(a["mmap"] == 0 and a["heap_used"] >= size for a in again)
+    assert grown < size, grown
