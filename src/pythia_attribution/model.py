@@ -49,9 +49,10 @@ def keep_freed_memory_for_reuse() -> bool:
     log-probabilities and both gradients (134 MB each) and pays the kernel's page faults and
     zero-filling for every one. With ``M_MMAP_MAX`` 0 and a trim threshold of 2 GiB (the most
     ``mallopt`` takes) the blocks come from the heap and are reused. Only where memory comes from
-    changes, not the arithmetic: the weights after the steps are bit-identical, training 1.18 times
-    as fast (``experiments/benchmarks/train_options.py``, against its variant ``mmap``), a raw
-    gradient index 1.35 times. The cost: the process keeps its peak memory until it exits. Returns
+    changes, not the arithmetic: the outputs are bit-identical, training 1.18 to 1.46 times as
+    fast on one machine on two days, a raw gradient index 1.35 to 1.70 times
+    (``experiments/benchmarks/allocator.py``). The cost: the process keeps its peak memory until
+    it exits (1.39 times the peak there). Returns
     whether it applied (not where the C library has no working ``mallopt``: macOS, musl)."""
     import ctypes
     import ctypes.util
