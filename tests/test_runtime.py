@@ -52,8 +52,9 @@ def test_large_blocks_come_from_the_heap_and_stay_for_reuse():
     assert applied["applied"] is True
     assert applied["mmap"] == 0 and applied["heap_used"] >= size  # now from the heap
     assert applied["heap_trimmed"] == 0  # and kept there once freed
-    # Eight more blocks of the same size: all from the heap, which grows by less than one block in
-    # all (a small allocation may take the front of the freed block, so the next one grows the top
-    # once; glibc does not promise more).
+    # Eight more blocks of the same size, one after the other: all from the heap, which grows by
+    # far less than eight blocks. Not by zero: a small allocation between two rounds may take the
+    # front of the freed block, so that the next block grows the top (seen once in a CI run, by
+    # exactly one block); two blocks leave room for that and still fail without reuse.
     assert all(a["mmap"] == 0 and a["heap_used"] >= size for a in again)
-    assert grown < size, grown
+    assert grown <= 2 * size, grown
