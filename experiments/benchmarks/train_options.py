@@ -17,9 +17,12 @@ block above 32 MiB afresh; every other variant runs with ``model.keep_freed_memo
 the stages do since it was measured here) and ``heap_env`` (the same allocator settings through
 glibc's environment variables, from the process's start, to check the runtime call matches them).
 
-``--profile-ops N`` instead profiles ``N`` baseline steps with torch's profiler and prints where
-the time goes (the operators with the most self CPU time, and the share of the language-model
-head's matrix products).
+``--profile-ops N`` instead shows where a baseline step's time goes: first ``N`` steps timed
+phase by phase without a profiler (forward, loss, backward, clipping and AdamW), with the minor
+page faults of each phase; then ``N`` steps under torch's profiler (the operators with the most
+self CPU time) with the page faults it causes, since under the profiler large blocks are faulted in
+afresh again and the operators that touch them look slower than they are; then the
+language-model head's share of a step, timed against whole steps.
 """
 
 from __future__ import annotations
@@ -74,24 +77,52 @@ def one(profile_name: str, variant: str, steps: int, profile_ops: bool = False) 
     forward = torch.compile(model) if variant == "compile" else model
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else contextlib.nullcontext()
 
-    def step(b) -> None:
+    def step(b, mark=lambda phase: None) -> None:
         with autocast:
             logits = forward(input_ids=b[:, :-1]).logits
+        mark("forward")
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), b[:, 1:].reshape(-1))
+        mark("loss")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark("clip and AdamW")
 
     start = time.perf_counter()
     step(tokens[:batch])  # warm-up (compiles under `compile`)
     first = time.perf_counter() - start
     if profile_ops:
+        import resource
+
         from torch.profiler import ProfilerActivity, profile
 
+        def faults() -> int:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+        spent: dict[str, list[float]] = {}
+        last = [time.perf_counter(), faults()]
+
+        def mark(phase: str) -> None:
+            now, count = time.perf_counter(), faults()
+            seconds, faulted = spent.setdefault(phase, [0.0, 0])
+            spent[phase] = [seconds + now - last[0], faulted + count - last[1]]
+            last[:] = [time.perf_counter(), faults()]
+
+        for s in range(1, steps + 1):
+            last[:] = [time.perf_counter(), faults()]
+            step(tokens[s * batch : (s + 1) * batch], mark)
+        total = sum(seconds for seconds, _ in spent.values())
+        print(f"{steps} steps without a profiler: {total / steps:.3f} s a step")
+        for phase, (seconds, faulted) in spent.items():
+            share = f"{seconds / steps:.3f} s ({seconds / total:.0%})"
+            print(f"  {phase:<15} {share:<13} {faulted / steps:,.0f} page faults a step")
+        before = faults()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for s in range(1, steps + 1):
                 step(tokens[s * batch : (s + 1) * batch])
+        print(f"{steps} steps under torch's profiler: {(faults() - before) / steps:,.0f} page faults a step")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         # The language-model head alone: its forward, the cross-entropy and their backward, on
         # hidden states of the step's shape, against whole steps, timed alternately.
