@@ -1,5 +1,7 @@
 """The process-wide runtime settings every stage applies (``model.set_threads``)."""
 
+import ctypes
+import json
 import subprocess
 import sys
 
@@ -39,12 +41,8 @@ print(json.dumps([first, second, again, libc.mallinfo2().arena - start]))
 
 
 def test_large_blocks_come_from_the_heap_and_stay_for_reuse():
-    import ctypes
-
     if not hasattr(ctypes.CDLL(None), "mallinfo2"):
         pytest.skip("not glibc 2.33 or later")
-    import json
-
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
     default, applied, again, grown = json.loads(out.stdout.strip().splitlines()[-1])
     size = 64 << 20

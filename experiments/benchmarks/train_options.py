@@ -101,17 +101,16 @@ def one(profile_name: str, variant: str, steps: int, profile_ops: bool = False) 
         def faults() -> int:
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-        spent: dict[str, list[float]] = {}
-        last = [time.perf_counter(), faults()]
+        spent: dict[str, tuple[float, int]] = {}  # phase -> (seconds, page faults), all steps
+        last = [time.perf_counter(), faults()]  # when and at what count the previous phase ended
 
         def mark(phase: str) -> None:
             now, count = time.perf_counter(), faults()
-            seconds, faulted = spent.setdefault(phase, [0.0, 0])
-            spent[phase] = [seconds + now - last[0], faulted + count - last[1]]
-            last[:] = [time.perf_counter(), faults()]
+            seconds, faulted = spent.get(phase, (0.0, 0))
+            spent[phase] = (seconds + now - last[0], faulted + count - last[1])
+            last[:] = [now, count]
 
         for s in range(1, steps + 1):
-            last[:] = [time.perf_counter(), faults()]
             step(tokens[s * batch : (s + 1) * batch], mark)
         total = sum(seconds for seconds, _ in spent.values())
         print(f"{steps} steps without a profiler: {total / steps:.3f} s a step")
