@@ -24,7 +24,7 @@ def test_tokenwise_scores_sum_to_the_sequence_score(nano_run):
     results = nano_run["results"]
     tok = _read(results, paths.ANALYSES, paths.TOKENWISE_TABLE).to_pandas()
     att = _read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE).to_pandas()
-    assert set(tok["method"]) == {"trackstar", "grad_cosine"}
+    assert set(tok["method"]) == {"trackstar", "trackstar_est", "grad_cosine"}
     sums = tok.groupby(["behavior_id", "method", "checkpoint", "rank"], as_index=False)["score"].sum()
     both = sums.merge(att, on=["behavior_id", "method", "checkpoint", "rank"], suffixes=("_tokens", ""))
     assert len(both) == len(sums) > 0
@@ -32,7 +32,7 @@ def test_tokenwise_scores_sum_to_the_sequence_score(nano_run):
     # every exhibited behavior of the final checkpoint, each method's top 3
     final = att[att["checkpoint"] == att["checkpoint"].max()]
     assert sums.groupby("method")["behavior_id"].nunique().to_dict() == {
-        m: final["behavior_id"].nunique() for m in ("trackstar", "grad_cosine")
+        m: final["behavior_id"].nunique() for m in ("trackstar", "trackstar_est", "grad_cosine")
     }
     assert set(sums["rank"]) == {1, 2, 3}
 
@@ -175,8 +175,8 @@ def test_methods_sharing_an_index_get_their_own_tokenwise_split(tmp_path, monkey
         tmp_path / "profiles",
         manifest,
         **{
-            'methods = ["trackstar", "grad_cosine", "ekfac", "bm25", "activation", "residual_diff", '
-            '"residual_change", "random"]': (
+            'methods = ["trackstar", "trackstar_est", "grad_cosine", "ekfac", "bm25", "activation", '
+            '"residual_diff", "residual_change", "random"]': (
                 'methods = ["trackstar", "trackstar_noadam", "grad_cosine", "random"]'
             ),
             "finetune_min_count = 8": "finetune_min_count = 8\nfinetune_families = []",

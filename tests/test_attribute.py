@@ -218,6 +218,7 @@ def test_every_method_and_table_is_present(nano_run):
     methods = set(attributions["method"].to_pylist())
     assert methods == {
         "trackstar",
+        "trackstar_est",
         "grad_cosine",
         "ekfac",
         "bm25",
@@ -227,7 +228,12 @@ def test_every_method_and_table_is_present(nano_run):
         "random",
     }
     layers = _read(results, paths.ATTRIBUTE, paths.LAYER_SCORES_TABLE)
-    assert set(layers["method"].to_pylist()) == {"trackstar", "grad_cosine", "residual_change"}
+    assert set(layers["method"].to_pylist()) == {
+        "trackstar",
+        "trackstar_est",
+        "grad_cosine",
+        "residual_change",
+    }
     # Per-module scores add up to the total score of each top-k row.
     df = layers.to_pandas().groupby(["behavior_id", "method", "rank"])["score"].sum().reset_index()
     top = attributions.to_pandas().merge(df, on=["behavior_id", "method", "rank"], suffixes=("", "_sum"))

@@ -102,8 +102,8 @@ def test_fine_tuning_on_the_ground_truth_beats_random_selection(nano_run):
     table = _read(results, paths.CAUSAL, paths.FINETUNE_TABLE).to_pandas()
     summary = _read(results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE).to_pandas()
     assert set(table["family"]) == {"factual", "fictional_fact"}
-    methods = {"trackstar", "grad_cosine", "ekfac", "bm25", "activation", "residual_diff", "residual_change"}
-    methods |= {"random", "ground_truth"}
+    methods = {"trackstar", "trackstar_est", "grad_cosine", "ekfac", "bm25", "activation", "residual_diff"}
+    methods |= {"residual_change", "random", "ground_truth"}
     assert set(table["method"]) == methods
     assert set(table["prompt_kind"]) == {"original", "paraphrase"}
     per = table.groupby(["family", "prompt_kind"])

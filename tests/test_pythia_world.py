@@ -161,7 +161,7 @@ def test_checkpoints_are_the_pinned_commits(pythia):
     methods = set(
         _read(pythia_run["results"], paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)["method"].to_pylist()
     )
-    assert {"trackstar_noadam", "ekfac"} <= methods and "trackstar" not in methods
+    assert {"trackstar_noadam", "trackstar_est", "ekfac"} <= methods and "trackstar" not in methods
 
 
 def test_unknown_revision_and_wrong_sha256_stop_naming_the_artifact(pythia, capsys):

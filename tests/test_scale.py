@@ -74,14 +74,14 @@ def test_two_shards_built_by_two_processes_equal_one_index(nano_run, tmp_path, m
     step = _read(reference, paths.TRAIN, paths.CHECKPOINTS_TABLE)["step"].to_pylist()[-1]
     built = root / "nano" / "shards" / f"step{step}"
     assert sorted(p.relative_to(built).as_posix() for p in built.glob("*/shard-*")) == [
-        f"{name}/shard-{i:05d}-of-00002" for name in ("adam", "raw") for i in (0, 1)
+        f"{name}/shard-{i:05d}-of-00002" for name in ("adam", "adam_est", "raw") for i in (0, 1)
     ]
 
     # the attribute stage adopts them (moves them into its outputs) and builds nothing else
     assert main(["attribute", "--profile", str(profile), "-q"]) == 0
     assert not list(built.rglob("gradients.bin"))
     n_rows = len(load_candidates(_read(reference, paths.CORPUS, paths.CORPUS_TABLE)).tokens)
-    for name in ("raw", "adam"):
+    for name in ("raw", "adam", "adam_est"):
         folder = root / "nano" / paths.ATTRIBUTE / "indexes" / f"step{step}" / name / "train"
         shards = gradients.shards_of(folder)
         assert [len(gradients.module_blocks(s)[0]) for s in shards] == [

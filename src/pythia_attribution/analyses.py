@@ -38,7 +38,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import duplicates, paths
-from pythia_attribution.attribute import gradients, metrics
+from pythia_attribution.attribute import gradients, metrics, moments
 from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.ranking import Ranking
@@ -209,7 +209,7 @@ def run(ctx) -> None:
             log.warning("analyses: %s has no index at step%d (attribute skipped it)", method.name, step)
             continue
         hessian = folder / "hessian" if method.hessian == "autocorrelation" else None
-        opt_state = ckpt_dir / "optimizer.pt" if method.optimizer_normalize else None
+        opt_state = moments.state_path(method.index_name, ckpt_dir, indexes)
         scorer = method_scorer(gradients.shards_of(folder / "train"), folder / "queries", method, hessian,
                                acfg.chunk_rows)  # fmt: skip
         if scorer.n_queries != len(queries):

@@ -310,6 +310,12 @@ class AttributeConfig:
     nproc_per_node: int = doc(
         "workers of bergson's own launcher per index build (0: one per visible GPU, or one on a CPU)", 0, ge=0
     )
+    moment_batches: int = doc(
+        'second_moments = "estimated" methods: training minibatches Adam\'s second moments are estimated '
+        "from (the last full steps before the checkpoint among the candidates; attribute/moments.py)",
+        16,
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pythia_attribution import evaluation, paths
-from pythia_attribution.attribute import activations, baselines, gradients, metrics
+from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.model import load_checkpoint
@@ -133,7 +133,7 @@ class Selector:
             folder = self.indexes / method.index_name
             if not (folder / "train").exists():
                 return None  # attribute skipped it (no optimizer state)
-            opt = self.final_dir / "optimizer.pt" if method.optimizer_normalize else None
+            opt = moments.state_path(method.index_name, self.final_dir, self.indexes)
             query = gradients.query_index(
                 work / method.name, self.final_dir, [b["prompt_ids"] for b in behaviors],
                 [b["target_ids"] for b in behaviors], optimizer_state=opt,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from pythia_attribution import paths
-from pythia_attribution.attribute import baselines, gradients
+from pythia_attribution.attribute import baselines, gradients, moments
 from pythia_attribution.attribute.candidates import load_candidates, truth_sets
 from pythia_attribution.attribute.methods import load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
@@ -320,7 +320,6 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
     work = ctx.out_dir / "indexes" / f"{setting}-step{step}"
     work.mkdir(parents=True, exist_ok=True)
-    opt = ckpt_dir / "optimizer.pt"
     attribute_cfg = ctx.profile.attribute
     truth = truth if truth is not None else [None] * len(q_rows)
 
@@ -340,18 +339,22 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
                 f"memorization.methods: '{method.name}' is a {method.kind} method; memorized sequences "
                 "are attributed by gradient and bm25 methods"
             )
-        normalize = method.optimizer_normalize
-        if normalize and not opt.is_file():
+        name = method.index_name
+        if not moments.available(name, ckpt_dir):
             log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method.name, step)
             continue
+        shared_folder = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}"
+        shared = shared_folder / name
+        own = allowed is not None or not (shared / "train").exists()
+        # the query index is normalized as its training index is: by the attribute stage's
+        # estimate where that index is reused, by one made here otherwise
+        folder = work if own else shared_folder
+        state = moments.states([name], ckpt_dir, folder, cands, step, moments.Settings.of(ctx.profile))[name]
         common = {
-            "optimizer_state": opt if normalize else None,
+            "optimizer_state": state,
             "projection_dim": attribute_cfg.projection_dim,
             "token_batch_size": attribute_cfg.token_batch_size,
         }
-        name = method.index_name
-        shared = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}" / name
-        own = allowed is not None or not (shared / "train").exists()
         train = work / f"{name}-train" if own else shared / "train"
         if not train.exists():
             gradients.build_index(train, ckpt_dir, cands.tokens[keys], labels=None, **common)

@@ -27,6 +27,7 @@ class Candidates:
     first_step: np.ndarray  # packed_id -> the step that first trains it
     row_seq_idx: np.ndarray  # corpus row -> seq_idx (sorted)
     row_packed: np.ndarray  # corpus row -> packed_id
+    row_step: np.ndarray  # corpus row -> the step that trains it
 
     def packed_of(self, seq_idxs) -> np.ndarray:
         """Packed ids of training sequences given by ``seq_idx``; each must be a corpus row."""
@@ -57,6 +58,7 @@ def load_candidates(corpus: pa.Table) -> Candidates:
         steps[first_row],
         seq_idx.astype(np.int64),
         packed,
+        steps,
     )
 
 

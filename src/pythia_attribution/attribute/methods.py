@@ -11,6 +11,8 @@ from pythia_attribution.errors import ConfigError
 KINDS = ("gradient", "ekfac", "bm25", "activation", "activation_change", "random")
 QUERIES = ("mean", "difference")
 HESSIANS = ("none", "autocorrelation")
+# where Adam's second moments come from when optimizer_normalize is set (attribute/moments.py)
+SECOND_MOMENTS = {"saved": "adam", "estimated": "adam_est"}
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Method:
     kind: str
     description: str = ""
     optimizer_normalize: bool = False
+    second_moments: str = "saved"  # optimizer_normalize's moments: the saved state, or "estimated"
     hessian: str = "none"
     unit_norm: bool = True
     damping: float = 0.1  # ekfac: the inverse's damping, as a multiple of the mean eigenvalue
@@ -31,8 +34,9 @@ class Method:
 
     @property
     def index_name(self) -> str:
-        """Gradient methods with the same normalization share one bergson index."""
-        return "adam" if self.optimizer_normalize else "raw"
+        """Gradient methods with the same normalization share one bergson index: ``raw``, ``adam``
+        (the saved optimizer state) or ``adam_est`` (estimated second moments)."""
+        return SECOND_MOMENTS[self.second_moments] if self.optimizer_normalize else "raw"
 
 
 def load_methods(path: Path, names: list[str]) -> list[Method]:
@@ -50,6 +54,11 @@ def load_methods(path: Path, names: list[str]) -> list[Method]:
             )
         if method.hessian not in HESSIANS:
             raise ConfigError(f"{path}: method '{name}': unknown hessian '{method.hessian}'")
+        if method.second_moments not in SECOND_MOMENTS:
+            raise ConfigError(
+                f"{path}: method '{name}': unknown second_moments '{method.second_moments}' "
+                f"(known: {', '.join(SECOND_MOMENTS)})"
+            )
         if method.query not in QUERIES:
             raise ConfigError(
                 f"{path}: method '{name}': unknown query '{method.query}' (known: {', '.join(QUERIES)})"

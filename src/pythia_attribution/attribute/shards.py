@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute import gradients
+from pythia_attribution.attribute import gradients, moments
 from pythia_attribution.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,7 @@ def shard_key(cfg, ckpt: dict, index_name: str, rows: np.ndarray, lo: int, hi: i
     }
 
 
-def index_optimizer_state(index: str, opt_state: Path) -> Path | None:
-    """The optimizer state an index is normalized by: the checkpoint's for ``adam``, none for ``raw``."""
-    return opt_state if index == "adam" else None
-
-
-def _opt_sha256(index: str, opt_state: Path) -> str | None:
-    state = index_optimizer_state(index, opt_state)
+def _opt_sha256(state: Path | None) -> str | None:
     return tables.sha256_file(state) if state else None
 
 
@@ -91,36 +85,38 @@ def _finish(part: Path, dest: Path, key: dict) -> Path:
 
 
 def build_shards(
-    cfg, todo: dict[str, tuple[Path, dict]], rows: np.ndarray, ckpt_dir: Path, opt_state
+    cfg, todo: dict[str, tuple[Path, dict]], rows: np.ndarray, ckpt_dir: Path, states: dict
 ) -> None:
     """Build the shards in ``todo`` (index name -> destination and key) over ``rows``, each through
-    ``dest``.part so that a killed build leaves nothing. The Adam-normalized and the raw index
-    share one forward and backward pass (``gradients.build_index_pair``) when both are due and one
+    ``dest``.part so that a killed build leaves nothing; ``states``: each index's optimizer state
+    (``moments.states``). A normalized index (``adam``, else ``adam_est``) and the raw one share
+    one forward and backward pass (``gradients.build_index_pair``) when both are due and one
     process builds them; bergson's launcher (``attribute.nproc_per_node``) builds them apart."""
     common = {"projection_dim": cfg.projection_dim, "token_batch_size": cfg.token_batch_size}
     todo = dict(todo)
-    if {"adam", "raw"} <= todo.keys() and not cfg.nproc_per_node:
-        (adam, adam_key), (raw, raw_key) = todo.pop("adam"), todo.pop("raw")
-        parts = _part(adam), _part(raw)
-        gradients.build_index_pair(*parts, ckpt_dir, rows, optimizer_state=opt_state, **common)
-        _finish(parts[0], adam, adam_key)
+    paired = next((n for n in ("adam", "adam_est") if n in todo), None)
+    if paired and "raw" in todo and not cfg.nproc_per_node:
+        (norm, norm_key), (raw, raw_key) = todo.pop(paired), todo.pop("raw")
+        parts = _part(norm), _part(raw)
+        gradients.build_index_pair(*parts, ckpt_dir, rows, optimizer_state=states[paired], **common)
+        _finish(parts[0], norm, norm_key)
         _finish(parts[1], raw, raw_key)
     for name, (dest, key) in todo.items():
         part = _part(dest)
         gradients.build_index(
-            part, ckpt_dir, rows, labels=None, optimizer_state=index_optimizer_state(name, opt_state),
+            part, ckpt_dir, rows, labels=None, optimizer_state=states[name],
             nproc_per_node=cfg.nproc_per_node, **common,
         )  # fmt: skip
         _finish(part, dest, key)
 
 
 def build_or_adopt(
-    profile, cfg, folders: dict[str, Path], step, ckpt, cands, opt_state, ckpt_dir
+    profile, cfg, folders: dict[str, Path], step, ckpt, cands, states: dict, ckpt_dir
 ) -> dict[str, list[Path]]:
-    """The training indexes named in ``folders`` (``raw``, and ``adam`` normalized by the optimizer
-    state ``opt_state``), each as shards in its folder, in row order."""
+    """The training indexes named in ``folders`` (``raw``, ``adam``, ``adam_est``, normalized by
+    the optimizer states ``states``), each as shards in its folder, in row order."""
     ranges = gradients.shard_ranges(len(cands.tokens), cfg.index_shards)
-    opt_sha256 = {name: _opt_sha256(name, opt_state) for name in folders}
+    opt_sha256 = {name: _opt_sha256(states[name]) for name in folders}
     out: dict[str, list[Path]] = {name: [] for name in folders}
     for i, (lo, hi) in enumerate(ranges):
         name = gradients.shard_name(i, len(ranges))
@@ -150,18 +146,17 @@ def build_or_adopt(
                 "+".join(todo),
                 name,
             )
-            build_shards(cfg, todo, rows, ckpt_dir, opt_state)
+            build_shards(cfg, todo, rows, ckpt_dir, states)
     return out
 
 
-def needed_indexes(methods, has_optimizer_state: bool) -> list[str]:
+def needed_indexes(methods, ckpt_dir: Path) -> list[str]:
     """The training indexes a checkpoint's methods read: ``adam`` for the gradient methods that
-    normalize by the optimizer state (where it was saved), ``raw`` for the other gradient methods
-    and the residual-change method."""
+    normalize by the saved optimizer state (where it was saved), ``adam_est`` for those that
+    normalize by estimated second moments, ``raw`` for the other gradient methods and the
+    residual-change method."""
     names = {
-        m.index_name
-        for m in methods
-        if m.kind == "gradient" and (has_optimizer_state or not m.optimizer_normalize)
+        m.index_name for m in methods if m.kind == "gradient" and moments.available(m.index_name, ckpt_dir)
     }
     if any(m.kind == "activation_change" for m in methods):
         names.add("raw")
@@ -199,11 +194,13 @@ def build_for_profile(profile, shard: int) -> list[Path]:
     built = []
     for step in sorted({max(ckpts), *cfg.checkpoints}):
         ckpt_dir = train_dir / ckpts[step]["path"]
-        opt_state = ckpt_dir / "optimizer.pt"
+        names = needed_indexes(methods, ckpt_dir)
+        folder = prebuilt_dir(profile.name, step, "raw").parent
+        states = moments.states(names, ckpt_dir, folder, cands, step, moments.Settings.of(profile))
         rows = cands.tokens[lo:hi]
         todo = {}
-        for name in needed_indexes(methods, opt_state.is_file()):
-            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(name, opt_state))
+        for name in names:
+            key = shard_key(cfg, ckpts[step], name, rows, lo, hi, _opt_sha256(states[name]))
             dest = prebuilt_dir(profile.name, step, name) / gradients.shard_name(shard, len(ranges))
             if _recorded(dest, key):
                 log.info("%s is already built", dest)  # a rerun after a kill resumes here
@@ -220,5 +217,5 @@ def build_for_profile(profile, shard: int) -> list[Path]:
                 step,
                 "+".join(todo),
             )
-            build_shards(cfg, todo, rows, ckpt_dir, opt_state)
+            build_shards(cfg, todo, rows, ckpt_dir, states)
     return built

@@ -18,7 +18,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute import activations, baselines, gradients, metrics, shards
+from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments, shards
 from pythia_attribution.attribute.candidates import TRUTH_TEXT, TRUTHS, load_candidates, truth_sets
 from pythia_attribution.attribute.methods import Method, load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
@@ -121,7 +121,6 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
     n_rows = len(cands.texts)
     work = ctx.out_dir / "indexes" / f"step{step}"
     all_scores: dict[str, Scored] = {}
-    opt_state = ckpt_dir / "optimizer.pt"
     indexes: dict[str, tuple] = {}
 
     def rank(blocks, totals=None) -> Ranking:
@@ -169,19 +168,22 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
 
     for method in tqdm(methods, desc=f"attribute step{step}", unit="method"):
         if method.kind == "gradient":
-            if method.optimizer_normalize and not opt_state.is_file():
+            if not moments.available(method.index_name, ckpt_dir):
                 tables["skipped"].append(
                     {
                         "behavior_id": None,
                         "family": None,
                         "checkpoint": step,
                         "method": method.name,
-                        "reason": f"step{step} has no optimizer state (saved at the final checkpoint only)",
+                        "reason": (
+                            f"step{step} has no saved optimizer state (the train stage saves it at the "
+                            "final checkpoint; Hub checkpoints have none)"
+                        ),
                     }
                 )
                 continue
             if not indexes:
-                indexes = build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state)
+                indexes = build_indexes(ctx, step, ckpt, methods, cands, queries)
             train_shards, query_idx = indexes[method.index_name]
             hessian = None
             if method.hessian == "autocorrelation":
@@ -232,7 +234,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             all_scores[method.name] = Scored(ranking, faiss=top.result() if top else None)
         elif method.kind == "activation_change":
             if not indexes:
-                indexes = build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state)
+                indexes = build_indexes(ctx, step, ckpt, methods, cands, queries)
             model, layer = activation_model()
             ctrls = query_controls()
             dirs = activations.directions(model, queries, ctrls, layer)
@@ -278,16 +280,18 @@ def method_scorer(train, query, method: Method, hessian, chunk_rows: int) -> gra
     )  # fmt: skip
 
 
-def build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state) -> dict[str, tuple]:
+def build_indexes(ctx, step, ckpt, methods, cands, queries) -> dict[str, tuple]:
     """Every training index the checkpoint's methods read (``shards.needed_indexes``; as shards,
-    adopting any built by ``index-shard``; Adam-normalized and raw in one pass when both are
-    needed), each with its query index."""
+    adopting any built by ``index-shard``; a normalized and the raw index in one pass when both
+    are needed; ``adam_est``'s second moments estimated first, ``moments.estimate``), each with
+    its query index."""
     cfg = ctx.config
-    names = shards.needed_indexes(methods, opt_state.is_file())
-    folder = ctx.out_dir / "indexes" / f"step{step}"
     ckpt_dir = ctx.inputs[paths.TRAIN] / ckpt["path"]
+    names = shards.needed_indexes(methods, ckpt_dir)
+    folder = ctx.out_dir / "indexes" / f"step{step}"
+    states = moments.states(names, ckpt_dir, folder, cands, step, moments.Settings.of(ctx.profile))
     train = shards.build_or_adopt(
-        ctx.profile, cfg, {n: folder / n / "train" for n in names}, step, ckpt, cands, opt_state, ckpt_dir
+        ctx.profile, cfg, {n: folder / n / "train" for n in names}, step, ckpt, cands, states, ckpt_dir
     )
     out = {}
     for name in names:
@@ -296,7 +300,7 @@ def build_indexes(ctx, step, ckpt, methods, cands, queries, opt_state) -> dict[s
             ckpt_dir,
             [p["prompt_ids"] for p in queries],
             [p["target_ids"] for p in queries],
-            optimizer_state=shards.index_optimizer_state(name, opt_state),
+            optimizer_state=states[name],
             projection_dim=cfg.projection_dim,
             token_batch_size=cfg.token_batch_size,
         )

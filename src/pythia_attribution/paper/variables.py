@@ -146,6 +146,7 @@ def compute(study: Study, build: dict) -> dict:
             "n_behaviors": str(attributions["behavior_id"].n_unique()),
             "top_k": str(att_cfg["top_k"]),
             "projection_dim": str(att_cfg["projection_dim"]),
+            "moment_batches": str(att_cfg.get("moment_batches", "n/a")),
             "n_boot": fmt.count(att_cfg["bootstrap"]),
             "ci_level": derive.interval_level(att_prov.get("bootstrap", ""), "tracing_metrics"),
             "n_candidates": fmt.count(summary["n_packed"]),
@@ -171,7 +172,8 @@ def compute(study: Study, build: dict) -> dict:
                     "n": str(row["n_behaviors"]),
                 }
             pairs = [("trackstar", "bm25"), ("grad_cosine", "bm25"), ("trackstar", "grad_cosine")]
-            pairs += [("trackstar_noadam", "trackstar"), ("ekfac", "trackstar"), ("ekfac", "bm25")]
+            pairs += [("trackstar_noadam", "trackstar"), ("trackstar_est", "trackstar")]
+            pairs += [("ekfac", "trackstar"), ("ekfac", "bm25")]
             pairs += [("residual_diff", "activation"), ("residual_diff", "trackstar")]
             pairs += [("residual_change", "grad_cosine"), ("residual_change", "trackstar")]
             for a, b in pairs:
@@ -211,7 +213,7 @@ def compute(study: Study, build: dict) -> dict:
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
         pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")]
-        pairs += [("trackstar", "trackstar_noadam"), ("trackstar", "ekfac")]
+        pairs += [("trackstar", "trackstar_noadam"), ("trackstar", "trackstar_est"), ("trackstar", "ekfac")]
         for a, b in [*pairs, ("trackstar", "residual_diff"), ("trackstar", "residual_change")]:
             paired = derive.causal_paired(study, a, b)
             causal[f"{a}_minus_{b}"] = (
@@ -583,7 +585,14 @@ def noadam_sentence(v: dict) -> str:
         "(trackstar_noadam: the same Hessian and unit norm on raw gradients)."
     )
     text = method_sentence(v, "trackstar_noadam", "Its MRR is", ["trackstar"])
-    return f"{lead} {text or 'This profile does not run it.'}"
+    est = method_sentence(
+        v,
+        "trackstar_est",
+        "With Adam's second moments estimated instead, from the squared minibatch gradients of the "
+        "last training steps at the final checkpoint (trackstar_est), the MRR is",
+        ["trackstar"],
+    )
+    return " ".join(part for part in (lead, text or "This profile does not run it.", est) if part)
 
 
 def activation_space_sentence(v: dict) -> str:
