@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute import activations, baselines, gradients, metrics
+from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments
 from pythia_attribution.attribute.candidates import load_candidates
 
 
@@ -124,16 +124,22 @@ def test_an_objective_index_with_bergsons_loss_is_the_query_index(nano_run, fina
     np.testing.assert_array_equal(gradients.module_blocks(ours)[0], gradients.module_blocks(theirs)[0])
 
 
-def test_the_paired_pass_writes_both_indexes_byte_for_byte(nano_run, final_checkpoint, tmp_path):
-    """build_index_pair (one forward and backward pass) writes the Adam-normalized and the raw
-    index exactly as two build_index calls do: every file of both folders, byte for byte."""
-    ckpt, _ = final_checkpoint
+def test_the_paired_pass_writes_every_index_byte_for_byte(nano_run, final_checkpoint, tmp_path):
+    """build_index_pair (one forward and backward pass) writes the index normalized by the saved
+    optimizer state, the one normalized by estimated second moments and the raw index exactly as
+    three build_index calls do: every file of the three folders, byte for byte."""
+    ckpt, step = final_checkpoint
     cands = load_candidates(_read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE))
     rows = cands.tokens[:40]
     common = {"projection_dim": 4, "token_batch_size": 1024}
     opt = ckpt / "optimizer.pt"
-    gradients.build_index_pair(tmp_path / "adam", tmp_path / "raw", ckpt, rows, optimizer_state=opt, **common)
-    for name, state in (("adam", opt), ("raw", None)):
+    settings = moments.Settings(batch_size=8, batches=2, seed=0, token_batch_size=1024)
+    est = moments.estimate(tmp_path / moments.ESTIMATE, ckpt, cands, step, settings)
+    gradients.build_index_pair(
+        tmp_path / "adam", tmp_path / "raw", ckpt, rows, optimizer_state=opt,
+        more={tmp_path / "adam_est": est}, **common,
+    )  # fmt: skip
+    for name, state in (("adam", opt), ("adam_est", est), ("raw", None)):
         alone = gradients.build_index(
             tmp_path / f"{name}-alone", ckpt, rows, labels=None, optimizer_state=state, **common
         )
@@ -144,8 +150,9 @@ def test_the_paired_pass_writes_both_indexes_byte_for_byte(nano_run, final_check
         assert "gradients.bin" in {f.name for f in files}
         for f in files:
             assert (alone / f).read_bytes() == (tmp_path / name / f).read_bytes(), f"{name}: {f} differs"
-    adam, raw = (gradients.module_blocks(tmp_path / n)[0] for n in ("adam", "raw"))
-    assert not np.array_equal(adam, raw)  # two different indexes, not one written twice
+    adam, adam_est, raw = (gradients.module_blocks(tmp_path / n)[0] for n in ("adam", "adam_est", "raw"))
+    # three different indexes, not one written three times
+    assert not np.array_equal(adam, raw) and not np.array_equal(adam, adam_est)
 
 
 def test_residual_change_is_the_first_order_change_of_the_difference(nano_run, final_checkpoint, tmp_path):

@@ -92,17 +92,19 @@ def build_index(
 
 def build_index_pair(
     adam_path: Path,
-    raw_path: Path,
+    raw_path: Path | None,
     checkpoint: Path,
     rows,
     *,
     optimizer_state: Path,
     projection_dim: int,
     token_batch_size: int,
-) -> tuple[Path, Path]:
-    """The Adam-normalized and the raw index over ``rows`` from one forward and backward pass
-    (``paired.build_pair``): the two ``build_index`` calls with and without ``optimizer_state``
-    give the same files, at the cost of one. One process; bergson's launcher builds them apart."""
+    more: dict[Path, Path] | None = None,
+) -> tuple[Path, Path | None]:
+    """The index normalized by ``optimizer_state``, the raw one (unless ``raw_path`` is None) and
+    those in ``more`` (folder -> its optimizer state) over ``rows`` from one forward and backward
+    pass (``paired.build_pair``): the ``build_index`` calls with and without each state give the
+    same files, at the cost of one. One process; bergson's launcher builds them apart."""
     _bergson()
     from pythia_attribution.attribute import paired
 
@@ -110,7 +112,7 @@ def build_index_pair(
     data_dir = save_rows(adam_path.with_name(adam_path.name + ".data"), rows)
     paired.build_pair(
         adam_path, raw_path, checkpoint, data_dir, optimizer_state=optimizer_state,
-        projection_dim=projection_dim, token_batch_size=token_batch_size,
+        projection_dim=projection_dim, token_batch_size=token_batch_size, more=more,
     )  # fmt: skip
     shutil.rmtree(data_dir)
     return adam_path, raw_path

@@ -89,18 +89,21 @@ def build_shards(
 ) -> None:
     """Build the shards in ``todo`` (index name -> destination and key) over ``rows``, each through
     ``dest``.part so that a killed build leaves nothing; ``states``: each index's optimizer state
-    (``moments.states``). A normalized index (``adam``, else ``adam_est``) and the raw one share
-    one forward and backward pass (``gradients.build_index_pair``) when both are due and one
-    process builds them; bergson's launcher (``attribute.nproc_per_node``) builds them apart."""
+    (``moments.states``). The indexes due share one forward and backward pass
+    (``gradients.build_index_pair``) when one process builds them and one of them is normalized;
+    bergson's launcher (``attribute.nproc_per_node``) builds them apart."""
     common = {"projection_dim": cfg.projection_dim, "token_batch_size": cfg.token_batch_size}
     todo = dict(todo)
-    paired = next((n for n in ("adam", "adam_est") if n in todo), None)
-    if paired and "raw" in todo and not cfg.nproc_per_node:
-        (norm, norm_key), (raw, raw_key) = todo.pop(paired), todo.pop("raw")
-        parts = _part(norm), _part(raw)
-        gradients.build_index_pair(*parts, ckpt_dir, rows, optimizer_state=states[paired], **common)
-        _finish(parts[0], norm, norm_key)
-        _finish(parts[1], raw, raw_key)
+    normalized = [n for n in ("adam", "adam_est") if n in todo]
+    if normalized and len(todo) > 1 and not cfg.nproc_per_node:
+        first, *rest = normalized
+        parts = {n: _part(dest) for n, (dest, _) in todo.items()}
+        gradients.build_index_pair(
+            parts[first], parts.get("raw"), ckpt_dir, rows, optimizer_state=states[first],
+            more={parts[n]: states[n] for n in rest}, **common,
+        )  # fmt: skip
+        for name, part in parts.items():
+            _finish(part, *todo.pop(name))
     for name, (dest, key) in todo.items():
         part = _part(dest)
         gradients.build_index(

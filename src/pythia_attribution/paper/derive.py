@@ -330,3 +330,21 @@ def tokenwise_example(study: Study, method: str = "trackstar") -> pl.DataFrame:
     )
     best = shares["behavior_id"][0]
     return tok.filter(pl.col("behavior_id") == best).sort("position")
+
+
+def topk_shared(study: Study, method: str, reference: str, k: int) -> float | None:
+    """Mean share, over the behaviors both methods attributed at the final checkpoint, of the
+    reference method's top ``k`` sequences that ``method`` also puts in its top ``k``; None when a
+    method is missing."""
+    step = final_checkpoint(study)
+    top = study.frame(paths.ATTRIBUTIONS_TABLE, ("behavior_id", "method", "checkpoint", "rank", "packed_id"))
+    top = top.filter((pl.col("checkpoint") == step) & (pl.col("rank") <= k))
+    ref = top.filter(pl.col("method") == reference).select("behavior_id", "packed_id")
+    other = top.filter(pl.col("method") == method).select("behavior_id", "packed_id")
+    if ref.is_empty() or other.is_empty():
+        return None
+    both = ref.join(other, on=["behavior_id", "packed_id"]).group_by("behavior_id").len()
+    behaviors = ref.select("behavior_id").unique()
+    behaviors = behaviors.join(other.select("behavior_id").unique(), on="behavior_id")
+    shared = behaviors.join(both, on="behavior_id", how="left").fill_null(0)
+    return float((shared["len"] / k).mean())

@@ -232,7 +232,10 @@ def compute(study: Study, build: dict) -> dict:
         v["causal"] = causal
 
     with _section(v, "noadam"):
-        v["noadam"] = {"sentence": noadam_sentence(v)}
+        shared = {
+            m: derive.topk_shared(study, m, "trackstar", 10) for m in ("trackstar_noadam", "trackstar_est")
+        }
+        v["noadam"] = {"sentence": noadam_sentence(v, shared)}
 
     with _section(v, "ekfac"):
         v["ekfac"] = {"sentence": ekfac_sentence(v)}
@@ -578,13 +581,15 @@ def ekfac_sentence(v: dict) -> str:
     return text or f"{subject} is not run by this profile."
 
 
-def noadam_sentence(v: dict) -> str:
-    """What TrackStar loses without the optimizer state (real Pythia publishes none)."""
+def noadam_sentence(v: dict, shared: dict[str, float | None]) -> str:
+    """What TrackStar loses without the optimizer state (real Pythia publishes none), with no Adam
+    correction and with estimated second moments; ``shared``: each variant's mean share of
+    TrackStar's top 10."""
     lead = (
         "Real Pythia publishes no optimizer state, so its TrackStar runs without Adam's second moments "
-        "(trackstar_noadam: the same Hessian and unit norm on raw gradients)."
+        "(trackstar_noadam: the same Hessian and unit norm on raw gradients) or with estimated ones."
     )
-    text = method_sentence(v, "trackstar_noadam", "Its MRR is", ["trackstar"])
+    text = method_sentence(v, "trackstar_noadam", "Without them its MRR is", ["trackstar"])
     est = method_sentence(
         v,
         "trackstar_est",
@@ -592,7 +597,14 @@ def noadam_sentence(v: dict) -> str:
         "last training steps at the final checkpoint (trackstar_est), the MRR is",
         ["trackstar"],
     )
-    return " ".join(part for part in (lead, text or "This profile does not run it.", est) if part)
+    parts = [lead, text or "This profile does not run it.", est]
+    if shared.get("trackstar_noadam") is not None and shared.get("trackstar_est") is not None:
+        parts.append(
+            f"The estimate reproduces TrackStar's rankings more closely than no correction does: on "
+            f"average {fmt.pct(shared['trackstar_est'])} of TrackStar's top 10 are in trackstar_est's "
+            f"top 10, against {fmt.pct(shared['trackstar_noadam'])} for trackstar_noadam."
+        )
+    return " ".join(part for part in parts if part)
 
 
 def activation_space_sentence(v: dict) -> str:
