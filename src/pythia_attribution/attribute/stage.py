@@ -282,9 +282,9 @@ def method_scorer(train, query, method: Method, hessian, chunk_rows: int) -> gra
 
 def build_indexes(ctx, step, ckpt, methods, cands, queries) -> dict[str, tuple]:
     """Every training index the checkpoint's methods read (``shards.needed_indexes``; as shards,
-    adopting any built by ``index-shard``; a normalized and the raw index in one pass when both
-    are needed; ``adam_est``'s second moments estimated first, ``moments.estimate``), each with
-    its query index."""
+    adopting any built by ``index-shard``; all of them in one pass, ``shards.build_shards``;
+    ``adam_est``'s second moments estimated first, ``moments.estimate``), each with its query
+    index."""
     cfg = ctx.config
     ckpt_dir = ctx.inputs[paths.TRAIN] / ckpt["path"]
     names = shards.needed_indexes(methods, ckpt_dir)
