@@ -8,7 +8,7 @@ the Okabe-Ito palette, distinguishable with the common colour-vision deficiencie
 METHODS: dict[str, tuple[str, str]] = {
     "trackstar": ("TrackStar", "#0072B2"),
     "trackstar_noadam": ("TrackStar without Adam state", "#332288"),
-    "trackstar_est": ("TrackStar, estimated Adam state", "#44AA99"),
+    "trackstar_est": ("TrackStar with estimated Adam state", "#44AA99"),
     "grad_cosine": ("Gradient cosine", "#56B4E9"),
     "ekfac": ("EK-FAC", "#009E73"),
     "bm25": ("BM25", "#E69F00"),
