@@ -1,14 +1,15 @@
 """One look for every figure and table: a colour and a label per method, family and category.
 
 Plain data, no imports, so that any code (figures, tables, a notebook) can share it. Colours are
-the Okabe-Ito palette, distinguishable with the common colour-vision deficiencies.
+the Okabe-Ito palette, distinguishable with the common colour-vision deficiencies, and where it
+runs out, Paul Tol's muted scheme (indigo, wine, olive), chosen for the same property.
 """
 
 # method -> (label, colour); the order is the order of legends and table rows.
 METHODS: dict[str, tuple[str, str]] = {
     "trackstar": ("TrackStar", "#0072B2"),
     "trackstar_noadam": ("TrackStar without Adam state", "#332288"),
-    "trackstar_est": ("TrackStar with estimated Adam state", "#44AA99"),
+    "trackstar_est": ("TrackStar with estimated Adam state", "#999933"),
     "grad_cosine": ("Gradient cosine", "#56B4E9"),
     "ekfac": ("EK-FAC", "#009E73"),
     "bm25": ("BM25", "#E69F00"),
