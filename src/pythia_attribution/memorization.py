@@ -346,10 +346,14 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
         shared_folder = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}"
         shared = shared_folder / name
         own = allowed is not None or not (shared / "train").exists()
-        # the query index is normalized as its training index is: by the attribute stage's
-        # estimate where that index is reused, by one made here otherwise
-        folder = work if own else shared_folder
-        state = moments.states([name], ckpt_dir, folder, cands, step, moments.Settings.of(ctx.profile))[name]
+        # the query index is normalized as its training index is: by the attribute stage's state
+        # where that index is reused; otherwise by one estimated here, once per checkpoint for
+        # every setting (it depends on the checkpoint and the candidates only)
+        if own:
+            folder, settings = ctx.out_dir / "indexes" / f"step{step}", moments.Settings.of(ctx.profile)
+            state = moments.states([name], ckpt_dir, folder, cands, step, settings)[name]
+        else:
+            state = moments.state_path(name, ckpt_dir, shared_folder)
         common = {
             "optimizer_state": state,
             "projection_dim": attribute_cfg.projection_dim,

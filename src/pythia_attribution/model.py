@@ -74,6 +74,11 @@ def model_limits(train_dir: Path, checkpoints: list[dict]) -> dict[int, tuple[in
     return limits
 
 
+def compute_device() -> str:
+    """Where gradients and scores are computed: the first GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_checkpoint(path: Path):
     """Load a checkpoint folder (model and tokenizer) in eval mode on the CPU."""
     model = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -123,13 +123,14 @@ def estimate(out: Path, ckpt_dir: Path, cands, step: int, settings: Settings) ->
     ``.part`` file beside it."""
     import torch
     import torch.nn.functional as F
-    from transformers import GPTNeoXForCausalLM
+
+    from pythia_attribution.model import compute_device, load_checkpoint
 
     groups, how = minibatches(cands, step, settings)
     token_batch_size = settings.token_batch_size
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPTNeoXForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).to(device)
-    model.eval()  # Pythia has no dropout; eval keeps any other train-time randomness out
+    device = compute_device()
+    model, _ = load_checkpoint(ckpt_dir)  # in eval mode: Pythia has no dropout, nothing else random
+    model.to(device)
     limit = model.config.max_position_embeddings
     names = [n for n, _ in model.named_parameters()]
     sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}

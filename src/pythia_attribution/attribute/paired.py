@@ -35,6 +35,8 @@ from bergson.utils.worker_utils import (
     setup_model_and_peft,
 )
 
+_OWN = object()  # PairedCollector's own normalizers (the first normalized index's)
+
 
 @dataclass(kw_only=True)
 class PairedCollector(GradientCollector):
@@ -43,13 +45,12 @@ class PairedCollector(GradientCollector):
 
     extra: dict[Path, dict | None]
     extra_grads: dict = field(default_factory=dict)
-    _override: dict | None = None
-    _overriding: bool = False
+    _normalizers: object = _OWN  # whose normalizers normalizer_for answers with: _OWN, a dict or None
 
     def normalizer_for(self, name: str):
-        if not self._overriding:
+        if self._normalizers is _OWN:
             return super().normalizer_for(name)
-        return None if self._override is None else self._override.get(name)
+        return None if self._normalizers is None else self._normalizers.get(name)
 
     def setup(self) -> None:
         super().setup()
@@ -66,7 +67,7 @@ class PairedCollector(GradientCollector):
         """The module's rows under other normalizers, from the inputs the forward hook kept
         unprojected (Adam's normalizer divides the full gradient before the projection)."""
         a = module._inputs
-        self._override, self._overriding = normalizers, True
+        self._normalizers = normalizers
         try:
             if normalizers is None and not module._collect_bias:  # the forward hook's raw projection
                 p = self.per_module_projection_dim
@@ -74,7 +75,7 @@ class PairedCollector(GradientCollector):
                 module._inputs = a @ self.projection(module._name, p, i, "right", a.device, a.dtype).T
             grads = self._module_gradient(module, g)
         finally:
-            self._override, self._overriding = None, False
+            self._normalizers = _OWN
             module._inputs = a
         return self._materialize_gradient(grads).to(device="cpu", dtype=self.save_dtype)
 
@@ -142,11 +143,7 @@ def build_pair(
         raise ValueError("the paired build needs a per-module projection (attribute.projection_dim > 0)")
     batches = allocate_batches(data["length"][:], cfg.token_batch_size, max_batch_size=cfg.max_batch_size)
     computer = CollectorComputer(model=model, data=data, collector=collector, batches=batches, cfg=cfg)
-    computer.run_with_collector_hooks(
-        desc="gradients ("
-        + ", ".join(["normalized", *("normalized" if n else "raw" for n in extra.values())])
-        + ")"
-    )
+    computer.run_with_collector_hooks(desc=f"gradients ({len(extra) + 1} indexes in one pass)")
     for c in others.values():
         shutil.copy(cfg.partial_run_path / "total_processed.pt", c.partial_run_path)
     shutil.move(cfg.partial_run_path, adam_path)

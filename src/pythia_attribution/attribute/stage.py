@@ -23,7 +23,7 @@ from pythia_attribution.attribute.candidates import TRUTH_TEXT, TRUTHS, load_can
 from pythia_attribution.attribute.methods import Method, load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.errors import ConfigError
-from pythia_attribution.model import load_checkpoint, set_threads
+from pythia_attribution.model import compute_device, load_checkpoint, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,6 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
     if "keys" in shared:  # a cache for this checkpoint's methods, not an output
         del shared["keys"]
         (work / "activations.npy").unlink()
-
-
-def compute_device() -> str:
-    """Where gradient scores are computed: the first GPU when there is one."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def method_scorer(train, query, method: Method, hessian, chunk_rows: int) -> gradients.GradientScorer:

@@ -598,11 +598,13 @@ def noadam_sentence(v: dict, shared: dict[str, float | None]) -> str:
         ["trackstar"],
     )
     parts = [lead, text or "This profile does not run it.", est]
-    if shared.get("trackstar_noadam") is not None and shared.get("trackstar_est") is not None:
+    est_share, noadam_share = shared.get("trackstar_est"), shared.get("trackstar_noadam")
+    if est_share is not None and noadam_share is not None:
+        closer = "more" if est_share > noadam_share else "no more"
         parts.append(
-            f"The estimate reproduces TrackStar's rankings more closely than no correction does: on "
-            f"average {fmt.pct(shared['trackstar_est'])} of TrackStar's top 10 are in trackstar_est's "
-            f"top 10, against {fmt.pct(shared['trackstar_noadam'])} for trackstar_noadam."
+            f"The estimate reproduces TrackStar's rankings {closer} closely than no correction does: on "
+            f"average {fmt.pct(est_share)} of TrackStar's top 10 are in trackstar_est's top 10, against "
+            f"{fmt.pct(noadam_share)} for trackstar_noadam."
         )
     return " ".join(part for part in parts if part)
 
