@@ -5,6 +5,7 @@ import pyarrow.compute as pc
 import torch
 
 from pythia_attribution import paths, tables
+from pythia_attribution.attribute import moments
 from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
 from pythia_attribution.memorization import dup_bin, memorization_test, restricted_step, wilson, window_counts
@@ -116,4 +117,22 @@ def test_canary_memorization_agrees_with_the_probe(nano_run):
         assert row.n_memorized == by_probe[(row.checkpoint, row.injected_count)]
     attributed = _read(results, paths.MEMORIZATION, paths.CANARY_ATTRIBUTION_TABLE).to_pandas()
     final = table[table["checkpoint"] == table["checkpoint"].max()]
-    assert len(attributed) == final["n_memorized"].sum() * 3  # trackstar, grad_cosine, bm25
+    methods = load_profile(str(nano_run["profile"])).memorization.methods
+    assert len(attributed) == final["n_memorized"].sum() * len(methods)
+
+
+def test_memorized_sequences_are_attributed_with_estimated_second_moments(nano_run):
+    """``trackstar_est`` runs at every checkpoint memorization attributes at: before the final one
+    with second moments it estimated there itself, at the final one with the attribute stage's
+    estimate (never written into that stage's folder)."""
+    results = nano_run["results"]
+    att = _read(results, paths.MEMORIZATION, paths.MEMORIZED_ATTRIBUTION_TABLE).to_pandas()
+    final = max(c["step"] for c in _read(results, paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist())
+    steps = set(att["checkpoint"])
+    assert steps - {final}, "nano attributes memorized sequences at an earlier checkpoint"
+    assert set(att.loc[att["method"] == "trackstar_est", "checkpoint"]) == steps
+    own = results / paths.MEMORIZATION / "indexes"
+    for step in steps - {final}:
+        assert (own / f"step{step}" / "adam_est" / moments.ESTIMATE).is_file(), step
+    assert not (own / f"step{final}").exists()
+    assert (results / paths.ATTRIBUTE / "indexes" / f"step{final}" / "adam_est" / moments.ESTIMATE).is_file()

@@ -2,6 +2,10 @@
 the file, and a planted copy ranked first."""
 
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,8 +47,21 @@ def test_minibatches_are_the_last_full_steps_before_the_checkpoint():
     groups, how = moments.minibatches(_candidates(steps), 5, settings)
     assert [sorted(steps[g].tolist()) for g in groups] == [[2] * 4, [4] * 4]  # step 3 is not full
     assert "full training steps" in how
-    groups, _ = moments.minibatches(_candidates(steps), 6, dataclasses.replace(settings, batches=10))
-    assert [int(steps[g][0]) for g in groups] == [0, 1, 2, 4, 5]
+    # asked for more than are full: the five full steps, then seeded batches of the others
+    groups, how = moments.minibatches(_candidates(steps), 6, dataclasses.replace(settings, batches=10))
+    assert [sorted(steps[g].tolist()) for g in groups] == [[s] * 4 for s in (0, 1, 2, 4, 5)] + [[3] * 3]
+    assert "5 full training steps" in how and "1 seeded batch of" in how
+
+
+def test_too_few_full_steps_are_topped_up_with_seeded_batches():
+    settings = moments.Settings(batch_size=4, batches=4, seed=3, token_batch_size=64)
+    steps = np.array([0] * 4 + [1] * 2 + [2] * 4 + list(range(3, 23)))  # steps 0 and 2 full
+    groups, how = moments.minibatches(_candidates(steps), 23, settings)
+    assert [sorted(steps[g].tolist()) for g in groups[:2]] == [[0] * 4, [2] * 4]
+    seeded = np.concatenate(groups[2:])
+    assert [len(g) for g in groups[2:]] == [4, 4] and len(np.unique(seeded)) == 8
+    assert not set(seeded) & set(np.concatenate(groups[:2]))  # no sequence twice
+    assert "2 full training steps" in how and "2 seeded batches" in how
 
 
 def test_without_a_full_step_the_minibatches_are_seeded_samples():
@@ -55,6 +72,20 @@ def test_without_a_full_step_the_minibatches_are_seeded_samples():
     assert "seeded" in how
     again, _ = moments.minibatches(_candidates(steps), 20, settings)
     assert all((a == b).all() for a, b in zip(groups, again, strict=True))
+
+
+def test_partial_estimates_of_killed_runs_are_removed_and_no_others(tmp_path):
+    out = tmp_path / moments.ESTIMATE
+    code = "import os; print(os.getpid())"
+    gone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    dead = moments._part_name(out, host, int(gone.stdout))  # that process has exited
+    alive = moments._part_name(out, host, os.getpid())
+    elsewhere = moments._part_name(out, "another-host.example", int(gone.stdout))
+    for part in (dead, alive, elsewhere):
+        part.write_bytes(b"half")
+    assert moments.clear_stale_parts(out) == [dead]
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
 
 
 def test_the_estimate_is_the_mean_squared_minibatch_gradient(nano, tmp_path):

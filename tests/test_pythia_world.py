@@ -162,6 +162,8 @@ def test_checkpoints_are_the_pinned_commits(pythia):
         _read(pythia_run["results"], paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)["method"].to_pylist()
     )
     assert {"trackstar_noadam", "trackstar_est", "ekfac"} <= methods and "trackstar" not in methods
+    memorized = _read(pythia_run["results"], paths.MEMORIZATION, paths.MEMORIZED_ATTRIBUTION_TABLE)
+    assert {"trackstar_est", "trackstar_noadam"} <= set(memorized["method"].to_pylist())
 
 
 def test_unknown_revision_and_wrong_sha256_stop_naming_the_artifact(pythia, capsys):

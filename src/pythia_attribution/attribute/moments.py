@@ -14,8 +14,9 @@ average (beta2; Pythia 0.95, an effective window of about 20 steps) of the squar
 gradient of the training loss. The estimate is the mean, over ``batches`` training minibatches,
 of the squared minibatch gradient at the checkpoint: the minibatches are the last full training
 steps before the checkpoint whose sequences are all candidates (what the optimizer saw last;
-micro has every step, the real profiles select the last ten), else, at a checkpoint with no full
-step among the candidates, seeded batches of the candidates of the training batch size. It
+micro has every step, the real profiles select the last ten before the final checkpoint), and
+where fewer than ``batches`` are full (an earlier checkpoint at real scale), seeded batches of the
+other candidates of the training batch size make up the number. It
 differs from the saved state in four stated ways: the gradients are taken at the checkpoint's
 parameters, not at the moving parameters of those steps; the steps are weighted equally, not by
 beta2's decay; nothing is clipped (micro's final gradient norms are about 0.45, under the clip of
@@ -32,6 +33,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +76,7 @@ class Settings:
 
     batch_size: int  # sequences per training step (corpus.batch_size)
     batches: int  # minibatches averaged (attribute.moment_batches)
-    seed: int  # for the seeded batches, where no full step is among the candidates
+    seed: int  # for the seeded batches, where too few full steps are among the candidates
     token_batch_size: int  # tokens per forward pass (attribute.token_batch_size)
 
     @classmethod
@@ -97,30 +99,42 @@ def states(
 
 
 def minibatches(cands, step: int, settings: Settings) -> tuple[list[np.ndarray], str]:
-    """The packed ids of each minibatch the estimate is taken over, and how they were chosen."""
+    """The packed ids of each minibatch the estimate is taken over, and how they were chosen: the
+    last ``batches`` full training steps before ``step`` among the candidates, topped up with
+    seeded batches of the other candidates (of the training batch size) where fewer are full."""
     steps = np.asarray(cands.row_step)
     counts = np.bincount(steps, minlength=step)[:step]  # the steps the checkpoint has trained
     # a step is full when every one of its sequences is a candidate (a corpus row)
-    full = np.flatnonzero(counts == settings.batch_size)
-    if len(full):
-        chosen = full[-settings.batches :]
-        rows = [np.flatnonzero(steps == s) for s in chosen]
-        how = f"the last {len(chosen)} full training steps before step{step} ({chosen[0]}-{chosen[-1]})"
-        return [cands.row_packed[r] for r in rows], how
-    rng = np.random.default_rng(settings.seed)
-    n = len(cands.tokens)
-    take = rng.permutation(n)[: min(n, settings.batches * settings.batch_size)]
-    groups = [g for g in np.array_split(take, max(1, len(take) // settings.batch_size)) if len(g)]
-    return groups, (
-        f"{len(groups)} seeded batches of about {len(take) // len(groups)} candidates "
-        f"(no full training step before step{step} among the candidates)"
-    )
+    chosen = np.flatnonzero(counts == settings.batch_size)[-settings.batches :]
+    groups = [cands.row_packed[steps == s] for s in chosen]
+    parts = []
+    if len(chosen):
+        last = _count(len(chosen), "full training step")
+        parts.append(f"the last {last} before step{step} ({chosen[0]}-{chosen[-1]})")
+    missing = settings.batches - len(groups)
+    if missing > 0:
+        used = np.concatenate(groups) if groups else np.empty(0, dtype=np.int64)
+        pool = np.setdiff1d(np.arange(len(cands.tokens)), used)
+        take = np.random.default_rng(settings.seed).permutation(pool)[: missing * settings.batch_size]
+        seeded = [g for g in np.array_split(take, max(1, len(take) // settings.batch_size)) if len(g)]
+        groups += seeded
+        if seeded:
+            parts.append(
+                f"{_count(len(seeded), 'seeded batch')} of about {len(take) // len(seeded)} other candidates "
+                f"({'no' if not len(chosen) else 'too few'} full training steps before step{step} "
+                "among the candidates)"
+            )
+    return groups, " and ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
 def estimate(out: Path, ckpt_dir: Path, cands, step: int, settings: Settings) -> Path:
     """Estimate Adam's second moments at the checkpoint in ``ckpt_dir`` (module docstring) and
-    write them to ``out`` as an ``optimizer.pt``, atomically: a killed run leaves at most a
-    ``.part`` file beside it."""
+    write them to ``out`` as an ``optimizer.pt``, atomically through a ``.part`` file named after
+    the host and process, which the next estimate here removes once that process is gone."""
     import torch
     import torch.nn.functional as F
 
@@ -164,11 +178,41 @@ def estimate(out: Path, ckpt_dir: Path, cands, step: int, settings: Settings) ->
         "param_groups": [{"params": list(range(len(names))), "estimated_from": how}],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_parts(out)
     # saved through memory: torch names the archive's folder after the file it writes, so a
     # temporary file's name would make the bytes differ from run to run
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    part = out.with_name(f"{out.name}.{os.getpid()}.part")  # processes building shards at once
+    part = _part_name(out, socket.gethostname(), os.getpid())  # shard builders estimate at once
     part.write_bytes(buffer.getvalue())
     os.replace(part, out)
     return out
+
+
+def _part_name(out: Path, host: str, pid: int) -> Path:
+    return out.with_name(f"{out.name}.{host}.{pid}.part")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks that the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clear_stale_parts(out: Path) -> list[Path]:
+    """Remove the ``.part`` files of ``out`` that estimates on this host left when they were killed
+    (their process is gone); those of running processes and of other hosts (a shared file system)
+    are left alone. Returns what was removed."""
+    host, removed = socket.gethostname(), []
+    for part in out.parent.glob(f"{out.name}.*.part"):
+        owner, _, pid = part.name[len(out.name) + 1 : -len(".part")].rpartition(".")
+        if owner == host and pid.isdigit() and not _running(int(pid)):
+            part.unlink(missing_ok=True)
+            removed.append(part)
+    if removed:
+        log.info("removed %d partial estimate(s) left by killed runs beside %s", len(removed), out)
+    return removed
