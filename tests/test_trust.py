@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -271,9 +272,15 @@ def test_an_unusable_results_root_is_one_line(world, capsys, tmp_path, monkeypat
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(blocker / "results"))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # the log's fallback, kept out of /tmp
     assert main(["corpus", "--profile", str(world), "-q"]) == 2
     err = _one_line(capsys)
     assert str(blocker / "results") in err and "Not a directory" in err
+    # the traceback goes to the temp folder, since the results root cannot hold it
+    (log,) = temp.glob("error-*.log")
+    assert f"(details: {log})" in err and "NotADirectoryError" in log.read_text()
 
 
 def test_a_bug_is_one_line_and_a_log_with_the_traceback(nano_copy, capsys, monkeypatch):
