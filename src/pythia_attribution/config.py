@@ -312,7 +312,8 @@ class AttributeConfig:
     )
     moment_batches: int = doc(
         'second_moments = "estimated" methods: training minibatches Adam\'s second moments are estimated '
-        "from (the last full steps before the checkpoint among the candidates; attribute/moments.py)",
+        "from (the last full steps before the checkpoint among the candidates, topped up with seeded "
+        "batches of the other candidates where fewer are full; attribute/moments.py)",
         16,
         ge=1,
     )
