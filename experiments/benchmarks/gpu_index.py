@@ -49,6 +49,9 @@ COMMON = {
 }
 
 
+WARM = 2  # rows of the first call, which times a call's setup (loading the model, bergson's hooks)
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -83,10 +86,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["70m", "160m"], choices=list(SHAPES))
-    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--sequences", type=int, default=256, help=f"more than {WARM}")
     parser.add_argument("--projection-dim", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.sequences <= WARM:
+        parser.error(f"--sequences must be more than {WARM} (the warm-up call's rows)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = (
         torch.cuda.get_device_name() if device == "cuda" else "CPU (a check of the script, not a measurement)"
@@ -106,10 +111,10 @@ def main() -> None:
             kwargs = {"labels": None, "optimizer_state": None, "projection_dim": args.projection_dim}
             start = time.perf_counter()
             gradients.build_index(
-                Path(tmp) / "warm", Path(tmp) / "model", cut[:2], token_batch_size=2048, **kwargs
+                Path(tmp) / "warm", Path(tmp) / "model", cut[:WARM], token_batch_size=2048, **kwargs
             )
             sync(device)
-            setup = time.perf_counter() - start  # mostly loading the model; two rows' compute besides
+            setup = time.perf_counter() - start  # mostly loading the model; WARM rows' compute besides
             start = time.perf_counter()
             gradients.build_index(
                 Path(tmp) / "index", Path(tmp) / "model", cut, token_batch_size=2048, **kwargs
@@ -117,7 +122,9 @@ def main() -> None:
             sync(device)
             seconds = time.perf_counter() - start
             built = len(cut) * (cut.shape[1] - 1) / seconds
-            steady = len(cut) * (cut.shape[1] - 1) / max(seconds - setup, 1e-9)
+            # a call costs setup + rows x per-row time, and the warm call did WARM rows: the
+            # difference of the two calls is (rows - WARM) rows' compute alone
+            steady = (len(cut) - WARM) * (cut.shape[1] - 1) / max(seconds - setup, 1e-9)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(
             f"pythia-{key} shapes ({params:.0f}M parameters), {len(cut)} x {cut.shape[1]} tokens: "

@@ -107,18 +107,16 @@ def child(args) -> dict:
             scorer = gradients.GradientScorer(
                 train, queries, unit_norm=True, hessian_path=hessian, chunk_rows=args.chunk_rows
             )
-            ranking = Ranking(args.queries, args.rows, args.k, truth, sample_size=args.sample, seed=0)
-            union = np.unique(np.concatenate(truth))
-            s = scorer.totals(union)
-            ranking.set_truth_best({q: s[q, np.searchsorted(union, t)] for q, t in enumerate(truth)})
-            for first, block in scorer.chunks():
-                ranking.add(first, block)
+            # two truth definitions, as the attribute stage counts (complete within partial)
+            truths = {"partial": truth, "complete": [t[:2] for t in truth]}
+            ranking = Ranking(args.queries, args.rows, args.k, truths, sample_size=args.sample, seed=0)
+            ranking.consume(scorer.chunks(), scorer.totals)
         peaks["stream"] = peak
         with PeakMemory() as peak:
             ids, _ = ranking.top()
             scorer.per_module(np.unique(ids))
             [ranking.summary(q) for q in range(args.queries)]
-            [ranking.tracing(q) for q in range(args.queries)]
+            [ranking.tracing(q, name) for q in range(args.queries) for name in truths]
         out["score_s"], peaks["top-k"] = time.perf_counter() - start, peak
         for phase, p in peaks.items():
             out[f"anon_{phase}_mib"] = (p.peak_anon - baseline_anon) / 1024

@@ -106,7 +106,14 @@ def main() -> None:
         help="run the stages in one process, as nox -s all does (default), or each in its own",
     )
     args = parser.parse_args()
-    results = args.results or tempfile.mkdtemp(prefix="pythia-attribution-bench-")
+    if args.results:
+        report(args, args.results)
+        return
+    with tempfile.TemporaryDirectory(prefix="pythia-attribution-bench-") as results:
+        report(args, results)  # the outputs are removed afterwards (--results keeps them)
+
+
+def report(args, results: str) -> None:
     env = {**os.environ, "PYTHIA_ATTRIBUTION_RESULTS": results}
     before = calibrate(args.profile)
     outside = {}
@@ -121,7 +128,8 @@ def main() -> None:
     after = calibrate(args.profile)
     calibration = (before + after) / 2
     how = "one process" if args.processes == "one" else "one process per stage"
-    print(f"profile {args.profile}, results in {results}, the stages run in {how}")
+    kept = results if args.results else "a temporary folder, removed"
+    print(f"profile {args.profile}, results in {kept}, the stages run in {how}")
     print(
         f"calibration: forward+backward {before:,.0f} tokens/s before the stages, {after:,.0f} after "
         f"(mean {calibration:,.0f}; 1 Mtok = {1e6 / calibration:.1f} s on this machine)"

@@ -168,9 +168,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(one(args.profile, args.child, args.steps)))
         return
-    results: dict[str, list[dict]] = {v: [] for v in args.variants}
+    # the baseline always runs: every ratio and the weights' comparison are against it
+    results: dict[str, list[dict]] = {v: [] for v in ["baseline", *args.variants]}
     for _ in range(args.rounds):
-        for variant in args.variants:
+        for variant in results:
             command = [sys.executable, __file__, "--profile", args.profile, "--steps", str(args.steps)]
             out = subprocess.run(
                 [*command, "--child", variant],
@@ -180,15 +181,15 @@ def main() -> None:
                 check=True,
             )
             results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = results.get("baseline")
-    base_rate = float(np.median([r["tokens_per_s"] for r in base])) if base else float("nan")
+    base = results["baseline"]
+    base_rate = float(np.median([r["tokens_per_s"] for r in base]))
     print(f"profile {args.profile}: {args.steps} timed steps after one warm-up step, {args.rounds} rounds")
     print(f"{'variant':<12} {'tokens/s':>9} {'ratio':>6} {'first step s':>13}  weights")
     for variant, runs in results.items():
         rate = float(np.median([r["tokens_per_s"] for r in runs]))
         first = float(np.median([r["first_step_s"] for r in runs]))
         same_runs = len({r["weights"] for r in runs}) == 1
-        same_base = bool(base) and runs[0]["weights"] == base[0]["weights"]
+        same_base = runs[0]["weights"] == base[0]["weights"]
         weights = ("= baseline" if same_base else "differ from baseline") + (
             ", same every round" if same_runs else ", DIFFER between rounds"
         )

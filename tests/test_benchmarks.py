@@ -1,0 +1,83 @@
+"""Every benchmark script runs, at toy sizes, and prints its figures.
+
+A benchmark is run by hand when its figures are wanted, often long after the code it calls last
+changed; ``scale.py`` stopped running when the ranking's interface changed and nothing noticed.
+These runs check that each script still works end to end, not its numbers: speed and memory are
+what the scripts print, never asserted here. The scripts that read a profile's results run on the
+session's nano pipeline; ``gpu_index.py`` runs on the CPU, as its docstring allows.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+
+
+def _run(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def nano(nano_run):
+    """The nano run's profile and the environment that points the scripts at its results."""
+    root = nano_run["root"]
+    env = {
+        "PYTHIA_ATTRIBUTION_RESULTS": str(root / "results"),
+        "PYTHIA_ATTRIBUTION_CACHE": str(root / "world" / "cache"),
+    }
+    return str(nano_run["profile"]), env
+
+
+def test_every_script_is_covered():
+    covered = {
+        "gpu_index.py", "scale.py", "second_moments.py", "attribution.py", "memorization.py",
+        "threads.py", "allocator.py", "train_options.py", "stage_times.py",
+    }  # fmt: skip
+    assert {p.name for p in BENCHMARKS.glob("*.py")} == covered
+
+
+def test_gpu_index_runs_on_the_cpu():
+    out = _run("gpu_index.py", "--models", "tiny", "--sequences", "3")
+    assert "device: CPU" in out and "pythia-tiny shapes" in out and "bergson index" in out
+
+
+def test_scale_streams_two_sizes():
+    out = _run("scale.py", "--sizes", "1000", "2000", "--queries", "3", "--sample", "100", "--k", "5")
+    lines = [line.split() for line in out.splitlines()]
+    assert [row[0] for row in lines if row and row[0].isdigit()] == ["1000", "2000"]
+    assert "2x the rows" in out
+
+
+@pytest.mark.parametrize(
+    "script, args, expected",
+    [
+        ("second_moments.py", ["--batches", "2", "--sample", "4"], "row cosine"),
+        ("attribution.py", ["--sequences", "8"], "passes"),
+        ("memorization.py", ["--rounds", "1"], "ratio test/forward"),
+        ("threads.py", ["--threads", "1", "--steps", "1", "--rounds", "1"], "threads=1"),
+        ("allocator.py", ["--rounds", "1", "--steps", "1", "--sequences", "8"], "peak resident memory"),
+        ("train_options.py", ["--steps", "1", "--rounds", "1", "--variants", "active"], "active"),
+        ("stage_times.py", ["--stages", "corpus", "train"], "calibration"),
+    ],
+)
+def test_profile_benchmarks_run_on_nano(nano, script, args, expected):
+    profile, env = nano
+    out = _run(script, "--profile", profile, *args, env=env)
+    assert expected in out
+    if script == "train_options.py":  # the baseline runs whether or not it is asked for
+        rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+        assert rows["baseline"][2] == "1.00" and rows["active"][2] != "nan"
