@@ -1,4 +1,5 @@
-"""Every benchmark script runs, at toy sizes, and prints its figures.
+"""Every benchmark script (and ``experiments/planted_copy.py``) runs, at toy sizes, and prints
+its figures.
 
 A benchmark is run by hand when its figures are wanted, often long after the code it calls last
 changed; ``scale.py`` stopped running when the ranking's interface changed and nothing noticed.
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+BENCHMARKS = EXPERIMENTS / "benchmarks"
 
 
 def _run(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> str:
+    """Run ``experiments/<script>``; its stdout."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
+        [sys.executable, str(EXPERIMENTS / script), *args],
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         capture_output=True,
         text=True,
@@ -51,12 +54,13 @@ def test_every_script_is_covered():
 
 
 def test_gpu_index_runs_on_the_cpu():
-    out = _run("gpu_index.py", "--models", "tiny", "--sequences", "3")
+    out = _run("benchmarks/gpu_index.py", "--models", "tiny", "--sequences", "3")
     assert "device: CPU" in out and "pythia-tiny shapes" in out and "bergson index" in out
 
 
 def test_scale_streams_two_sizes():
-    out = _run("scale.py", "--sizes", "1000", "2000", "--queries", "3", "--sample", "100", "--k", "5")
+    sizes = ["--sizes", "1000", "2000"]
+    out = _run("benchmarks/scale.py", *sizes, "--queries", "3", "--sample", "100", "--k", "5")
     lines = [line.split() for line in out.splitlines()]
     assert [row[0] for row in lines if row and row[0].isdigit()] == ["1000", "2000"]
     assert "2x the rows" in out
@@ -76,8 +80,17 @@ def test_scale_streams_two_sizes():
 )
 def test_profile_benchmarks_run_on_nano(nano, script, args, expected):
     profile, env = nano
-    out = _run(script, "--profile", profile, *args, env=env)
+    out = _run(f"benchmarks/{script}", "--profile", profile, *args, env=env)
     assert expected in out
     if script == "train_options.py":  # the baseline runs whether or not it is asked for
         rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
         assert rows["baseline"][2] == "1.00" and rows["active"][2] != "nan"
+
+
+def test_planted_copy_prints_every_methods_rank(nano):
+    profile, env = nano
+    out = _run("planted_copy.py", "--profile", profile, env=env)
+    lines = [line for line in out.splitlines() if "rank per query" in line]
+    ranks = {line.split()[0]: line.split(":")[1].split() for line in lines}
+    assert {"trackstar_noadam", "grad_cosine", "bm25"} <= ranks.keys()
+    assert ranks["trackstar_noadam"] == ["1"] * len(ranks["trackstar_noadam"])
