@@ -4,6 +4,7 @@ apart from the volatile fields, and every bad input ends in one line."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -110,10 +111,42 @@ def test_code_fingerprint_covers_every_imported_module(nano_run, tmp_path, monke
     before = stage._code_hash(spec, profile)
     for path in modules:
         text = path.read_text()
-        path.write_text(text + "\n# edited\n")
+        path.write_text(text + "\n_EDITED = 1\n")
         assert stage._code_hash(spec, profile) != before, path
         path.write_text(text)
     assert stage._code_hash(spec, profile) == before
+
+
+def test_code_fingerprint_ignores_comments_and_docstrings_only(tmp_path, monkeypatch):
+    """Documentation edits leave a stage current; a changed string or statement does not."""
+    profile = load_profile("nano")  # before the package root moves: profiles are found beside it
+    copy = tmp_path / "pythia_attribution"
+    shutil.copytree(paths.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(paths, "PACKAGE_ROOT", copy)
+    spec = stage.SPECS[paths.MEMORIZATION]
+    path = copy / "memorization.py"
+    text = path.read_text()
+    before = stage._code_hash(spec, profile)
+    tree = ast.parse(text)
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and ast.get_docstring(n))
+    docstring = ast.get_docstring(function, clean=False)
+    assert docstring in text
+    edits = {
+        "comment": text + "\n# a comment\n",
+        "blank lines": text.replace("\n\n", "\n\n\n", 3),
+        "a function's docstring": text.replace(docstring, docstring + " More words.", 1),
+        "the module's docstring": text.replace('"""', '"""Reworded. ', 1),
+    }
+    for what, edited in edits.items():
+        path.write_text(edited)
+        assert stage._code_hash(spec, profile) == before, what
+    changed = {
+        "a statement": text + "\n_EDITED = 1\n",
+        "a string that is not a docstring": text + '\n_NAME = "x"\n',
+    }
+    for what, edited in changed.items():
+        path.write_text(edited)
+        assert stage._code_hash(spec, profile) != before, what
 
 
 def test_a_second_run_waits_or_stops_naming_the_holder(nano_copy):

@@ -32,7 +32,7 @@ import pyarrow as pa
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from pythia_attribution import evaluation, paths, tables, train
+from pythia_attribution import evaluation, paths, stage, tables, train
 from pythia_attribution import model as model_module
 from pythia_attribution.attribute import metrics
 from pythia_attribution.config import to_jsonable
@@ -63,10 +63,11 @@ def removal_sets(cfg, attributions, behaviors, probes, truth, seed) -> dict[str,
 
 
 def code_sha256() -> str:
-    """The training code a retrained model depends on."""
+    """The training code a retrained model depends on (as stages count code: without comments and
+    docstrings)."""
     digest = hashlib.sha256()
     for module in (train, model_module):
-        digest.update(Path(module.__file__).read_bytes())
+        digest.update(stage.code_text(Path(module.__file__)).encode())
     return digest.hexdigest()
 
 

@@ -2,8 +2,8 @@
 
 A stage is skipped only when its record exists, every output it lists still matches (size and
 hash, see ``outputs``), and the fingerprint stored there (config, upstream output digests, stage
-code) matches the one computed now; otherwise it recomputes into ``<stage>.part/`` and renames
-that into place when everything is written.
+code without its comments and docstrings) matches the one computed now; otherwise it recomputes
+into ``<stage>.part/`` and renames that into place when everything is written.
 """
 
 from __future__ import annotations
@@ -223,11 +223,26 @@ def _imported_modules(module: str) -> list[Path]:
     return sorted(seen.values())
 
 
+def code_text(path: Path) -> str:
+    """What a module computes, as text: its syntax tree without docstrings (comments, blank lines
+    and formatting are not in the tree), so that editing documentation leaves results current.
+
+    The tree's text depends on the Python version, so a new Python makes every stage stale once,
+    which is what a reproducibility package wants anyway."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
 def _code_hash(spec: StageSpec, profile: Profile) -> str:
     digest = hashlib.sha256()
     for path in _imported_modules(spec.module_for(profile)):
         digest.update(str(path.relative_to(paths.PACKAGE_ROOT)).encode())
-        digest.update(path.read_bytes())
+        digest.update(code_text(path).encode())
     return digest.hexdigest()
 
 
