@@ -214,12 +214,7 @@ def _imported_modules(module: str) -> list[Path]:
             if not path.is_file():
                 continue  # a name imported from a module, not a module
         seen[name] = path
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("pythia_attribution")]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pythia_attribution"):
-                todo.append(node.module)
-                todo += [f"{node.module}.{a.name}" for a in node.names]
+        todo += _read_module(path.read_text())[0]
     return sorted(seen.values())
 
 
@@ -229,13 +224,27 @@ def code_text(path: Path) -> str:
 
     The tree's text depends on the Python version, so a new Python makes every stage stale once,
     which is what a reproducibility package wants anyway."""
-    tree = ast.parse(path.read_text())
+    return _read_module(path.read_text())[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _read_module(source: str) -> tuple[list[str], str]:
+    """A module's ``pythia_attribution`` imports (and the names imported from them, which may be
+    modules) and its ``code_text``, from one parse; cached on the source, since stages share modules."""
+    imports: list[str] = []
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports += [a.name for a in node.names if a.name.startswith("pythia_attribution")]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pythia_attribution"):
+            imports.append(node.module)
+            imports += [f"{node.module}.{a.name}" for a in node.names]
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             first = node.body[0] if node.body else None
             if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
                 node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+    return imports, ast.dump(tree, annotate_fields=False, include_attributes=False)
 
 
 def _code_hash(spec: StageSpec, profile: Profile) -> str:
