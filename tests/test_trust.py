@@ -97,11 +97,17 @@ def test_verify_names_a_broken_provenance_chain(nano_copy, capsys):
     assert "duplicates: the outputs of 'probe'" in out
 
 
-def test_code_fingerprint_covers_every_imported_module(nano_run, tmp_path, monkeypatch):
-    """Editing any module a stage imports, however indirectly, makes the stage stale."""
+def _package_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of the package that stage fingerprints read from instead, free to edit."""
     copy = tmp_path / "pythia_attribution"
     shutil.copytree(paths.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(paths, "PACKAGE_ROOT", copy)
+    return copy
+
+
+def test_code_fingerprint_covers_every_imported_module(nano_run, tmp_path, monkeypatch):
+    """Editing any module a stage imports, however indirectly, makes the stage stale."""
+    copy = _package_copy(tmp_path, monkeypatch)
     profile = load_profile(str(nano_run["profile"]))
     spec = stage.SPECS[paths.MEMORIZATION]
     modules = stage._imported_modules(spec.module_for(profile))
@@ -120,9 +126,7 @@ def test_code_fingerprint_covers_every_imported_module(nano_run, tmp_path, monke
 def test_code_fingerprint_ignores_comments_and_docstrings_only(tmp_path, monkeypatch):
     """Documentation edits leave a stage current; a changed string or statement does not."""
     profile = load_profile("nano")  # before the package root moves: profiles are found beside it
-    copy = tmp_path / "pythia_attribution"
-    shutil.copytree(paths.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(paths, "PACKAGE_ROOT", copy)
+    copy = _package_copy(tmp_path, monkeypatch)
     spec = stage.SPECS[paths.MEMORIZATION]
     path = copy / "memorization.py"
     text = path.read_text()
