@@ -228,7 +228,7 @@ def code_text(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _read_module(source: str) -> tuple[list[str], str]:
+def _read_module(source: str) -> tuple[tuple[str, ...], str]:
     """A module's ``pythia_attribution`` imports (and the names imported from them, which may be
     modules) and its ``code_text``, from one parse; cached on the source, since stages share modules."""
     imports: list[str] = []
@@ -244,7 +244,8 @@ def _read_module(source: str) -> tuple[list[str], str]:
             first = node.body[0] if node.body else None
             if isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str):
                 node.body = node.body[1:] or [ast.Pass()]
-    return imports, ast.dump(tree, annotate_fields=False, include_attributes=False)
+    # a tuple: the cache hands the same object to every caller
+    return tuple(imports), ast.dump(tree, annotate_fields=False, include_attributes=False)
 
 
 def _code_hash(spec: StageSpec, profile: Profile) -> str:
