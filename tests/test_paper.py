@@ -1,5 +1,6 @@
 """The manuscript: built from nano tables, numbers only from variables, references resolved."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -10,17 +11,16 @@ import yaml
 
 from pythia_attribution import paths
 from pythia_attribution.errors import MissingInputError
-from pythia_attribution.paper import build, variables
+from pythia_attribution.paper import build, fmt, style, variables
 from pythia_attribution.paper.data import NEEDED, Study
 
 PAPER = paths.project_root() / "paper"
-SOURCES = ("index.qmd", "references.bib", "anchors.yml", "_quarto.yml", "header.typ")
 
 
 def _paper_copy(tmp_path: Path) -> Path:
     folder = tmp_path / "paper"
     folder.mkdir()
-    for name in SOURCES:
+    for name in build.SOURCES:
         shutil.copy(PAPER / name, folder / name)
     return folder
 
@@ -69,6 +69,34 @@ def test_every_variable_the_manuscript_uses_is_computed(rendered):
     assert "unavailable" not in rendered["values"], rendered["values"].get("unavailable")
 
 
+def test_pdf_source_sets_apostrophes_after_digits_and_minus_signs(rendered):
+    """typst sets an apostrophe after a digit as a prime (BM25′s), so the filter hands it over
+    raw; a hyphen that pandoc's line wrapping puts first on a line is escaped and prints as a
+    hyphen, so negative numbers are written with the minus sign."""
+    typ = (rendered["folder"] / "_output" / "index.typ").read_text()
+    assert "BM25’s" in typ and not re.search(r"[0-9]'", typ)
+    assert not re.search(r"\\-[0-9]", typ)
+    assert "\N{MINUS SIGN}" in typ  # nano has negative changes (tail-patch floor, paired differences)
+
+
+def test_numbers_and_method_names_in_sentences():
+    assert [fmt.dec(-0.5, 2), fmt.sci(-3.4e-5), fmt.pct(-0.123), fmt.dec(0.5, 1)] == [
+        "\N{MINUS SIGN}0.50",
+        "\N{MINUS SIGN}3.4e-05",
+        "\N{MINUS SIGN}12%",
+        "0.5",
+    ]
+    assert fmt.interval(-0.25, 0.5, 2) == "[\N{MINUS SIGN}0.25, 0.50]"
+    names = {m: style.method_name(m) for m in ("trackstar", "bm25", "ekfac", "grad_cosine", "activation")}
+    assert names == {
+        "trackstar": "TrackStar",
+        "bm25": "BM25",
+        "ekfac": "EK-FAC",
+        "grad_cosine": "gradient cosine",
+        "activation": "activation similarity",
+    }
+
+
 def test_manuscript_prose_types_no_numbers():
     found = build.typed_numbers((PAPER / "index.qmd").read_text())
     assert not found, f"hand-typed numbers in paper/index.qmd (use a variable): {found}"
@@ -92,7 +120,7 @@ def test_unknown_variable_names_its_line(tmp_path):
 def test_dangling_cross_reference_fails_the_build(tmp_path):
     folder = tmp_path / "paper"
     folder.mkdir()
-    for name in ("references.bib", "header.typ"):
+    for name in (build.BIBLIOGRAPHY, build.TYPST_HEADER, build.APOSTROPHES):
         shutil.copy(PAPER / name, folder / name)
     (folder / "index.qmd").write_text(
         "---\ntitle: t\n---\n\n# One {#sec-one}\n\nSee @sec-one and @fig-nowhere.\n"

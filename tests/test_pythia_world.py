@@ -209,7 +209,7 @@ def test_paper_builds_from_the_fixture_worlds_tables(pythia, tmp_path):
 
     folder = tmp_path / "paper"
     folder.mkdir()
-    for name in ("index.qmd", "references.bib", "anchors.yml", "_quarto.yml", "header.typ"):
+    for name in build.SOURCES:
         shutil.copy(paths.project_root() / "paper" / name, folder / name)
     values = build.assets("pythia-fixture", folder, results=pythia["results"])
     html, pdf = build.preview(folder, values)

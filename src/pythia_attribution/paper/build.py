@@ -37,6 +37,9 @@ MANUSCRIPT = "index.qmd"
 BIBLIOGRAPHY = "references.bib"
 ANCHORS = "anchors.yml"  # published numbers, hand-curated with their sources
 TYPST_HEADER = "header.typ"  # typst set-up shared by Quarto's typst format and the preview
+APOSTROPHES = "apostrophes.lua"  # a filter shared by Quarto (_quarto.yml) and the preview
+# what a copy of the manuscript folder needs to build (the rest is written by the assets step)
+SOURCES = (MANUSCRIPT, BIBLIOGRAPHY, ANCHORS, "_quarto.yml", TYPST_HEADER, APOSTROPHES)
 
 SHORTCODE = re.compile(r"\{\{<\s*(\w+)\s*([^>]*?)\s*>\}\}")
 
@@ -201,6 +204,8 @@ def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
             "--lua-filter",
             str(lua),
             "--citeproc",
+            "--lua-filter",
+            str(paper_dir / APOSTROPHES),
             "--bibliography",
             str(paper_dir / BIBLIOGRAPHY),
             "--number-sections",

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import math
 
+MINUS = "\u2212"  # the minus sign: a hyphen where a line wraps before it would read as a dash
+
+
+def _signed(text: str) -> str:
+    return MINUS + text[1:] if text.startswith("-") else text
+
 
 def pct(x: float | None) -> str:
     """A share as a percentage: one decimal below 10%, none above."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     v = 100 * x
-    return f"{v:.1f}%" if abs(v) < 10 and v != 0 else f"{v:.0f}%"
+    return _signed(f"{v:.1f}%" if abs(v) < 10 and v != 0 else f"{v:.0f}%")
 
 
 def dec(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:.{digits}f}"
+    return _signed(f"{x:.{digits}f}")
 
 
 def interval(lo: float | None, hi: float | None, digits: int = 3, as_pct: bool = False) -> str:
@@ -28,10 +34,10 @@ def interval(lo: float | None, hi: float | None, digits: int = 3, as_pct: bool =
 
 
 def sci(x: float | None, digits: int = 2) -> str:
-    """A small signed quantity (a log-probability change) in significant digits: 0.0012, -3.4e-05."""
+    """A small signed quantity (a log-probability change) in significant digits: 0.0012, −3.4e-05."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:.{digits}g}"
+    return _signed(f"{x:.{digits}g}")
 
 
 def interval_sci(lo: float | None, hi: float | None, digits: int = 2) -> str:

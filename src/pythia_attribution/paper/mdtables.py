@@ -154,26 +154,30 @@ def causal(study: Study) -> str:
 
 
 def tracing(study: Study) -> str:
+    """Every method under each truth definition: a heading row per definition, then its methods
+    (a column for the definition left too little width for the intervals on an A4 page)."""
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
     prov = study.provenance(paths.TRACING_METRICS_TABLE)
     level = derive.interval_level(prov.get("bootstrap", ""), "tracing_metrics")
+    columns = ("mrr", "recall_at_10", "precision_at_10", "top1_hit")
     rows = []
     for truth in derive.TRUTH_ORDER:
+        group = []
         for m in derive.ordered_methods(tm["method"].unique()):
             sub = tm.filter((pl.col("method") == m) & (pl.col("truth") == truth))
             if sub.is_empty():
                 continue
             r = sub.row(0, named=True)
-            rows.append(
-                [truth, style.method_label(m), str(r["n_behaviors"])]
-                + [
-                    f"{fmt.dec(r[c])} {fmt.interval(r[c + '_lo'], r[c + '_hi'])}"
-                    for c in ("mrr", "recall_at_10", "precision_at_10", "top1_hit")
-                ]
+            group.append(
+                [style.method_label(m), str(r["n_behaviors"])]
+                + [f"{fmt.dec(r[c])} {fmt.interval(r[c + '_lo'], r[c + '_hi'])}" for c in columns]
             )
+        if group:
+            rows.append([f"*{truth.capitalize()} truth*"] + [""] * (len(columns) + 1))
+            rows.extend(group)
     k = study.config(paths.TRACING_METRICS_TABLE, "attribute")["top_k"]
     return pipe_table(
-        ["Truth", "Method", "n", "MRR", "Recall@10", "Precision@10", "Top-1 is ground truth"],
+        ["Method", "n", "MRR", "Recall@10", "Precision@10", "Top-1 is ground truth"],
         rows,
         f"Ground-truth tracing over the n attributed behaviors with a source under each truth "
         f"definition (top {k} of every method), with {level} percentile-bootstrap intervals over "
@@ -182,8 +186,8 @@ def tracing(study: Study) -> str:
         f"the whole item (the statement, or all of a canary's tokens). Target: the partial ones that "
         f"also hold the behavior's target tokens verbatim.",
         "tbl-tracing",
-        "llrrrrr",
-        [2, 3, 1, 5, 5, 5, 5],
+        "lrrrrr",
+        [4, 1, 4, 4, 4, 4],
     )
 
 
@@ -303,7 +307,7 @@ def finetune(study: Study) -> str:
         "a complete copy of one of the set's items.",
         "tbl-finetune",
         "lllrlrl",
-        [4, 3, 2, 4, 3, 4, 3],
+        [3, 3, 2, 6, 4, 6, 4],
     )  # fmt: skip
 
 

@@ -76,6 +76,14 @@ def method_label(method: str) -> str:
     return _lookup(METHODS, method, "method")[0]
 
 
+def method_name(method: str) -> str:
+    """The method's label inside a sentence: a common noun in lower case ("gradient cosine"), a
+    name as it is written ("TrackStar", "BM25", "EK-FAC")."""
+    label = method_label(method)
+    first = label.split()[0]
+    return label if any(c.isupper() for c in first[1:]) else label[0].lower() + label[1:]
+
+
 def method_colour(method: str) -> str:
     return _lookup(METHODS, method, "method")[1]
 

@@ -211,7 +211,7 @@ def compute(study: Study, build: dict) -> dict:
                 "n": str(row["n_behaviors"]),
             }
         for key, ordered in orders.items():
-            causal[f"order_{key}"] = ", ".join(style.method_label(m) for m in ordered)
+            causal[f"order_{key}"] = ", ".join(style.method_name(m) for m in ordered)
         pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")]
         pairs += [("trackstar", "trackstar_noadam"), ("trackstar", "trackstar_est"), ("trackstar", "ekfac")]
         for a, b in [*pairs, ("trackstar", "residual_diff"), ("trackstar", "residual_change")]:
@@ -298,7 +298,7 @@ def compute(study: Study, build: dict) -> dict:
         v["surprise"] = (
             {
                 "found": "yes",
-                "method": style.method_label(case["method"]),
+                "method": style.method_name(case["method"]),
                 "behavior": case["behavior_id"],
                 "rank": str(case["rank"]),
                 "tfidf": fmt.dec(case["tfidf_cosine"], 2),
@@ -397,7 +397,7 @@ def _memorization(study: Study, final: int) -> dict:
     at_first = set(el.filter(pl.col("setting") == "first_memorized")["method"].to_list())
     missing = derive.ordered_methods(at_final - at_first)
     out["missing_at_first"] = (
-        f"{fmt.listing(style.method_label(m) for m in missing)} "
+        f"{fmt.listing(style.method_name(m) for m in missing)} "
         f"{'is' if len(missing) == 1 else 'are'} absent there: TrackStar needs the optimizer's second "
         "moments, which the training run saves only with the final checkpoint."
         if missing and at_first
@@ -538,7 +538,7 @@ def finetune_variables(study: Study) -> dict:
                     "before": fmt.pct(r["exhibited_before"]),
                 }
             methods = [m for m in rows["method"].to_list() if m != "ground_truth"]
-            fam[f"order_{kind}"] = ", ".join(style.method_label(m) for m in methods)
+            fam[f"order_{kind}"] = ", ".join(style.method_name(m) for m in methods)
         out[family] = fam
     return out
 
@@ -553,15 +553,23 @@ def method_sentence(v: dict, method: str, subject: str, versus: list[str]) -> st
         return None
 
     def against(tracing: dict) -> str:
-        return fmt.listing(
-            f"{tracing.get(f'{method}_vs_{b}', 'n/a')} {style.method_label(b)}'s" for b in versus
-        )
+        """'below X's and Y's' or 'indistinguishable from X's and below Y's': one verdict per group."""
+        verdicts: dict[str, list[str]] = {}
+        for b in versus:
+            verdict = tracing.get(f"{method}_vs_{b}", "n/a")
+            verdicts.setdefault(verdict, []).append(f"{style.method_name(b)}'s")
+        return fmt.listing(f"{verdict} {fmt.listing(names)}" for verdict, names in verdicts.items())
 
+    on_complete, on_partial = against(complete), against(partial)
+    verdicts = (
+        f"{on_complete} under both definitions"
+        if on_complete == on_partial
+        else f"{on_complete} under the complete definition and {on_partial} under the partial one"
+    )
     text = (
         f"{subject} {complete[method]['mrr']} {complete[method]['mrr_ci']} under the complete "
         f"definition and {partial[method]['mrr']} {partial[method]['mrr_ci']} under the partial one: by "
-        f"the overlap of the intervals, {against(complete)} under the complete definition and "
-        f"{against(partial)} under the partial one."
+        f"the overlap of the intervals, {verdicts}."
     )
     causal = v.get("causal", {})
     paired = causal.get(f"trackstar_minus_{method}", {})
@@ -654,7 +662,7 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     )
     median = dict(zip(medians["run"], medians["delta_logp"], strict=True))
     median_text = fmt.listing(
-        f"{fmt.dec(median[m], 2)} ({style.method_label(m) if m != 'ground_truth' else 'complete copies'})"
+        f"{fmt.dec(median[m], 2)} ({style.method_name(m) if m != 'ground_truth' else 'complete copies'})"
         for m in [*methods, *(r for r in ("random", "ground_truth") if r in median)]
     )
     pairs = []
@@ -662,12 +670,12 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         paired = derive.leave_out_paired(study, a, b)
         if paired:
             pairs.append(
-                f"removing {style.method_label(a)}'s top sequences changes the target by "
+                f"removing {style.method_name(a)}'s top sequences changes the target by "
                 f"{fmt.dec(paired['mean'], 2)} {fmt.interval(paired['lo'], paired['hi'], 2)} relative to "
-                f"removing {style.method_label(b)}'s (further for {fmt.pct(paired['further'])} of "
+                f"removing {style.method_name(b)}'s (further for {fmt.pct(paired['further'])} of "
                 f"{paired['n']} behaviors)"
             )
-    listing = fmt.listing(f"{style.method_label(m)}'s {effect(m)}{versus(m)}" for m in methods)
+    listing = fmt.listing(f"{style.method_name(m)}'s {effect(m)}{versus(m)}" for m in methods)
     floor = (
         f"the random method's top {cfg['top_k']}, by {effect('random')}, and " if "random" in by_run else ""
     )
@@ -682,7 +690,7 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         f"{floor}up to {cfg['top_k']} of each "
         f"behavior's own {cfg['reference_truth']} ground-truth copies, by {effect('ground_truth')}"
         f"{versus('ground_truth')}. By the size of the mean drop the methods rank "
-        f"{', '.join(style.method_label(m) for m in order)}; the medians, which a few large drops "
+        f"{', '.join(style.method_name(m) for m in order)}; the medians, which a few large drops "
         f"(a canary losing its memorized continuation) do not sway, are {median_text}."
     )
     if pairs:
