@@ -226,9 +226,7 @@ def compute(study: Study, build: dict) -> dict:
                 if paired
                 else dict.fromkeys(("mean", "ci", "ahead", "n"), "n/a")
             )
-        for truth in derive.TRUTH_ORDER:
-            agree = orders["causal"] == orders[truth]
-            causal[f"agrees_{truth}"] = "the same as" if agree else "different from"
+        causal["split"] = split_sentence(study, orders)
         v["causal"] = causal
 
     with _section(v, "noadam"):
@@ -541,6 +539,37 @@ def finetune_variables(study: Study) -> dict:
             fam[f"order_{kind}"] = ", ".join(style.method_name(m) for m in methods)
         out[family] = fam
     return out
+
+
+def split_sentence(study: Study, orders: dict[str, list[str]]) -> str:
+    """Whether the method that ranks sources first (by MRR under the complete definition, the
+    strictest) is also the one whose sequences move the prediction most, decided by the paired
+    tail-patch difference between it and the first by effect, not by comparing point estimates."""
+    first = {truth: orders[truth][0] for truth in derive.TRUTH_ORDER if orders.get(truth)}
+    if "complete" not in first or not orders.get("causal"):
+        return "This profile's tables do not rank the methods both ways."
+    tracing_best, causal_best = first["complete"], orders["causal"][0]
+    where = (
+        "under every truth definition" if len(set(first.values())) == 1 else "under the complete definition"
+    )
+    lead = f"The method that ranks sources first {where}, {style.method_name(tracing_best)},"
+    if tracing_best == causal_best:
+        return f"{lead} is also the one whose sequences move the prediction most."
+    paired = derive.causal_paired(study, causal_best, tracing_best)
+    if paired is None:
+        return f"{lead} is not first by effect ({style.method_name(causal_best)} is)."
+    diff = f"{fmt.sci(paired['mean'])} {fmt.interval_sci(paired['lo'], paired['hi'])}"
+    if paired["lo"] > 0:
+        return (
+            f"{lead} is not the one whose sequences move the prediction most: a step on the top "
+            f"sequences of {style.method_name(causal_best)}, first by effect, raises the target by {diff} "
+            f"more, paired by behavior."
+        )
+    return (
+        f"{lead} is not first by effect, but its sequences move the prediction as much as those of "
+        f"{style.method_name(causal_best)}, the first, within the interval: paired by behavior, the "
+        f"difference is {diff}."
+    )
 
 
 def method_sentence(v: dict, method: str, subject: str, versus: list[str]) -> str | None:
