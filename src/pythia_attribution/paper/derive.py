@@ -206,6 +206,45 @@ def early_late(study: Study) -> pl.DataFrame:
     return study.frame(paths.MEMORIZED_COMPOSITION_TABLE)
 
 
+def early_minus_late(study: Study, setting: str = "final", method: str = "trackstar") -> dict | None:
+    """Per memorized query (``setting``, ``method``), two measures compared between the early and
+    the late group: ``duplicates``, the share of its top k that is an exact or near duplicate, and
+    ``copies``, how often its own 64-token window occurs in the corpus. For each: the group means
+    and medians, the difference of the means (early minus late) and its percentile bootstrap
+    interval, each group resampled on its own (the attribute stage's seed and resamples)."""
+    import numpy as np
+
+    ma = study.frame(paths.MEMORIZED_ATTRIBUTION_TABLE)
+    rows = ma.filter((pl.col("setting") == setting) & (pl.col("method") == method))
+    per_query = rows.group_by("group", "packed_query").agg(
+        pl.col("category").is_in(["exact", "near_duplicate"]).mean().alias("duplicates"),
+        pl.col("query_exact_count").first().cast(pl.Float64).alias("copies"),
+    )
+    groups = {g: per_query.filter(pl.col("group") == g).sort("packed_query") for g in ("early", "late")}
+    if any(frame.is_empty() for frame in groups.values()):
+        return None
+    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
+    out: dict = {"n_early": groups["early"].height, "n_late": groups["late"].height}
+    for measure in ("duplicates", "copies"):
+        early, late = (groups[g][measure].to_numpy() for g in ("early", "late"))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 17, len(early), len(late)]))
+        n_boot = cfg["bootstrap"]
+        diffs = early[rng.integers(0, len(early), size=(n_boot, len(early)))].mean(axis=1) - late[
+            rng.integers(0, len(late), size=(n_boot, len(late)))
+        ].mean(axis=1)
+        out[measure] = {
+            "early": float(early.mean()),
+            "late": float(late.mean()),
+            "early_median": float(np.median(early)),
+            "late_median": float(np.median(late)),
+            "diff": float(early.mean() - late.mean()),
+            "lo": float(np.quantile(diffs, 0.025)),
+            "hi": float(np.quantile(diffs, 0.975)),
+        }
+    return out
+
+
 def self_top1(study: Study) -> pl.DataFrame:
     """Share of memorized queries whose own sequence is each method's top-1 (per setting, group)."""
     ma = study.frame(paths.MEMORIZED_ATTRIBUTION_TABLE)

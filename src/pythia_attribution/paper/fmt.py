@@ -66,6 +66,12 @@ def listing(values) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def either(values) -> str:
+    """'1, 2 or 4' for [1, 2, 4]."""
+    items = [str(v) for v in values]
+    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else "".join(items)
+
+
 def compare(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
     """How estimate a (value, lo, hi) stands against b: 'above', 'below' or 'indistinguishable from'.
 

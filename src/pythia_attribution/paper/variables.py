@@ -17,6 +17,8 @@ from pythia_attribution.paper.data import Study
 
 log = logging.getLogger(__name__)
 
+FEW_DOCUMENTS = 4  # "a few times": a fact stated in at most this many documents
+
 # What a section's computation raises when a profile's tables lack what the section describes
 # (micro-Pile's synthetic items, a training log): at real scale there are no canaries and no
 # ground truth, and Hub checkpoints come without a training log.
@@ -124,6 +126,11 @@ def compute(study: Study, build: dict) -> dict:
             0, named=True
         )
         cap_zero = cap.filter((pl.col("family") == "factual") & (pl.col("count") == 0)).row(0, named=True)
+        # facts stated a few times (1 to FEW_DOCUMENTS documents): capitals and biographies together
+        few = cap.filter(
+            pl.col("family").is_in(["factual", "fictional_fact"])
+            & pl.col("count").is_between(1, FEW_DOCUMENTS)
+        )
         v["probe"] = {
             "n_behaviors": str(probes["behavior_id"].n_unique()),
             "n_families": str(probes["family"].n_unique()),
@@ -132,6 +139,8 @@ def compute(study: Study, build: dict) -> dict:
             "capital_top_count": str(top_capital),
             "capital_top": fmt.ratio(cap_top["n_exhibited"], cap_top["n"]),
             "capital_zero": fmt.ratio(cap_zero["n_exhibited"], cap_zero["n"]),
+            "few_counts": fmt.either(sorted(few["count"].unique().to_list())),
+            "few": fmt.ratio(few["n_exhibited"].sum(), few["n"].sum()),
             "capital_top_half_step": _step(derive.first_step_reaching(curves, "factual", top_capital, 0.5)),
             "canary_top_count": str(top_canary),
             "canary_top_half_step": _step(derive.first_step_reaching(curves, "memorized", top_canary, 0.5)),
@@ -326,13 +335,18 @@ def _surprise_tail_patch(study: Study, case: dict) -> str:
     if tp.is_empty():
         return "It lies outside the top k that tail-patch steps on (@sec-causal)."
     effect = tp["effect"][0]
-    random = study.frame(paths.TAIL_PATCH_TABLE).filter(
-        (pl.col("method") == "random") & (pl.col("behavior_id") == case["behavior_id"])
-    )["effect"]
+    behavior = study.frame(paths.TAIL_PATCH_TABLE).filter(pl.col("behavior_id") == case["behavior_id"])
+    random = behavior.filter(pl.col("method") == "random")["effect"]
+    top = behavior.filter(pl.col("method") == case["method"])["effect"]
     floor = f" against {fmt.sci(random.mean())} for random sequences" if len(random) else ""
+    others = (
+        f" and {fmt.sci(top.mean())} for {style.method_name(case['method'])}'s top {len(top)} on average"
+        if len(top) > 1
+        else ""
+    )
     return (
-        f"A tail-patch step on it changes the target's log-probability by {fmt.sci(effect)}{floor} "
-        "(@sec-causal)."
+        f"A tail-patch step on it changes the target's log-probability by {fmt.sci(effect)}{floor}"
+        f"{others}, on the same behavior (@sec-causal)."
     )
 
 
@@ -389,6 +403,7 @@ def _memorization(study: Study, final: int) -> dict:
         key = out.setdefault(setting, {}).setdefault(method, {}).setdefault(group, {})
         key.update({c: fmt.pct(shares.get(c, 0.0)) for c in derive.CATEGORY_ORDER})
         key["n"] = str(g["n_queries"][0])
+    out["early_late"] = early_late_sentence(derive.early_minus_late(study))
     for row in derive.self_top1(study).iter_rows(named=True):
         out[row["setting"]][row["method"]][row["group"]]["self_top1"] = fmt.pct(row["share"])
     at_final = set(el.filter(pl.col("setting") == "final")["method"].to_list())
@@ -539,6 +554,38 @@ def finetune_variables(study: Study) -> dict:
             fam[f"order_{kind}"] = ", ".join(style.method_name(m) for m in methods)
         out[family] = fam
     return out
+
+
+def early_late_sentence(d: dict | None) -> str:
+    """Early- against late-memorized queries at the final checkpoint: whether TrackStar retrieves
+    more duplicates for the early ones, and whether their windows have more copies, each decided
+    by the interval of the difference."""
+    if d is None:
+        return "This profile's tables have no early- and late-memorized queries to compare."
+    dup, copies = d["duplicates"], d["copies"]
+    if dup["lo"] > 0:
+        dup_verdict = "TrackStar retrieves more duplicates for early-memorized sequences"
+    elif dup["hi"] < 0:
+        dup_verdict = "TrackStar retrieves fewer duplicates for early-memorized sequences"
+    else:
+        dup_verdict = "the two groups are not distinguishable by it"
+    text = (
+        f"Per query, the share of exact and near duplicates in the top k is {fmt.pct(dup['early'])} "
+        f"early against {fmt.pct(dup['late'])} late, a difference of {fmt.pct(dup['diff'])} "
+        f"{fmt.interval(dup['lo'], dup['hi'], as_pct=True)} (95% bootstrap interval, each group "
+        f"resampled): {dup_verdict}. Their own windows occur {fmt.dec(copies['early'], 1)} times in "
+        f"the corpus on average, against {fmt.dec(copies['late'], 1)} for late-memorized ones "
+        f"(difference {fmt.dec(copies['diff'], 1)} {fmt.interval(copies['lo'], copies['hi'], 1)}; "
+        f"medians {fmt.dec(copies['early_median'], 0)} and {fmt.dec(copies['late_median'], 0)})"
+    )
+    if copies["lo"] > 0 and copies["early_median"] <= copies["late_median"]:
+        return text + (
+            ": the early ones have more copies to learn from on average, carried by a few heavily "
+            "duplicated windows, not by the typical one."
+        )
+    if copies["lo"] > 0:
+        return text + ": the early ones have more copies to learn from."
+    return text + "."
 
 
 def split_sentence(study: Study, orders: dict[str, list[str]]) -> str:
