@@ -60,11 +60,16 @@ def _percent(values):
     return [f"{100 * v:.0f}%" for v in values]
 
 
-def _method_scales(methods: list[str], fill: bool = False):
+_NO_LEGEND_TITLE = theme(legend_title=element_blank())
+
+
+def _method_scales(methods: list[str], fill: bool = False, ncol: int = 3):
     labels = {m: style.method_label(m) for m in methods}
     colours = {m: style.method_colour(m) for m in methods}
     scale = scale_fill_manual if fill else scale_color_manual
-    return scale(values=colours, labels=labels, breaks=methods, name="Method")
+    # three columns: eleven methods in one row run off the page's width (and so does a title beside
+    # three columns: figures with this legend add ``_NO_LEGEND_TITLE`` after ``_theme()``)
+    return scale(values=colours, labels=labels, breaks=methods, name="Method", guide=guide_legend(ncol=ncol))
 
 
 def _category_fill(categories: list[str]):
@@ -138,6 +143,7 @@ def tracing(study: Study):
         + _method_scales(methods)
         + labs(x="", y="")
         + _theme()
+        + _NO_LEGEND_TITLE
     )
     return plot, (style.FIGURE_WIDTH_IN, 9.6)
 
@@ -178,6 +184,7 @@ def causal(study: Study):
         + _method_scales(methods)
         + labs(x="", y="Change in the target's log-probability (beyond the momentum-only step)")
         + _theme()
+        + _NO_LEGEND_TITLE
     )
     return plot, (style.FIGURE_WIDTH_IN, 4.4)
 
@@ -237,11 +244,13 @@ def layers(study: Study):
         + geom_line()
         + geom_point(size=1.5)
         + scale_y_continuous(labels=_percent, limits=(0, None))
-        + _method_scales(methods)
+        + _method_scales(methods, ncol=1)
         + labs(x="Layer", y="Share of the top-1 sequence's score")
         + _theme()
+        + _NO_LEGEND_TITLE
+        + theme(legend_position="right")
     )
-    return plot, (style.FIGURE_WIDTH_IN * 0.6, 3.0)
+    return plot, (style.FIGURE_WIDTH_IN * 0.85, 3.0)
 
 
 CONCENTRATION_METRICS = [

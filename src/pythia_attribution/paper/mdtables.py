@@ -149,7 +149,7 @@ def causal(study: Study) -> str:
         f"ranked).",
         "tbl-causal",
         "lrrrr" + "r" * len(derive.TRUTH_ORDER),
-        [3, 1, 5, 2, 1] + [3] * len(derive.TRUTH_ORDER),
+        [5, 1, 6, 2, 2] + [3] * len(derive.TRUTH_ORDER),
     )
 
 
