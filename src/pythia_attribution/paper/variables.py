@@ -139,11 +139,20 @@ def compute(study: Study, build: dict) -> dict:
             "capital_top_count": str(top_capital),
             "capital_top": fmt.ratio(cap_top["n_exhibited"], cap_top["n"]),
             "capital_zero": fmt.ratio(cap_zero["n_exhibited"], cap_zero["n"]),
-            "few_counts": fmt.either(sorted(few["count"].unique().to_list())),
-            "few": fmt.ratio(few["n_exhibited"].sum(), few["n"].sum()),
-            "capital_top_half_step": _step(derive.first_step_reaching(curves, "factual", top_capital, 0.5)),
+            "few": (
+                f"Facts stated in {fmt.either(sorted(few['count'].unique().to_list()))} documents are "
+                f"recalled for {fmt.ratio(few['n_exhibited'].sum(), few['n'].sum())} of them at the final "
+                "checkpoint (capitals and fictional biographies together)."
+                if few.height
+                else f"No fact is stated in 1 to {FEW_DOCUMENTS} documents in this profile."
+            ),
+            "capital_top_half": _passes_half(
+                derive.first_step_reaching(curves, "factual", top_capital, 0.5), "recalled"
+            ),
             "canary_top_count": str(top_canary),
-            "canary_top_half_step": _step(derive.first_step_reaching(curves, "memorized", top_canary, 0.5)),
+            "canary_top_half": _passes_half(
+                derive.first_step_reaching(curves, "memorized", top_canary, 0.5), "memorized"
+            ),
             "disagreements": str(study.provenance(paths.PROBES_TABLE).get("disagreements", "n/a")),
         }
 
@@ -437,6 +446,11 @@ def restricted_at(chosen: list[int]) -> str:
         "(the final checkpoint where none is; one gradient index per listed checkpoint instead of one per "
         "first-memorized checkpoint)"
     )
+
+
+def _passes_half(step, what: str) -> str:
+    """'pass half recalled at step 400', or 'never pass half recalled' (nothing reached it)."""
+    return f"never pass half {what}" if step is None else f"pass half {what} at step {int(step):,}"
 
 
 def _step(step) -> str:
