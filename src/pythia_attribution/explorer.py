@@ -155,7 +155,7 @@ def build(results: Path, out: Path) -> Path:
             )
         )  # fmt: skip
     families = sorted(attributions["family"].unique())
-    sections = [_tracing_section(tracing, final)]
+    sections = [_tracing_section(tracing, final, methods)]
     if causal is not None:
         sections.append(_causal_section(causal))
     if finetuned is not None and len(finetuned):
@@ -252,10 +252,14 @@ def _ci(row, col: str, digits: int = 3) -> str:
     )
 
 
-def _tracing_section(tracing, final: int) -> str:
-    t = tracing[(tracing["checkpoint"] == final) & (tracing["family"] == "all")].sort_values(
-        ["truth", "method"]
-    )
+def _tracing_section(tracing, final: int, methods: list[str]) -> str:
+    """The tracing metrics, by truth definition (the attribute stage's order) and method (the
+    profile's order, as on the behavior pages)."""
+    t = tracing[(tracing["checkpoint"] == final) & (tracing["family"] == "all")]
+    t = t.assign(
+        _truth=t["truth"].map({name: i for i, name in enumerate(TRUTHS)}),
+        _method=t["method"].map({name: i for i, name in enumerate(methods)}),
+    ).sort_values(["_truth", "_method", "method"])
     rows = [[r["truth"], r["method"], str(int(r["n_behaviors"])), _ci(r, "mrr"), _ci(r, "recall_at_10"),
              _ci(r, "top1_hit")] for _, r in t.iterrows()]  # fmt: skip
     return (
