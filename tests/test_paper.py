@@ -11,7 +11,7 @@ import yaml
 
 from pythia_attribution import paths
 from pythia_attribution.errors import MissingInputError
-from pythia_attribution.paper import build, fmt, style, variables
+from pythia_attribution.paper import build, derive, fmt, style, variables
 from pythia_attribution.paper.data import NEEDED, Study
 
 PAPER = paths.project_root() / "paper"
@@ -95,6 +95,21 @@ def test_numbers_and_method_names_in_sentences():
         "grad_cosine": "gradient cosine",
         "activation": "activation similarity",
     }
+
+
+def test_split_sentence_is_decided_by_the_paired_interval(monkeypatch):
+    """The tail-patch section's claim follows the interval of the paired difference between the
+    first method by MRR and the first by effect, whichever way it falls."""
+    orders = {"causal": ["trackstar", "bm25"], **{t: ["bm25", "trackstar"] for t in derive.TRUTH_ORDER}}
+    for lo, hi, claim in (
+        (0.01, 0.03, "is not the one whose sequences move the prediction most"),
+        (-0.01, 0.03, "move the prediction as much as"),
+        (-0.03, -0.01, "yet paired by behavior"),
+    ):
+        interval = {"mean": (lo + hi) / 2, "lo": lo, "hi": hi}
+        monkeypatch.setattr(derive, "causal_paired", lambda study, a, b, d=interval: d)
+        assert claim in variables.split_sentence(None, orders)
+    assert "is also the one" in variables.split_sentence(None, {**orders, "causal": ["bm25", "trackstar"]})
 
 
 def test_manuscript_prose_types_no_numbers():

@@ -626,10 +626,16 @@ def split_sentence(study: Study, orders: dict[str, list[str]]) -> str:
             f"sequences of {style.method_name(causal_best)}, first by effect, raises the target by {diff} "
             f"more, paired by behavior."
         )
+    if paired["hi"] < 0:  # first by the mean over its behaviors, behind on the behaviors both have
+        return (
+            f"{lead} is not first by mean effect, yet paired by behavior its sequences move the "
+            f"prediction more than those of {style.method_name(causal_best)}, the first: "
+            f"{style.method_name(causal_best)}'s effect minus {style.method_name(tracing_best)}'s is {diff}."
+        )
     return (
         f"{lead} is not first by effect, but its sequences move the prediction as much as those of "
-        f"{style.method_name(causal_best)}, the first, within the interval: paired by behavior, the "
-        f"difference is {diff}."
+        f"{style.method_name(causal_best)}, the first, within the interval: paired by behavior, "
+        f"{style.method_name(causal_best)}'s effect minus {style.method_name(tracing_best)}'s is {diff}."
     )
 
 
