@@ -214,6 +214,8 @@ def early_minus_late(study: Study, setting: str = "final", method: str = "tracks
     interval, each group resampled on its own (the attribute stage's seed and resamples)."""
     import numpy as np
 
+    from pythia_attribution.attribute.metrics import bootstrap_diff_ci
+
     ma = study.frame(paths.MEMORIZED_ATTRIBUTION_TABLE)
     rows = ma.filter((pl.col("setting") == setting) & (pl.col("method") == method))
     per_query = rows.group_by("group", "packed_query").agg(
@@ -223,24 +225,18 @@ def early_minus_late(study: Study, setting: str = "final", method: str = "tracks
     groups = {g: per_query.filter(pl.col("group") == g).sort("packed_query") for g in ("early", "late")}
     if any(frame.is_empty() for frame in groups.values()):
         return None
-    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
-    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
     out: dict = {"n_early": groups["early"].height, "n_late": groups["late"].height}
     for measure in ("duplicates", "copies"):
         early, late = (groups[g][measure].to_numpy() for g in ("early", "late"))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, 17, len(early), len(late)]))
-        n_boot = cfg["bootstrap"]
-        diffs = early[rng.integers(0, len(early), size=(n_boot, len(early)))].mean(axis=1) - late[
-            rng.integers(0, len(late), size=(n_boot, len(late)))
-        ].mean(axis=1)
+        lo, hi = bootstrap_diff_ci(early, late, *_bootstrap_settings(study))
         out[measure] = {
             "early": float(early.mean()),
             "late": float(late.mean()),
             "early_median": float(np.median(early)),
             "late_median": float(np.median(late)),
             "diff": float(early.mean() - late.mean()),
-            "lo": float(np.quantile(diffs, 0.025)),
-            "hi": float(np.quantile(diffs, 0.975)),
+            "lo": lo,
+            "hi": hi,
         }
     return out
 
@@ -292,6 +288,13 @@ def causal_orders(study: Study) -> dict[str, list[str]]:
     return {key: frame["method"].to_list() for key, frame in frames.items()}
 
 
+def _bootstrap_settings(study: Study) -> tuple[int, int]:
+    """The attribute stage's seed and number of bootstrap resamples, which the paper's own
+    intervals reuse."""
+    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
+    return study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"], cfg["bootstrap"]
+
+
 def paired(study: Study, wide: pl.DataFrame, a: str, b: str) -> dict | None:
     """Paired per-behavior difference of columns ``a`` and ``b`` of ``wide`` (one row per behavior,
     sorted: the bootstrap resamples by position): mean, percentile bootstrap interval (the attribute
@@ -306,9 +309,7 @@ def paired(study: Study, wide: pl.DataFrame, a: str, b: str) -> dict | None:
     d = (wide[a] - wide[b]).drop_nulls().to_numpy()
     if not len(d):
         return None
-    cfg = study.config(paths.TRACING_METRICS_TABLE, "attribute")
-    seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
-    lo, hi = bootstrap_ci(d, seed, cfg["bootstrap"])
+    lo, hi = bootstrap_ci(d, *_bootstrap_settings(study))
     return {"mean": float(d.mean()), "lo": lo, "hi": hi, "ahead": float(np.mean(d > 0)),
             "further": float(np.mean(d < 0)), "n": len(d)}  # fmt: skip
 
