@@ -58,18 +58,12 @@ def millions(n: int) -> str:
     return f"{n / 1e6:.2f} million"
 
 
-def listing(values) -> str:
-    """'1, 2 and 4' for [1, 2, 4]."""
+def listing(values, conjunction: str = "and") -> str:
+    """'1, 2 and 4' for [1, 2, 4] ('1, 2 or 4' with ``conjunction="or"``)."""
     items = [str(v) for v in values]
     if len(items) <= 1:
         return "".join(items)
-    return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def either(values) -> str:
-    """'1, 2 or 4' for [1, 2, 4]."""
-    items = [str(v) for v in values]
-    return ", ".join(items[:-1]) + " or " + items[-1] if len(items) > 1 else "".join(items)
+    return ", ".join(items[:-1]) + f" {conjunction} " + items[-1]
 
 
 def compare(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:

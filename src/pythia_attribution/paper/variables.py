@@ -140,7 +140,7 @@ def compute(study: Study, build: dict) -> dict:
             "capital_top": fmt.ratio(cap_top["n_exhibited"], cap_top["n"]),
             "capital_zero": fmt.ratio(cap_zero["n_exhibited"], cap_zero["n"]),
             "few": (
-                f"Facts stated in {fmt.either(sorted(few['count'].unique().to_list()))} documents are "
+                f"Facts stated in {fmt.listing(sorted(few['count'].unique().to_list()), 'or')} documents are "
                 f"recalled for {fmt.ratio(few['n_exhibited'].sum(), few['n'].sum())} of them at the final "
                 "checkpoint (capitals and fictional biographies together)."
                 if few.height
@@ -610,32 +610,32 @@ def split_sentence(study: Study, orders: dict[str, list[str]]) -> str:
     if "complete" not in first or not orders.get("causal"):
         return "This profile's tables do not rank the methods both ways."
     tracing_best, causal_best = first["complete"], orders["causal"][0]
+    finder, mover = style.method_name(tracing_best), style.method_name(causal_best)
     where = (
         "under every truth definition" if len(set(first.values())) == 1 else "under the complete definition"
     )
-    lead = f"The method that ranks sources first {where}, {style.method_name(tracing_best)},"
+    lead = f"The method that ranks sources first {where}, {finder},"
     if tracing_best == causal_best:
         return f"{lead} is also the one whose sequences move the prediction most."
     paired = derive.causal_paired(study, causal_best, tracing_best)
     if paired is None:
-        return f"{lead} is not first by effect ({style.method_name(causal_best)} is)."
-    diff = f"{fmt.sci(paired['mean'])} {fmt.interval_sci(paired['lo'], paired['hi'])}"
+        return f"{lead} is not first by effect ({mover} is)."
+    change = f"{fmt.sci(paired['mean'])} {fmt.interval_sci(paired['lo'], paired['hi'])}"
+    diff = f"{mover}'s effect minus {finder}'s is {change}"
     if paired["lo"] > 0:
         return (
             f"{lead} is not the one whose sequences move the prediction most: a step on the top "
-            f"sequences of {style.method_name(causal_best)}, first by effect, raises the target by {diff} "
-            f"more, paired by behavior."
+            f"sequences of {mover}, first by effect, raises the target by {change} more, paired by "
+            f"behavior."
         )
     if paired["hi"] < 0:  # first by the mean over its behaviors, behind on the behaviors both have
         return (
             f"{lead} is not first by mean effect, yet paired by behavior its sequences move the "
-            f"prediction more than those of {style.method_name(causal_best)}, the first: "
-            f"{style.method_name(causal_best)}'s effect minus {style.method_name(tracing_best)}'s is {diff}."
+            f"prediction more than those of {mover}, the first: {diff}."
         )
     return (
         f"{lead} is not first by effect, but its sequences move the prediction as much as those of "
-        f"{style.method_name(causal_best)}, the first, within the interval: paired by behavior, "
-        f"{style.method_name(causal_best)}'s effect minus {style.method_name(tracing_best)}'s is {diff}."
+        f"{mover}, the first, within the interval: paired by behavior, {diff}."
     )
 
 
