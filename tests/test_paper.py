@@ -99,13 +99,11 @@ def test_numbers_and_method_names_in_sentences():
 
 
 def test_two_group_bootstrap_brackets_the_difference_and_is_seeded():
-    from pythia_attribution.attribute.metrics import bootstrap_diff_ci
-
     early, late = np.linspace(2.0, 4.0, 66), np.linspace(0.0, 1.0, 34)  # means 3.0 and 0.5
-    lo, hi = bootstrap_diff_ci(early, late, seed=1234, n_boot=500)
+    lo, hi = derive.bootstrap_diff_ci(early, late, seed=1234, n_boot=500)
     assert lo < 2.5 < hi and lo > 2.0 and hi < 3.0
-    assert bootstrap_diff_ci(early, late, seed=1234, n_boot=500) == (lo, hi)
-    assert all(np.isnan(bootstrap_diff_ci(early, [], seed=1234)))
+    assert derive.bootstrap_diff_ci(early, late, seed=1234, n_boot=500) == (lo, hi)
+    assert all(np.isnan(derive.bootstrap_diff_ci(early, [], seed=1234)))
 
 
 def test_split_sentence_is_decided_by_the_paired_interval(monkeypatch):

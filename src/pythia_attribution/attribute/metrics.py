@@ -70,22 +70,6 @@ def bootstrap_ci(
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def bootstrap_diff_ci(
-    a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 1000, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(a) - mean(b) for two independent groups, each
-    resampled on its own."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) == 0 or len(b) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 17, len(a), len(b)]))
-    diffs = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1) - b[
-        rng.integers(0, len(b), size=(n_boot, len(b)))
-    ].mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
-
-
 def bootstrap_ratio_ci(
     num: np.ndarray, den: np.ndarray, seed: int, n_boot: int = 1000, level: float = 0.95
 ) -> tuple[float, float]:
