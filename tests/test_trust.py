@@ -278,6 +278,26 @@ def test_zero_batch_size_is_one_line(world, capsys, tmp_path):
     assert not list((tmp_path / "results" / "nano").glob("*/"))
 
 
+def test_threads_flag_is_held_to_the_profile_keys_rule(world, capsys):
+    # 100,000 threads once got past the flag and died inside pyarrow's thread pool
+    for value, shown in (("100000", "got 100000"), ("0", "got 0"), ("two", "got 'two'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["check", "--profile", str(world), "--threads", value])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("python -m pythia_attribution: error: argument --threads:"), err
+        assert ">= 1 and <= 1024" in err and shown in err
+
+
+def test_more_threads_than_cpus_is_warned_once(world, capsys, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert main(["check", "--profile", str(world), "--threads", "2", "-q"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "runtime.threads" in line]
+    assert len(warnings) == 1 and "= 2, but this process may use 1 CPU:" in warnings[0], warnings
+    assert main(["check", "--profile", str(world), "--threads", "1", "-q"]) == 0
+    assert "runtime.threads" not in capsys.readouterr().err
+
+
 def test_cross_key_rule_names_both_keys(world, capsys):
     bad = world.parent / "nano.toml"
     bad.write_text(world.read_text().replace("heads = 2", "heads = 3"))

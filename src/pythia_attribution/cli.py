@@ -19,20 +19,22 @@ import traceback
 from pathlib import Path
 
 from pythia_attribution import paths
-from pythia_attribution.config import Profile, describe, known_profiles, load_profile
+from pythia_attribution.config import Profile, RuntimeConfig, describe, known_profiles, load_profile
 from pythia_attribution.errors import LockedError, UserError
 
 EXIT_BUG, EXIT_INPUT, EXIT_LOCKED = 1, 2, 3
 COMMANDS = ("all", "pin", "verify", "check", "index-shard", "explorer")
 
 
-def _positive_int(text: str) -> int:
+def _threads(text: str) -> int:
+    """``--threads``: held to the rule of the profile key it overrides (``runtime.threads``)."""
+    rule = next(f.metadata["rule"] for f in dataclasses.fields(RuntimeConfig) if f.name == "threads")
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer {rule.text()}, got {text!r}") from None
+    if why := rule.violation(value):
+        raise argparse.ArgumentTypeError(f"{why}, got {value}")
     return value
 
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile", default="micro", help="profile name or .toml path (default: micro)")
     parser.add_argument("--force", action="store_true", help="recompute even if the outputs are current")
-    parser.add_argument("--threads", type=_positive_int, help="override runtime.threads of the profile")
+    parser.add_argument("--threads", type=_threads, help="override runtime.threads of the profile")
     parser.add_argument(
         "--wait",
         type=_seconds,
@@ -146,6 +148,7 @@ def _run(args, command: str) -> int:
         profile = dataclasses.replace(
             profile, runtime=dataclasses.replace(profile.runtime, threads=args.threads)
         )
+    _warn_oversubscribed(profile.runtime.threads)
     # Tokenizers' own thread pool fights torch for the two cores; its output does not depend on it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.stage == "index-shard":  # no lock: shards are written atomically, one folder each
@@ -185,6 +188,27 @@ def _run(args, command: str) -> int:
         for name in stages:
             stage.run(profile, name, force=args.force)
     return 0
+
+
+def _warn_oversubscribed(threads: int) -> None:
+    """More torch threads than CPUs is allowed (a profile travels between machines, and the thread
+    count is part of every stage's fingerprint) but slow: on 2 CPUs, 1,024 threads made the nano
+    probe stage about 100 times slower (29 s a checkpoint against 0.27 s at 1 thread). Say so once,
+    before any work."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or threads
+    if threads > usable:
+        logging.getLogger("pythia_attribution").warning(
+            "runtime.threads = %d, but this process may use %d CPU%s: torch's threads will compete "
+            "for them and every stage runs slower (pass --threads %d, or measure with "
+            "experiments/benchmarks/threads.py)",
+            threads,
+            usable,
+            "" if usable == 1 else "s",
+            usable,
+        )
 
 
 def _verify(profile: Profile, args) -> int:
