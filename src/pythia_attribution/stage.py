@@ -9,6 +9,7 @@ into ``<stage>.part/`` and renames that into place when everything is written.
 from __future__ import annotations
 
 import ast
+import errno
 import functools
 import hashlib
 import importlib
@@ -374,6 +375,27 @@ def is_current(profile: Profile, stage: str) -> bool:
     return status(profile, stage).state == "current"
 
 
+# Below this much free space after a failed stage, the disk is taken to be why it failed.
+DISK_FULL_BYTES = 16 * 2**20
+
+
+def _disk_full_error(exc: BaseException, part: Path) -> OSError | None:
+    """An ``OSError(ENOSPC)`` naming ``part`` when a stage failed on a full disk but its library said
+    so in its own words: safetensors raises ``SafetensorError`` ('... (os error 28)'), torch.save a
+    ``RuntimeError`` ('unexpected pos 576 vs 534'). Judged by the space left on ``part``'s file
+    system when the failure arrives, before the partial outputs are removed; None for an
+    ``OSError`` (it says what it is) or an interruption, or when space is left."""
+    if isinstance(exc, OSError | KeyboardInterrupt | SystemExit):
+        return None
+    try:
+        free = shutil.disk_usage(part).free
+    except OSError:
+        return None
+    if free >= DISK_FULL_BYTES:
+        return None
+    return OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free)", str(part))
+
+
 def run(profile: Profile, stage: str, force: bool = False) -> Path:
     """Run ``stage`` for ``profile`` unless its outputs are current; return its folder.
 
@@ -416,8 +438,11 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     log.info("%s: running (profile %s, fingerprint %s)", stage, profile.name, fp[:12])
     try:
         module.run(ctx)
-    except BaseException:
+    except BaseException as exc:
+        disk_full = _disk_full_error(exc, part)
         shutil.rmtree(part, ignore_errors=True)  # a failed stage leaves nothing half-written
+        if disk_full is not None:
+            raise disk_full from exc
         raise
     written = outputs.record(part)
     resolved = {s: to_jsonable(getattr(profile, s)) for s in spec.sections}
