@@ -35,6 +35,24 @@ def test_wrong_type_is_an_error(tmp_path):
         load_profile(str(path))
 
 
+@pytest.mark.parametrize(
+    ("table", "text", "shown"),
+    [
+        # a method listed twice once ran twice: every top-k rank appeared twice in attributions.arrow
+        ("attribute", 'methods = ["bm25", "random", "bm25"]', "names 'bm25' twice"),
+        ("attribute", "checkpoints = [0, 20, 0]", "names 0 twice"),
+        ("corpus", 'natural_sources = ["kjv", "kjv"]', "names 'kjv' twice"),
+        ("memorization", "restricted_checkpoints = [300, 300]", "names 300 twice"),
+    ],
+)
+def test_a_list_that_names_a_value_twice_is_refused(tmp_path, table, text, shown):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[{table}]\n{text}\n")
+    key = text.split(" =")[0]
+    with pytest.raises(ConfigError, match=rf"key '{table}\.{key}' {shown}"):
+        load_profile(str(path))
+
+
 def test_malformed_profile_names_file(tmp_path, capsys):
     path = tmp_path / "broken.toml"
     path.write_text("[train\n")

@@ -32,10 +32,12 @@ def doc(
     lt: float | None = None,
     choices: tuple[str, ...] | None = None,
     nonempty: bool = False,
+    unique: bool = False,
 ):
     """A dataclass field with its documentation and its allowed values attached (shown by ``--help``
-    and checked where the profile is read). Bounds apply to every number of a list."""
-    rule = Rule(ge=ge, gt=gt, le=le, lt=lt, choices=choices, nonempty=nonempty)
+    and checked where the profile is read). Bounds apply to every number of a list; ``unique``
+    refuses a list that names a value twice."""
+    rule = Rule(ge=ge, gt=gt, le=le, lt=lt, choices=choices, nonempty=nonempty, unique=unique)
     kwargs = {"metadata": {"doc": text, "rule": rule}}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
@@ -46,7 +48,8 @@ def doc(
 
 @dataclass(frozen=True)
 class Rule:
-    """Allowed values of one profile key: numeric bounds, a set of choices, non-empty text."""
+    """Allowed values of one profile key: numeric bounds, a set of choices, non-empty text, a list
+    without repeats."""
 
     ge: float | None = None
     gt: float | None = None
@@ -54,6 +57,7 @@ class Rule:
     lt: float | None = None
     choices: tuple[str, ...] | None = None
     nonempty: bool = False
+    unique: bool = False
 
     def text(self) -> str:
         bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
@@ -62,11 +66,16 @@ class Rule:
             parts.append("one of " + ", ".join(repr(c) for c in self.choices))
         if self.nonempty:
             parts.append("not empty")
+        if self.unique:
+            parts.append("no value twice")
         return " and ".join(parts)
 
     def violation(self, value) -> str | None:
         """Why ``value`` (already of the right type) is not allowed, or None."""
         if isinstance(value, list):
+            repeated = [v for i, v in enumerate(value) if v in value[:i]] if self.unique else []
+            if repeated:
+                return f"names {repeated[0]!r} twice"
             return next((why for v in value if (why := self.violation(v))), None)
         if isinstance(value, float) and not math.isfinite(value):
             return "must be a finite number"
@@ -212,6 +221,7 @@ class CorpusConfig:
     natural_sources: list[str] = doc(
         "manifest sources whose text goes into the corpus",
         default_factory=lambda: ["shakespeare-modern", "shakespeare-folio", "kjv"],
+        unique=True,
     )
     max_chars_per_source: int = doc("cap on characters taken from each natural source (0: no cap)", 0, ge=0)
     max_chars_per_document: int = doc(
@@ -239,7 +249,7 @@ class TrainConfig:
         choices=("train", "hub"),
     )
     hub_steps: list[int] = doc(
-        "checkpoint steps loaded from the Hub (source hub)", default_factory=list, ge=0
+        "checkpoint steps loaded from the Hub (source hub)", default_factory=list, ge=0, unique=True
     )
     layers: int = doc("transformer layers", 4, ge=1)
     hidden: int = doc("hidden size", 128, ge=1)
@@ -280,10 +290,11 @@ class AttributeConfig:
     methods: list[str] = doc(
         "methods to run, by name in methods_file",
         default_factory=lambda: ["trackstar", "grad_cosine", "bm25", "activation", "random"],
+        unique=True,
     )
     methods_file: str = doc("method definitions (relative to the project root)", "experiments/methods.toml")
     checkpoints: list[int] = doc(
-        "checkpoints to attribute at besides the final one", default_factory=list, ge=0
+        "checkpoints to attribute at besides the final one", default_factory=list, ge=0, unique=True
     )
     top_k: int = doc("top-ranked training sequences kept per (behavior, method)", 100, ge=1)
     projection_dim: int = doc("bergson random projection: p x p dims per module", 16, ge=1)
@@ -340,7 +351,7 @@ class DuplicatesConfig:
 @dataclass(frozen=True)
 class CausalConfig:
     methods: list[str] = doc(
-        "methods to tail-patch (default: every method attribute ran)", default_factory=list
+        "methods to tail-patch (default: every method attribute ran)", default_factory=list, unique=True
     )
     top_k: int = doc("sequences patched per (behavior, method): the method's top k (TrackStar: 10)", 10, ge=1)
     max_behaviors: int = doc("cap on the exhibited behaviors patched, a seeded sample (0: all)", 0, ge=0)
@@ -352,6 +363,7 @@ class CausalConfig:
     finetune_families: list[str] = doc(
         "select-and-fine-tune: families whose behaviors form an evaluation set ([]: not run)",
         default_factory=lambda: ["factual", "fictional_fact"],
+        unique=True,
     )
     finetune_min_count: int = doc("evaluation set: items stated at least this many times", 16, ge=1)
     finetune_k: int = doc("training sequences selected per method", 50, ge=1)
@@ -373,6 +385,7 @@ class LeaveOutConfig:
         "methods whose top k are removed, one retraining run each ('random': the random method's top k, "
         "the floor); a ground-truth run is added ([]: the stage writes empty tables)",
         default_factory=list,
+        unique=True,
     )
     top_k: int = doc("training sequences removed per sampled behavior and method", 10, ge=1)
     max_behaviors: int = doc(
@@ -388,7 +401,9 @@ class LeaveOutConfig:
 @dataclass(frozen=True)
 class AnalysesConfig:
     methods: list[str] = doc(
-        "gradient methods analysed (default: every gradient method attribute ran)", default_factory=list
+        "gradient methods analysed (default: every gradient method attribute ran)",
+        default_factory=list,
+        unique=True,
     )
     tokenwise_top: int = doc("top sequences per (behavior, method) split over their tokens", 3, ge=1)
     layer_top_k: int = doc("top sequences per (behavior, method, layer third) kept and classified", 20, ge=1)
@@ -415,6 +430,7 @@ class MemorizationConfig:
         "attribution methods for memorized sequences, by name in attribute.methods_file "
         "(gradient and bm25 kinds)",
         default_factory=lambda: ["trackstar", "grad_cosine", "bm25"],
+        unique=True,
     )
     top_k: int = doc("top-ranked training sequences kept per memorized sequence", 20, ge=1)
     max_queries: int = doc("memorized sequences attributed at most (seeded sample; 0: all)", 100, ge=0)
@@ -430,6 +446,7 @@ class MemorizationConfig:
         "empty: at every such checkpoint (one gradient index per checkpoint)",
         default_factory=list,
         ge=0,
+        unique=True,
     )
 
 
