@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from pythia_attribution import paths, tables
-from pythia_attribution.explorer import SHOWN, build, slug
+from pythia_attribution.explorer import SHOWN, build, slug, slugs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -33,12 +33,13 @@ def _final_attributions(results):
 def test_every_behavior_has_a_page_readable_without_javascript(nano_run, site):
     att = _final_attributions(nano_run["results"])
     pages = {p.name for p in (site / "behavior").iterdir()}
-    assert pages == {slug(b) for b in att["behavior_id"].unique()}
+    page_of = slugs(att["behavior_id"].unique())
+    assert pages == set(page_of.values()) and len(pages) == att["behavior_id"].nunique()
     index = (site / "index.html").read_text()
-    assert all(f'href="behavior/{slug(b)}"' in index for b in att["behavior_id"].unique())
+    assert all(f'href="behavior/{page_of[b]}"' in index for b in att["behavior_id"].unique())
     assert "https://" not in index and "http://" not in index  # offline: nothing fetched
     for b, g in att.groupby("behavior_id"):
-        page = (site / "behavior" / slug(b)).read_text()
+        page = (site / "behavior" / page_of[b]).read_text()
         assert "http://" not in page and "https://" not in page
         for m, rows in g.groupby("method"):
             assert f'data-method="{m}"' in page
@@ -132,3 +133,14 @@ def test_a_behavior_page_filters_methods_and_categories(site, browser, tmp_path)
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     assert _errors(browser) == []
+
+
+def test_page_names_never_collide():
+    ids = ["style/came-to-pass", "style_came-to-pass", "日本", "中国", "factual/capital-Japan"]
+    names = slugs(ids)
+    assert len(set(names.values())) == len(ids)
+    assert all(n.endswith(".html") and len(n) > len(".html") and "/" not in n for n in names.values())
+    # ids whose plain slug is unique keep it, so pages stay where they were
+    assert names["factual/capital-Japan"] == slug("factual/capital-Japan") == "factual_capital-Japan.html"
+    assert names["style/came-to-pass"] != slug("style/came-to-pass")
+    assert slugs(reversed(ids)) == names

@@ -13,6 +13,7 @@ a ``.part`` folder and renamed into place, so a failed build leaves the previous
 
 from __future__ import annotations
 
+import hashlib
 import html
 import logging
 import re
@@ -45,6 +46,23 @@ def _table(results: Path, stage: str, table: str, required: bool = True):
 def slug(behavior_id: str) -> str:
     """A file name for a behavior page: its id with every run of unsafe characters replaced."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", behavior_id).strip("_") + ".html"
+
+
+def slugs(behavior_ids) -> dict[str, str]:
+    """Each behavior's page file: its :func:`slug`, unless that is empty (an id of non-ASCII text
+    only) or shared with another id ('style/a' and 'style_a'), when the id's hash is added, so no
+    page overwrites another."""
+    ids = sorted(set(behavior_ids))
+    base = {b: slug(b) for b in ids}
+    taken: dict[str, int] = {}
+    for name in base.values():
+        taken[name] = taken.get(name, 0) + 1
+    return {
+        b: name
+        if name != ".html" and taken[name] == 1
+        else f"{name[: -len('.html')]}-{hashlib.sha256(b.encode()).hexdigest()[:10]}.html".lstrip("-")
+        for b, name in base.items()
+    }
 
 
 def build(results: Path, out: Path) -> Path:
@@ -93,6 +111,7 @@ def build(results: Path, out: Path) -> Path:
     (part / "filter.js").write_text(JS)
     methods = list(dict.fromkeys(attributions["method"]))  # the profile's order (attribute.methods)
     behaviors = sorted(attributions["behavior_id"].unique())
+    page_of = slugs(behaviors)
     by_behavior = {b: g for b, g in probes.groupby("behavior_id")}
     listing = []
     for b in behaviors:
@@ -144,11 +163,11 @@ def build(results: Path, out: Path) -> Path:
             columns="\n".join(columns),
             k=SHOWN,
         )
-        (part / "behavior" / slug(b)).write_text(page)
+        (part / "behavior" / page_of[b]).write_text(page)
         top1 = rows[(rows["method"] == "trackstar") & (rows["rank"] == 1)]
         listing.append(
             LISTED.format(
-                family=html.escape(last["family"]), href=f"behavior/{slug(b)}", id=html.escape(b),
+                family=html.escape(last["family"]), href=f"behavior/{page_of[b]}", id=html.escape(b),
                 prompt=html.escape(last["prompt"][-60:]), target=html.escape(last["target"]),
                 count="" if item is None or np.isnan(last["count"]) else int(last["count"]),
                 top1=_truth_mark(int(top1["packed_id"].iloc[0]), gt) if len(top1) else "",
