@@ -383,3 +383,59 @@ def test_a_full_disk_reported_in_a_librarys_own_words_is_one_line(nano_copy, cap
     monkeypatch.setattr(stage.shutil, "disk_usage", lambda path: usage(2**30, 2**29, 2**29))
     assert main(["duplicates", "--force", "--profile", nano_copy["profile"], "-q"]) == 1
     assert "internal error: RuntimeError" in _one_line(capsys, prefix="internal error: ")
+
+
+def test_an_interruption_during_the_bookkeeping_leaves_nothing(nano_copy, capsys, monkeypatch):
+    """Ctrl-C once left an empty ``attribute.part`` (it arrived while the stage's module was being
+    imported, after the folder was made and before the ``try`` that removes it); the import, the
+    outputs' record and the stage record are now inside it."""
+    from pythia_attribution import outputs
+
+    def interrupted(part):
+        raise KeyboardInterrupt
+
+    before = (nano_copy["results"] / paths.DUPLICATES / paths.STAGE_RECORD).read_text()
+    monkeypatch.setattr(outputs, "record", interrupted)
+    assert main(["duplicates", "--force", "--profile", nano_copy["profile"], "-q"]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the stage's progress bar
+    assert last == "error: interrupted; nothing half-written is kept (rerun to continue)"
+    assert not (nano_copy["results"].parent / "nano" / "duplicates.part").exists()
+    assert (nano_copy["results"] / paths.DUPLICATES / paths.STAGE_RECORD).read_text() == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_stage_runs_is_one_line_and_leaves_nothing(nano_copy):
+    profile, results = nano_copy["profile"], nano_copy["results"]
+    part = paths.partial_dir("nano", paths.DUPLICATES)
+    proc = subprocess.Popen(
+        _cli(paths.DUPLICATES, "--force", "--profile", profile, "-q"),
+        env=_env(results.parent),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not part.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last == "error: interrupted; nothing half-written is kept (rerun to continue)"
+    assert not part.exists()
+    assert main(["verify", "--profile", profile, "-q"]) == 0
+
+
+def test_outputs_set_aside_by_an_interrupted_swap_are_put_back(nano_copy, capsys):
+    """A run stopped between moving the old outputs aside and moving the new ones in leaves the
+    stage with none in place: the next run restores the old ones (and, being current, keeps them)."""
+    results = nano_copy["results"]
+    record = (results / paths.DUPLICATES / paths.STAGE_RECORD).read_text()
+    set_aside = results / f"{paths.DUPLICATES}.old"
+    (results / paths.DUPLICATES).rename(set_aside)
+    main(["verify", "--profile", nano_copy["profile"]])
+    assert f"{set_aside} holds outputs set aside by an interrupted run (the next run puts them back)" in (
+        capsys.readouterr().out
+    )
+    assert main(["duplicates", "--profile", nano_copy["profile"], "-q"]) == 0
+    assert not set_aside.exists()
+    assert (results / paths.DUPLICATES / paths.STAGE_RECORD).read_text() == record  # not recomputed
+    assert main(["verify", "--profile", nano_copy["profile"], "-q"]) == 0

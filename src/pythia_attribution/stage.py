@@ -396,6 +396,34 @@ def _disk_full_error(exc: BaseException, part: Path) -> OSError | None:
     return OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free)", str(part))
 
 
+def _swap_into_place(part: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``part``: the old outputs step aside to ``<stage>.old``
+    and are removed once the new ones are in place (:func:`_restore_set_aside` undoes a swap
+    interrupted between its two renames)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    part.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _restore_set_aside(final: Path) -> None:
+    """A run stopped between :func:`_swap_into_place`'s two renames leaves the previous complete
+    outputs in ``<stage>.old`` and none in place: put them back (they are still verified against
+    their record before they are trusted). A leftover ``.old`` beside current outputs is removed."""
+    old = final.with_name(final.name + ".old")
+    if not old.exists():
+        return
+    if final.exists():
+        shutil.rmtree(old)
+    else:
+        log.warning("%s: restoring the outputs set aside by an interrupted run (%s)", final.name, old)
+        old.rename(final)
+
+
 def run(profile: Profile, stage: str, force: bool = False) -> Path:
     """Run ``stage`` for ``profile`` unless its outputs are current; return its folder.
 
@@ -404,6 +432,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     """
     spec = SPECS[stage]
     final = paths.stage_dir(profile.name, stage)
+    _restore_set_aside(final)
     fp, input_hashes = fingerprint(profile, spec)
     for up in spec.upstream:
         up_status = status(profile, up)
@@ -427,44 +456,38 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
         log.info("%s: up to date (fingerprint %s), skipping", stage, fp[:12])
         return final
 
-    part = paths.partial_dir(profile.name, stage)
-    if part.exists():
-        shutil.rmtree(part)
-    part.mkdir(parents=True)
-    inputs = {up: paths.stage_dir(profile.name, up) for up in spec.upstream}
-    ctx = StageContext(profile, spec, part, inputs, fp, input_hashes)
     module = importlib.import_module(spec.module_for(profile))
+    part = paths.partial_dir(profile.name, stage)
     started = time.perf_counter()
     log.info("%s: running (profile %s, fingerprint %s)", stage, profile.name, fp[:12])
+    # Everything from creating the partial folder to its last file is inside the try, so an
+    # interruption anywhere there (Ctrl-C arrives during imports and bookkeeping too) removes it.
     try:
-        module.run(ctx)
+        if part.exists():
+            shutil.rmtree(part)
+        part.mkdir(parents=True)
+        inputs = {up: paths.stage_dir(profile.name, up) for up in spec.upstream}
+        module.run(StageContext(profile, spec, part, inputs, fp, input_hashes))
+        written = outputs.record(part)
+        resolved = {s: to_jsonable(getattr(profile, s)) for s in spec.sections}
+        (part / paths.RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+        record = {
+            "stage": stage,
+            "profile": profile.name,
+            "fingerprint": fp,
+            "inputs": input_hashes,
+            "outputs": written,
+            "seconds": round(time.perf_counter() - started, 2),
+            "versions": package_versions(),
+            **git_state(),
+        }
+        (part / paths.STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     except BaseException as exc:
         disk_full = _disk_full_error(exc, part)
         shutil.rmtree(part, ignore_errors=True)  # a failed stage leaves nothing half-written
         if disk_full is not None:
             raise disk_full from exc
         raise
-    written = outputs.record(part)
-    resolved = {s: to_jsonable(getattr(profile, s)) for s in spec.sections}
-    (part / paths.RESOLVED_CONFIG).write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-    record = {
-        "stage": stage,
-        "profile": profile.name,
-        "fingerprint": fp,
-        "inputs": input_hashes,
-        "outputs": written,
-        "seconds": round(time.perf_counter() - started, 2),
-        "versions": package_versions(),
-        **git_state(),
-    }
-    (part / paths.STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    part.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
+    _swap_into_place(part, final)
     log.info("%s: done in %.1f s -> %s", stage, record["seconds"], final)
     return final
