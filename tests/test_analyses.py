@@ -141,22 +141,43 @@ def test_variants_fill_fields_and_pair_each_item_with_the_next(tmp_path):
     assert alone.prompt_ids == _encode("b") and alone.target_ids == _encode("ase knave")
 
 
-@pytest.mark.parametrize(
-    ("variant", "message"),
-    [
-        ('name = "x"\nprompt = "{nme} is a"\ntarget = " {insult}"', "unknown field '{nme}'"),
-        ('name = "x"\nprompt = "{name} is a"\ntarget = " "', "key 'target' is empty"),
-        ('name = "x"\nprompt = "{name}"\ntarget = " {insult}"\ncolour = 1', "unknown key"),
-    ],
-)
-def test_a_bad_variant_is_named(tmp_path, variant, message):
+# the file's own mistakes: found whether or not its items exist in this corpus (``check`` before
+# the corpus stage passes no encoder); the last three were internal errors from str.format
+STRUCTURE = [
+    ('name = "x"\nprompt = "{name} is a"\ntarget = " "', "key 'target' is empty"),
+    ('name = "x"\nprompt = "{name}"\ntarget = " {insult}"\ncolour = 1', "unknown key"),
+    ('name = "x"\nprompt = "{name is a"\ntarget = " {insult}"', "expected '}' before end of string"),
+    ('name = "x"\nprompt = "a } b {name}"\ntarget = " {insult}"', "Single '}' encountered"),
+    ('name = "x"\nprompt = "{name!x} is a"\ntarget = " {insult}"', "unknown conversion '!x'"),
+]
+# mistakes that show when a template is filled with an item's fields
+FILLING = [
+    ('name = "x"\nprompt = "{nme} is a"\ntarget = " {insult}"', "unknown field '{nme}'"),
+    ('name = "x"\nprompt = "{name:>{w}} is a"\ntarget = " {insult}"', "cannot fill .*KeyError"),
+]
+
+
+def _variant_file(tmp_path, items: str, variant: str):
     path = tmp_path / "word_order.toml"
     path.write_text(
-        f'[[variant_set]]\nitems = "insult/*"\norder = "single"\n[[variant_set.variant]]\n{variant}\n'
+        f'[[variant_set]]\nitems = "{items}"\norder = "single"\n[[variant_set.variant]]\n{variant}\n'
     )
+    return path
+
+
+@pytest.mark.parametrize(("variant", "message"), STRUCTURE + FILLING)
+def test_a_bad_variant_is_named(tmp_path, variant, message):
+    path = _variant_file(tmp_path, "insult/*", variant)
     with pytest.raises(ConfigError, match=message) as err:
         read_variants(path, _ground_truth(), _encode)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("variant", "message"), STRUCTURE)
+def test_a_bad_variant_is_named_without_items_or_tokenizer(tmp_path, variant, message):
+    path = _variant_file(tmp_path, "nothing/*", variant)
+    with pytest.raises(ConfigError, match=message):
+        read_variants(path, pa.table({}), None)
 
 
 def test_methods_sharing_an_index_get_their_own_tokenwise_split(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import tomllib
 import typing
@@ -124,9 +125,9 @@ def _run(capsys, profile: Path) -> None:
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "internal error" not in captured.err, captured.err
     assert code in (0, 2), (code, captured.err)
-    if code == 2:
-        err = captured.err.strip()
-        assert err.startswith("error: ") and "\n" not in err, err
+    if code == 2:  # one line, after any warnings logged before it (``HH:MM:SS logger: ...``)
+        lines = [x for x in captured.err.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d \S+: ", x)]
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
 
 
 @SETTINGS
@@ -200,4 +201,38 @@ def test_any_behavior_file_gives_a_result_or_one_line(
     text = Path(nano_results["profile"]).read_text()
     profile = tmp_path / "nano.toml"
     profile.write_text(text.replace('behaviors_dir = "experiments/behaviors"', f'behaviors_dir = "{folder}"'))
+    _run(capsys, profile)
+
+
+template = st.one_of(
+    st.text(alphabet=st.sampled_from("{}!:.>ab "), max_size=10),
+    st.sampled_from(["{name} is a", " {insult}", "{other.name}", "{city}", "{name!r}", "{}", "{0}", ""]),
+    st.text(max_size=12),
+)
+variants = st.fixed_dictionaries(
+    {"name": st.sampled_from(["original", "swapped", "x"]), "prompt": template, "target": template}
+)
+variant_sets = st.fixed_dictionaries(
+    {
+        "items": st.sampled_from(["insult/*", "bio/*", "nothing/*", "*"]),
+        # mostly well-formed around the templates, so that most examples reach them
+        "variant": st.lists(variants, min_size=1, max_size=3, unique_by=lambda v: v["name"]),
+    },
+    optional={"order": st.sampled_from(["single", "mixed", "sideways"])},
+)
+
+
+@SETTINGS
+@given(generated=st.lists(variant_sets, max_size=2))
+def test_any_word_order_file_gives_a_result_or_one_line(nano_results, tmp_path, capsys, generated):
+    path = tmp_path / "word_order.toml"
+    body = ""
+    for vset in generated:
+        body += "[[variant_set]]\n" + toml_document({k: v for k, v in vset.items() if k != "variant"})
+        body += "".join("[[variant_set.variant]]\n" + toml_document(v) for v in vset["variant"])
+    path.write_text(body)
+    text = Path(nano_results["profile"]).read_text()
+    profile = tmp_path / "nano.toml"
+    assert "[analyses]" not in text
+    profile.write_text(f'{text}\n[analyses]\nword_order_file = "{path}"\n')
     _run(capsys, profile)

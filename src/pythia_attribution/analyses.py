@@ -86,7 +86,8 @@ class VariantQuery:
 
 def read_variants(path: Path, ground_truth: pa.Table, encode) -> list[VariantQuery]:
     """The word-order queries of ``path`` for every ground-truth item it names that has a complete
-    copy in the corpus. Errors name the file, the set or variant, and the rule."""
+    copy in the corpus. Errors name the file, the set or variant, and the rule. With ``encode``
+    None, only the file's structure and templates are checked (``check`` before the corpus exists)."""
     data = read_toml(path)
     unknown = set(data) - {"variant_set"}
     if unknown:
@@ -98,11 +99,6 @@ def read_variants(path: Path, ground_truth: pa.Table, encode) -> list[VariantQue
         where = f"{path}: variant_set[{i}] ('{vset.items}')"
         if vset.order not in ("", "single", "mixed"):
             raise ConfigError(f"{where}: order '{vset.order}' is not 'single' or 'mixed'")
-        matched = [it for it in items if fnmatch.fnmatchcase(it["item_id"], vset.items)]
-        matched.sort(key=lambda it: it["item_id"])
-        if not matched:  # e.g. real Pythia, which has no synthetic items
-            log.warning("%s: matches no ground-truth item with a complete copy in the corpus; skipped", where)
-            continue
         variants = [
             from_dict(Variant, v, str(path), prefix=f"variant_set[{i}].variant[{j}].")
             for j, v in enumerate(vset.variant)
@@ -112,6 +108,18 @@ def read_variants(path: Path, ground_truth: pa.Table, encode) -> list[VariantQue
         names = [v.name for v in variants]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}: duplicate variant name")
+        for v in variants:  # the file's own mistakes, found whether or not its items exist here
+            for key in ("prompt", "target"):
+                _check_template(getattr(v, key), f"{where}: variant '{v.name}': key '{key}'")
+            if not v.target.strip():
+                raise ConfigError(f"{where}: variant '{v.name}': key 'target' is empty")
+        if encode is None:
+            continue
+        matched = [it for it in items if fnmatch.fnmatchcase(it["item_id"], vset.items)]
+        matched.sort(key=lambda it: it["item_id"])
+        if not matched:  # e.g. real Pythia, which has no synthetic items
+            log.warning("%s: matches no ground-truth item with a complete copy in the corpus; skipped", where)
+            continue
         details = [json.loads(it["detail"] or "{}") for it in matched]
         for k, it in enumerate(matched):
             fields = {**details[k], "other": SimpleNamespace(**details[(k + 1) % len(matched)])}
@@ -134,6 +142,22 @@ def read_variants(path: Path, ground_truth: pa.Table, encode) -> list[VariantQue
     return queries
 
 
+def _check_template(template: str, where: str) -> None:
+    """A template that ``str.format`` cannot read (an unclosed brace, a stray '}', a conversion
+    other than !r, !s, !a) is the file's error, not the stage's."""
+    try:
+        for _, name, _, conversion in string.Formatter().parse(template):
+            if conversion not in (None, "r", "s", "a"):
+                raise ValueError(f"unknown conversion '!{conversion}'")
+            if name is not None and not name.strip():
+                raise ValueError("'{}' names no field")
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where} is not a valid template {template!r}: {exc} (fields are written {{name}}; "
+            "a literal brace is {{ or }})"
+        ) from None
+
+
 def _fill(template: str, fields: dict, where: str) -> str:
     for _, name, _, _ in string.Formatter().parse(template):
         if name is None:
@@ -146,7 +170,10 @@ def _fill(template: str, fields: dict, where: str) -> str:
                 f"{where}: unknown field '{{{name}}}' (the item has: {', '.join(names)}; "
                 "and other.FIELD for the next item)"
             )
-    return template.format(**fields)
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, AttributeError, ValueError) as exc:  # e.g. a field inside a format spec
+        raise ConfigError(f"{where}: cannot fill {template!r}: {type(exc).__name__}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

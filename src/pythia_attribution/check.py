@@ -63,12 +63,15 @@ def check_inputs(profile: Profile) -> list[str]:
             f"ok      behaviors {folder}: {len(files)} files (structure only: run the corpus stage "
             "to check them against the tokenizer)"
         )
+        lines.extend(_check_variant_files(profile, None, None))
         return lines
     from pythia_attribution.probe import read_behaviors
 
     trained = stage.read_record(profile.name, paths.TRAIN) is not None
     train_dir = paths.stage_dir(profile.name, paths.TRAIN) if trained else None
-    inputs = read_behaviors(profile.probe, paths.stage_dir(profile.name, paths.CORPUS), train_dir)
+    corpus_dir = paths.stage_dir(profile.name, paths.CORPUS)
+    inputs = read_behaviors(profile.probe, corpus_dir, train_dir)
+    lines.extend(_check_variant_files(profile, corpus_dir, inputs.tokenizer))
     if inputs.limits is None:
         lines.append(
             f"ok      behaviors {folder}: {len(inputs.behaviors)} behaviors tokenize (train the model "
@@ -80,4 +83,35 @@ def check_inputs(profile: Profile) -> list[str]:
             f"ok      behaviors {folder}: {len(inputs.behaviors)} behaviors fit all {len(inputs.limits)} "
             f"checkpoints (context {', '.join(map(str, positions))} positions)"
         )
+    return lines
+
+
+def _check_variant_files(profile: Profile, corpus_dir, tokenizer) -> list[str]:
+    """The word-order file (analyses) and the paraphrase file (causal's select-and-fine-tune), read
+    as those stages read them: their structure and templates always, each query filled in and
+    tokenized once the corpus exists (its ground truth and tokenizer)."""
+    import pyarrow as pa
+
+    from pythia_attribution import tables
+    from pythia_attribution.analyses import read_variants
+    from pythia_attribution.behaviors import encoder
+
+    files = [("word-order variants", profile.analyses.word_order_file)]
+    if profile.causal.finetune_families:
+        files.append(("paraphrases", profile.causal.paraphrase_file))
+    if corpus_dir is None:
+        ground_truth, encode, scope = pa.table({}), None, "structure only"
+    else:
+        ground_truth = tables.read_table(
+            paths.table_path(corpus_dir, paths.GROUND_TRUTH_TABLE), made_by=paths.CORPUS
+        )
+        encode, scope = encoder(tokenizer), "filled in and tokenized"
+    lines = []
+    for what, name in files:
+        if not name:
+            continue
+        path = paths.resolve_input(name)
+        queries = read_variants(path, ground_truth, encode)
+        count = "" if encode is None else f"{len(queries)} queries, "
+        lines.append(f"ok      {what} {path}: {count}{scope}")
     return lines
