@@ -71,7 +71,6 @@ def check_inputs(profile: Profile) -> list[str]:
     train_dir = paths.stage_dir(profile.name, paths.TRAIN) if trained else None
     corpus_dir = paths.stage_dir(profile.name, paths.CORPUS)
     inputs = read_behaviors(profile.probe, corpus_dir, train_dir)
-    lines.extend(_check_variant_files(profile, corpus_dir, inputs.tokenizer))
     if inputs.limits is None:
         lines.append(
             f"ok      behaviors {folder}: {len(inputs.behaviors)} behaviors tokenize (train the model "
@@ -83,6 +82,7 @@ def check_inputs(profile: Profile) -> list[str]:
             f"ok      behaviors {folder}: {len(inputs.behaviors)} behaviors fit all {len(inputs.limits)} "
             f"checkpoints (context {', '.join(map(str, positions))} positions)"
         )
+    lines.extend(_check_variant_files(profile, corpus_dir, inputs.tokenizer))
     return lines
 
 
