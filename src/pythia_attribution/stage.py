@@ -460,8 +460,9 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     part = paths.partial_dir(profile.name, stage)
     started = time.perf_counter()
     log.info("%s: running (profile %s, fingerprint %s)", stage, profile.name, fp[:12])
-    # Everything from creating the partial folder to its last file is inside the try, so an
-    # interruption anywhere there (Ctrl-C arrives during imports and bookkeeping too) removes it.
+    # The stage's module is imported before the partial folder exists, and everything from making
+    # that folder to writing its last file is inside the try: an interruption anywhere (Ctrl-C
+    # during the imports or the bookkeeping, not only during the work) leaves no partial folder.
     try:
         if part.exists():
             shutil.rmtree(part)
