@@ -18,7 +18,7 @@ import html
 import logging
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +54,7 @@ def slugs(behavior_ids) -> dict[str, str]:
     page overwrites another."""
     ids = sorted(set(behavior_ids))
     base = {b: slug(b) for b in ids}
-    taken: dict[str, int] = {}
-    for name in base.values():
-        taken[name] = taken.get(name, 0) + 1
+    taken = Counter(base.values())
     return {
         b: name
         if name != ".html" and taken[name] == 1

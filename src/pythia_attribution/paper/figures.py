@@ -67,8 +67,8 @@ def _method_scales(methods: list[str], fill: bool = False, ncol: int = 3):
     labels = {m: style.method_label(m) for m in methods}
     colours = {m: style.method_colour(m) for m in methods}
     scale = scale_fill_manual if fill else scale_color_manual
-    # three columns: eleven methods in one row run off the page's width (and so does a title beside
-    # three columns: figures with this legend add ``_NO_LEGEND_TITLE`` after ``_theme()``)
+    # Three columns, because eleven methods in one row run off the page. A legend title beside
+    # them would too, so the figures using this scale add ``_NO_LEGEND_TITLE`` after ``_theme()``.
     return scale(values=colours, labels=labels, breaks=methods, name="Method", guide=guide_legend(ncol=ncol))
 
 
