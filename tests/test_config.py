@@ -53,6 +53,25 @@ def test_a_list_that_names_a_value_twice_is_refused(tmp_path, table, text, shown
         load_profile(str(path))
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "shown"),
+    [
+        # nano's leave_out once asked for 24 while attribute kept 20: the methods lost 4 removals each
+        ("[attribute]\ntop_k = 20\n[leave_out]\ntop_k = 24\n", "leave_out.top_k", r"<= attribute.top_k \(20"),
+        ("[attribute]\ntop_k = 10\n[causal]\ntop_k = 11\n", "causal.top_k", r"<= attribute.top_k \(10"),
+        ("[attribute]\ntop_k = 10\n[analyses]\ntokenwise_top = 11\n", "analyses.tokenwise_top", "got 11"),
+        ("[corpus]\nseq_len = 64\n[duplicates]\nngram = 66\n", "duplicates.ngram", r"seq_len \+ 1 \(65\)"),
+    ],
+)
+def test_a_stage_cannot_ask_for_more_than_its_upstream_keeps(tmp_path, text, key, shown):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"key '{key}' must be .*{shown}"):
+        load_profile(str(path))
+    path.write_text(text.replace(text.rsplit("= ", 1)[1], "1\n"))  # the same keys within the rule load
+    load_profile(str(path))
+
+
 def test_malformed_profile_names_file(tmp_path, capsys):
     path = tmp_path / "broken.toml"
     path.write_text("[train\n")

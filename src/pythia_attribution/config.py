@@ -607,6 +607,25 @@ def cross_rules(p: Profile) -> list[tuple[str, str]]:
                 f"must hold one training sequence ({need} tokens), got {p.attribute.token_batch_size}",
             )
         )
+    # the stages after attribute read its rankings: asking them for more than it kept once gave the
+    # methods fewer sequences than the ground-truth reference beside them (nano's leave_out, 20 vs 24)
+    kept = p.attribute.top_k
+    for key, value in (
+        ("causal.top_k", p.causal.top_k),
+        ("leave_out.top_k", p.leave_out.top_k),
+        ("analyses.tokenwise_top", p.analyses.tokenwise_top),
+    ):
+        if value > kept:
+            why = f"must be <= attribute.top_k ({kept}, the sequences each ranking keeps), got {value}"
+            broken.append((key, why))
+    if p.duplicates.ngram > c.seq_len + 1:
+        broken.append(
+            (
+                "duplicates.ngram",
+                f"must be <= corpus.seq_len + 1 ({c.seq_len + 1}): no training sequence would have an "
+                f"n-gram, so every MinHash Jaccard would be 0, got {p.duplicates.ngram}",
+            )
+        )
     for i, pair in enumerate(c.pile.steps):
         if len(pair) != 2 or pair[0] >= pair[1]:
             broken.append(
