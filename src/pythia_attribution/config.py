@@ -374,7 +374,8 @@ class CausalConfig:
         "fine-tune the latest checkpoint at which at most this share of the set is exhibited", 0.1, ge=0, le=1
     )
     paraphrase_file: str = doc(
-        "paraphrased prompts the corpus never states (variant 'paraphrase'; relative to the project root)",
+        "paraphrased prompts the corpus never states (variant 'paraphrase'; relative to the project root; "
+        "'': no paraphrase measurement)",
         "experiments/paraphrases.toml",
     )
 
