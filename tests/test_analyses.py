@@ -10,10 +10,11 @@ import pyarrow.compute as pc
 import pytest
 
 from pythia_attribution import paths, tables
-from pythia_attribution.analyses import THIRDS, WHOLE, read_variants, third_modules
+from pythia_attribution.analyses import THIRDS, WHOLE, third_modules
 from pythia_attribution.attribute import gradients
 from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.errors import ConfigError
+from pythia_attribution.variants import read_variants
 
 
 def _read(results, stage_name, table):

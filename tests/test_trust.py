@@ -305,6 +305,45 @@ def test_cross_key_rule_names_both_keys(world, capsys):
     assert "train.hidden" in _one_line(capsys)
 
 
+def _set_key(text: str, table: str, line: str) -> str:
+    """The profile ``text`` with ``line`` (``key = value``) set in ``[table]``, replacing the key's
+    line there if it has one, adding the table if it has none."""
+    lines = text.splitlines()
+    key = line.split("=")[0].strip()
+    if f"[{table}]" not in lines:
+        return "\n".join([*lines, f"[{table}]", line, ""])
+    start = lines.index(f"[{table}]") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+    own = [i for i in range(start, end) if lines[i].split("=")[0].strip() == key]
+    if own:
+        lines[own[0]] = line
+    else:
+        lines.insert(start, line)
+    return "\n".join([*lines, ""])
+
+
+@pytest.mark.parametrize(
+    ("table", "line", "shown"),
+    [
+        # a misspelt method here once surfaced only when its stage came, after training
+        ("causal", 'methods = ["trakstar"]', "causal.methods: 'trakstar' is not in attribute.methods"),
+        ("analyses", 'methods = ["bm25"]', "analyses.methods: 'bm25' is not a gradient method"),
+        ("memorization", 'methods = ["activation"]', "'activation' is of kind 'activation'"),
+        # leave_out is not part of `all`: its own command checks it (and `check`)
+        ("leave_out", 'methods = ["ekfac_typo"]', "leave_out.methods: 'ekfac_typo' is not in"),
+    ],
+)
+def test_a_method_a_later_stage_cannot_use_stops_the_run_before_the_first_stage(
+    world, capsys, tmp_path, table, line, shown
+):
+    bad = world.parent / "nano.toml"
+    bad.write_text(_set_key(world.read_text(), table, line))
+    command = "leave_out" if table == "leave_out" else "all"
+    assert main([command, "--profile", str(bad), "-q"]) == 2
+    assert shown in _one_line(capsys)
+    assert not list((tmp_path / "results" / "nano").glob("*/*.arrow"))
+
+
 def test_a_prompt_longer_than_the_context_is_refused_before_probing(nano_copy, tmp_path, capsys):
     folder = tmp_path / "behaviors"
     shutil.copytree(paths.project_root() / "experiments" / "behaviors", folder)

@@ -205,8 +205,8 @@ def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:
     if cfg.finetune_families:
         from transformers import AutoTokenizer
 
-        from pythia_attribution.analyses import read_variants
         from pythia_attribution.behaviors import encoder
+        from pythia_attribution.variants import read_variants
 
         encode = encoder(AutoTokenizer.from_pretrained(final_dir))
         paraphrases = {

@@ -10,31 +10,52 @@ with the same one-line error the stage would give.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from pythia_attribution import paths, stage
 from pythia_attribution.config import Profile
 from pythia_attribution.errors import ConfigError
 
 
-def check_inputs(profile: Profile) -> list[str]:
+def check_inputs(profile: Profile, deep: bool = True, stages: Collection[str] | None = None) -> list[str]:
+    """One line per input checked; the first problem raises the stage's own one-line error.
+    ``deep`` False checks structure only (no corpus or checkpoint is read), as every stage command
+    does before it starts (for the stages of ``all`` and its own), so that a misnamed method or a
+    broken behavior file stops a long run at its start rather than when the stage that reads it
+    comes. ``stages``: whose method rules apply (None: every stage's, ``leave_out`` included)."""
     from pythia_attribution.attribute.methods import load_methods
     from pythia_attribution.behaviors import read_file
 
     lines = [f"ok      profile {profile.name}: keys, types, ranges and cross-key rules"]
     attribute, memorization = profile.attribute, profile.memorization
     methods_file = paths.resolve_input(attribute.methods_file)
-    load_methods(methods_file, attribute.methods)
-    load_methods(methods_file, memorization.methods)
+    ran = load_methods(methods_file, attribute.methods)
+    for method in load_methods(methods_file, memorization.methods):
+        if method.kind not in ("gradient", "bm25"):
+            raise ConfigError(
+                f"memorization.methods: '{method.name}' is of kind '{method.kind}'; memorized sequences "
+                "are attributed by gradient and bm25 methods"
+            )
     lines.append(
         f"ok      methods {methods_file}: {', '.join(sorted({*attribute.methods, *memorization.methods}))}"
     )
-    leave_out = profile.leave_out.methods
-    unknown = sorted(set(leave_out) - set(attribute.methods))
-    if unknown:
-        raise ConfigError(
-            f"leave_out.methods: '{unknown[0]}' is not in attribute.methods (leave-k-out removes what a "
-            "method the attribute stage ran retrieved)"
-        )
-    if leave_out and profile.train.source != "train":
+    gradient = [m.name for m in ran if m.kind == "gradient"]
+    for key, names, among, what in (
+        ("leave_out.methods", profile.leave_out.methods, attribute.methods,
+         "leave-k-out removes what a method the attribute stage ran retrieved"),
+        ("causal.methods", profile.causal.methods, attribute.methods,
+         "tail-patch steps on what a method the attribute stage ran retrieved"),
+        ("analyses.methods", profile.analyses.methods, gradient,
+         f"the analyses split gradient methods' scores; the gradient methods run: {', '.join(gradient)}"),
+    ):  # fmt: skip
+        if stages is not None and key.split(".")[0] not in stages:
+            continue
+        unknown = [n for n in names if n not in among]
+        if unknown:
+            where = "a gradient method in attribute.methods" if among is gradient else "in attribute.methods"
+            raise ConfigError(f"{key}: '{unknown[0]}' is not {where} ({what})")
+    leave_out = stages is None or paths.LEAVE_OUT in stages
+    if leave_out and profile.leave_out.methods and profile.train.source != "train":
         raise ConfigError(
             f"leave_out.methods: retraining needs train.source = 'train', not '{profile.train.source}'; "
             "set leave_out.methods = [] for this profile"
@@ -53,7 +74,7 @@ def check_inputs(profile: Profile) -> list[str]:
         lines.append(f"ok      Hub manifest {hub.path}: {len(hub.revisions)} revisions pinned")
 
     folder = paths.resolve_input(profile.probe.behaviors_dir)
-    if stage.read_record(profile.name, paths.CORPUS) is None:
+    if not deep or stage.read_record(profile.name, paths.CORPUS) is None:
         files = sorted(folder.glob("*.toml"))
         for path in files:
             read_file(path)
@@ -93,8 +114,8 @@ def _check_variant_files(profile: Profile, corpus_dir, tokenizer) -> list[str]:
     import pyarrow as pa
 
     from pythia_attribution import tables
-    from pythia_attribution.analyses import read_variants
     from pythia_attribution.behaviors import encoder
+    from pythia_attribution.variants import read_variants
 
     files = [("word-order variants", profile.analyses.word_order_file)]
     if profile.causal.finetune_families:

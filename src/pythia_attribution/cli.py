@@ -183,8 +183,11 @@ def _run(args, command: str) -> int:
             print(pin_profile(profile))
             return 0
         from pythia_attribution import stage
+        from pythia_attribution.check import check_inputs
 
         stages = paths.STAGES if args.stage == "all" else (args.stage,)
+        # every input's structure first: a misnamed causal method once surfaced after training
+        check_inputs(profile, deep=False, stages={*paths.STAGES, *stages})
         for name in stages:
             stage.run(profile, name, force=args.force)
     return 0

@@ -336,7 +336,7 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
             continue
         if method.kind != "gradient":
             raise ConfigError(
-                f"memorization.methods: '{method.name}' is a {method.kind} method; memorized sequences "
+                f"memorization.methods: '{method.name}' is of kind '{method.kind}'; memorized sequences "
                 "are attributed by gradient and bm25 methods"
             )
         name = method.index_name
