@@ -46,3 +46,21 @@ def test_bad_behavior_file_stops_probe_cleanly(nano_run, tmp_path, capsys, monke
     assert "broken.toml" in err and "'behavior[0].weight'" in err
     assert not (nano_run["results"] / "probe.part").exists()
     assert (nano_run["results"] / paths.PROBE / "probes.arrow").read_bytes() == before
+
+
+def test_a_behavior_file_not_in_utf8_is_one_line(world, capsys, tmp_path):
+    """A file saved as Latin-1 (an accented name) once escaped as an internal UnicodeDecodeError."""
+    folder = tmp_path / "behaviors"
+    folder.mkdir()
+    (folder / "names.toml").write_bytes(
+        '[[behavior]]\nid = "x"\nfamily = "style"\nprompt = "Zo\u00eb said"\ntarget = " yes"\n'.encode(
+            "latin-1"
+        )
+    )
+    bad = world.parent / "nano.toml"
+    bad.write_text(
+        world.read_text().replace('behaviors_dir = "experiments/behaviors"', f'behaviors_dir = "{folder}"')
+    )
+    assert main(["check", "--profile", str(bad), "-q"]) == 2
+    err = _one_line(capsys)
+    assert "names.toml: not UTF-8" in err and "byte 0xeb on line 4" in err, err
