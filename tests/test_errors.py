@@ -64,3 +64,18 @@ def test_a_behavior_file_not_in_utf8_is_one_line(world, capsys, tmp_path):
     assert main(["check", "--profile", str(bad), "-q"]) == 2
     err = _one_line(capsys)
     assert "names.toml: not UTF-8" in err and "byte 0xeb on line 4" in err, err
+
+
+def test_a_behavior_id_in_two_files_stops_all_before_the_corpus(world, capsys, tmp_path):
+    folder = tmp_path / "behaviors"
+    folder.mkdir()
+    entry = '[[behavior]]\nid = "same"\nfamily = "style"\nprompt = "The king"\ntarget = " said"\n'
+    for name in ("a.toml", "b.toml"):
+        (folder / name).write_text(entry)
+    bad = world.parent / "nano.toml"
+    bad.write_text(
+        world.read_text().replace('behaviors_dir = "experiments/behaviors"', f'behaviors_dir = "{folder}"')
+    )
+    assert main(["all", "--profile", str(bad), "-q"]) == 2
+    assert "b.toml: duplicate behavior id 'same' (also in a.toml)" in _one_line(capsys)
+    assert not (tmp_path / "results" / "nano" / "corpus").exists()

@@ -76,8 +76,14 @@ def check_inputs(profile: Profile, deep: bool = True, stages: Collection[str] | 
     folder = paths.resolve_input(profile.probe.behaviors_dir)
     if not deep or stage.read_record(profile.name, paths.CORPUS) is None:
         files = sorted(folder.glob("*.toml"))
+        seen: dict[str, str] = {}  # the ids written out; a behavior_set's come from the corpus's items
         for path in files:
-            read_file(path)
+            for entry in read_file(path)[0]:
+                if entry.id in seen:
+                    raise ConfigError(
+                        f"{path.name}: duplicate behavior id '{entry.id}' (also in {seen[entry.id]})"
+                    )
+                seen[entry.id] = path.name
         if not files:
             raise ConfigError(f"{folder}: no behavior files (*.toml)")
         lines.append(
