@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 from pythia_attribution import duplicates, paths
 from pythia_attribution.attribute import gradients, metrics, moments
 from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
-from pythia_attribution.attribute.methods import load_methods
+from pythia_attribution.attribute.methods import analysed_methods
 from pythia_attribution.attribute.ranking import Ranking
 from pythia_attribution.attribute.stage import QUERY_KEY, TRACING_FIELDS, layer_of, method_scorer
 from pythia_attribution.behaviors import encoder
-from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import set_threads
 from pythia_attribution.variants import read_variants
 
@@ -57,14 +56,7 @@ def run(ctx) -> None:
     seed = ctx.profile.runtime.seed
     set_threads(ctx.profile.runtime.threads)
     acfg = ctx.profile.attribute
-    methods = [
-        m
-        for m in load_methods(paths.resolve_input(acfg.methods_file), acfg.methods)
-        if m.kind == "gradient" and (not cfg.methods or m.name in cfg.methods)
-    ]
-    missing = sorted(set(cfg.methods) - {m.name for m in methods})
-    if missing:
-        raise ConfigError(f"analyses.methods: '{missing[0]}' is not a gradient method in attribute.methods")
+    methods = analysed_methods(paths.resolve_input(acfg.methods_file), acfg.methods, cfg.methods)
     cands = load_candidates(ctx.input_table(paths.CORPUS, paths.CORPUS_TABLE))
     ground_truth = ctx.input_table(paths.CORPUS, paths.GROUND_TRUTH_TABLE)
     truth = {name: truth_sets(ground_truth, cands, name) for name in TRUTHS}

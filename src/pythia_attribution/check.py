@@ -23,37 +23,30 @@ def check_inputs(profile: Profile, deep: bool = True, stages: Collection[str] | 
     does before it starts (for the stages of ``all`` and its own), so that a misnamed method or a
     broken behavior file stops a long run at its start rather than when the stage that reads it
     comes. ``stages``: whose method rules apply (None: every stage's, ``leave_out`` included)."""
-    from pythia_attribution.attribute.methods import load_methods
+    from pythia_attribution.attribute.methods import analysed_methods, load_methods, memorization_methods
     from pythia_attribution.behaviors import read_file
 
     lines = [f"ok      profile {profile.name}: keys, types, ranges and cross-key rules"]
     attribute, memorization = profile.attribute, profile.memorization
     methods_file = paths.resolve_input(attribute.methods_file)
-    ran = load_methods(methods_file, attribute.methods)
-    for method in load_methods(methods_file, memorization.methods):
-        if method.kind not in ("gradient", "bm25"):
-            raise ConfigError(
-                f"memorization.methods: '{method.name}' is of kind '{method.kind}'; memorized sequences "
-                "are attributed by gradient and bm25 methods"
-            )
+    load_methods(methods_file, attribute.methods)
+    memorization_methods(methods_file, memorization.methods)
     lines.append(
         f"ok      methods {methods_file}: {', '.join(sorted({*attribute.methods, *memorization.methods}))}"
     )
-    gradient = [m.name for m in ran if m.kind == "gradient"]
-    for key, names, among, what in (
-        ("leave_out.methods", profile.leave_out.methods, attribute.methods,
+    if stages is None or paths.ANALYSES in stages:
+        analysed_methods(methods_file, attribute.methods, profile.analyses.methods)
+    for key, names, what in (
+        ("leave_out.methods", profile.leave_out.methods,
          "leave-k-out removes what a method the attribute stage ran retrieved"),
-        ("causal.methods", profile.causal.methods, attribute.methods,
+        ("causal.methods", profile.causal.methods,
          "tail-patch steps on what a method the attribute stage ran retrieved"),
-        ("analyses.methods", profile.analyses.methods, gradient,
-         f"the analyses split gradient methods' scores; the gradient methods run: {', '.join(gradient)}"),
     ):  # fmt: skip
         if stages is not None and key.split(".")[0] not in stages:
             continue
-        unknown = [n for n in names if n not in among]
+        unknown = [n for n in names if n not in attribute.methods]
         if unknown:
-            where = "a gradient method in attribute.methods" if among is gradient else "in attribute.methods"
-            raise ConfigError(f"{key}: '{unknown[0]}' is not {where} ({what})")
+            raise ConfigError(f"{key}: '{unknown[0]}' is not in attribute.methods ({what})")
     leave_out = stages is None or paths.LEAVE_OUT in stages
     if leave_out and profile.leave_out.methods and profile.train.source != "train":
         raise ConfigError(

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients, moments
 from pythia_attribution.attribute.candidates import load_candidates, truth_sets
-from pythia_attribution.attribute.methods import load_methods
+from pythia_attribution.attribute.methods import memorization_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
@@ -329,17 +329,12 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
         )
 
     rankings = {}
-    for method in load_methods(paths.resolve_input(attribute_cfg.methods_file), cfg.methods):
+    for method in memorization_methods(paths.resolve_input(attribute_cfg.methods_file), cfg.methods):
         if method.kind == "bm25":
             per_query = baselines.bm25_query_scores([cands.texts[i] for i in keys], q_texts)
             rankings[method.name] = rank(per_query_blocks(per_query))
             continue
-        if method.kind != "gradient":
-            raise ConfigError(
-                f"memorization.methods: '{method.name}' is of kind '{method.kind}'; memorized sequences "
-                "are attributed by gradient and bm25 methods"
-            )
-        name = method.index_name
+        name = method.index_name  # a gradient method
         if not moments.available(name, ckpt_dir):
             log.info("%s: %s skipped at step%d (no optimizer state saved there)", setting, method.name, step)
             continue

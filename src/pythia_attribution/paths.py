@@ -144,6 +144,11 @@ def partial_dir(profile: str, stage: str) -> Path:
     return results_root() / profile / f"{stage}.part"
 
 
+def set_aside_dir(stage_root: Path) -> Path:
+    """Where a stage's previous outputs step aside while new ones are renamed into place."""
+    return stage_root.with_name(stage_root.name + ".old")
+
+
 def table_path(stage_root: Path, table: str) -> Path:
     return stage_root / f"{table}.arrow"
 

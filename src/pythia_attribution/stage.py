@@ -400,7 +400,7 @@ def _swap_into_place(part: Path, final: Path) -> None:
     """Replace ``final`` by the complete ``part``: the old outputs step aside to ``<stage>.old``
     and are removed once the new ones are in place (:func:`_restore_set_aside` undoes a swap
     interrupted between its two renames)."""
-    old = final.with_name(final.name + ".old")
+    old = paths.set_aside_dir(final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -414,7 +414,7 @@ def _restore_set_aside(final: Path) -> None:
     """A run stopped between :func:`_swap_into_place`'s two renames leaves the previous complete
     outputs in ``<stage>.old`` and none in place: put them back (they are still verified against
     their record before they are trusted). A leftover ``.old`` beside current outputs is removed."""
-    old = final.with_name(final.name + ".old")
+    old = paths.set_aside_dir(final)
     if not old.exists():
         return
     if final.exists():

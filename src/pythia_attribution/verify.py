@@ -50,7 +50,7 @@ def _verify_stage(profile: Profile, name: str, full: bool, report: Report) -> No
     part = paths.partial_dir(profile.name, name)
     if part.exists():
         report.note(f"{name}: {part} is left from an interrupted run (the next run removes it)")
-    set_aside = root.with_name(root.name + ".old")
+    set_aside = paths.set_aside_dir(root)
     if set_aside.exists():
         report.note(
             f"{name}: {set_aside} holds outputs set aside by an interrupted run (the next run "

@@ -71,3 +71,35 @@ def load_methods(path: Path, names: list[str]) -> list[Method]:
             )
         methods.append(method)
     return methods
+
+
+# what a memorized sequence (a 64-token window, no probe prompt) can be attributed by
+MEMORIZATION_KINDS = ("gradient", "bm25")
+
+
+def memorization_methods(path: Path, names: list[str]) -> list[Method]:
+    """``memorization.methods`` from ``path``, each of a kind in ``MEMORIZATION_KINDS`` (read by the
+    memorization stage, and by ``check`` before any stage runs)."""
+    methods = load_methods(path, names)
+    for method in methods:
+        if method.kind not in MEMORIZATION_KINDS:
+            raise ConfigError(
+                f"memorization.methods: '{method.name}' is of kind '{method.kind}'; memorized sequences "
+                f"are attributed by {' and '.join(MEMORIZATION_KINDS)} methods"
+            )
+    return methods
+
+
+def analysed_methods(path: Path, ran: list[str], chosen: list[str]) -> list[Method]:
+    """The gradient methods among ``ran`` (``attribute.methods``) that ``chosen``
+    (``analyses.methods``) names, or all of them when it names none; a chosen name that is not one
+    of them is the profile's error (read by the analyses stage, and by ``check`` before any stage runs)."""
+    gradient = [m for m in load_methods(path, ran) if m.kind == "gradient"]
+    names = [m.name for m in gradient]
+    missing = [n for n in chosen if n not in names]
+    if missing:
+        raise ConfigError(
+            f"analyses.methods: '{missing[0]}' is not a gradient method in attribute.methods (the "
+            f"analyses split gradient methods' scores; the gradient methods run: {', '.join(names)})"
+        )
+    return [m for m in gradient if not chosen or m.name in chosen]
