@@ -52,9 +52,23 @@ COMMON = {
 WARM = 2  # rows of the first call, which times a call's setup (loading the model, bergson's hooks)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def peak_reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device: str) -> str:
+    """The peak GPU memory since the last ``peak_reset`` ('' on a CPU)."""
+    return f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
 
 
 def plain(model, rows: np.ndarray, device: str, dtype) -> float:
@@ -88,6 +102,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["70m", "160m"], choices=list(SHAPES))
     parser.add_argument("--sequences", type=int, default=256, help=f"more than {WARM}")
     parser.add_argument("--projection-dim", type=int, default=16)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(DTYPES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.sequences <= WARM:
@@ -96,42 +111,55 @@ def main() -> None:
     name = (
         torch.cuda.get_device_name() if device == "cuda" else "CPU (a check of the script, not a measurement)"
     )
-    dtype = torch.float32  # bergson's default precision, which the attribute stage uses
-    print(f"device: {name}; torch {torch.__version__}; plain pass in {dtype}")
+    print(f"device: {name}; torch {torch.__version__}")
     rng = np.random.default_rng(args.seed)
     rows = rng.integers(2, COMMON["vocab_size"], size=(args.sequences, 2049), dtype=np.int64)
     for key in args.models:
         torch.manual_seed(args.seed)
         config = GPTNeoXConfig(**COMMON, **SHAPES[key])
         model = GPTNeoXForCausalLM(config)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
         cut = rows[:, : config.max_position_embeddings]  # what build_index keeps of a 2,049-token row
-        base = plain(model, cut, device, dtype)
+        tokens = cut.shape[1] - 1
         with tempfile.TemporaryDirectory() as tmp:
             model.to(torch.float32).save_pretrained(Path(tmp) / "model")
-            kwargs = {"labels": None, "optimizer_state": None, "projection_dim": args.projection_dim}
-            start = time.perf_counter()
-            gradients.build_index(
-                Path(tmp) / "warm", Path(tmp) / "model", cut[:WARM], token_batch_size=2048, **kwargs
-            )
-            sync(device)
-            setup = time.perf_counter() - start  # mostly loading the model; WARM rows' compute besides
-            start = time.perf_counter()
-            gradients.build_index(
-                Path(tmp) / "index", Path(tmp) / "model", cut, token_batch_size=2048, **kwargs
-            )
-            sync(device)
-            seconds = time.perf_counter() - start
-            built = len(cut) * (cut.shape[1] - 1) / seconds
-            # a call costs setup + rows x per-row time, and the warm call did WARM rows: the
-            # difference of the two calls is (rows - WARM) rows' compute alone
-            steady = (len(cut) - WARM) * (cut.shape[1] - 1) / max(seconds - setup, 1e-9)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(
-            f"pythia-{key} shapes ({params:.0f}M parameters), {len(cut)} x {cut.shape[1]} tokens: "
-            f"plain forward+backward {base:,.0f} tokens/s; bergson index {built:,.0f} tokens/s per call "
-            f"(ratio {built / base:.2f}), {steady:,.0f} without the {setup:.1f} s setup of a call "
-            f"(ratio {steady / base:.2f})"
-        )
+            for precision in args.precision:
+                peak_reset(device)
+                base = plain(model, cut, device, DTYPES[precision])
+                base_peak = peak(device)
+                model.to("cpu")
+                peak_reset(device)
+                kwargs = {
+                    "labels": None, "optimizer_state": None, "projection_dim": args.projection_dim,
+                    "token_batch_size": 2048, "precision": precision,
+                }  # fmt: skip
+                start = time.perf_counter()
+                checkpoint = Path(tmp) / "model"
+                gradients.build_index(Path(tmp) / f"warm-{precision}", checkpoint, cut[:WARM], **kwargs)
+                sync(device)
+                setup = time.perf_counter() - start  # mostly loading the model; WARM rows' compute besides
+                start = time.perf_counter()
+                gradients.build_index(Path(tmp) / f"index-{precision}", checkpoint, cut, **kwargs)
+                sync(device)
+                seconds = time.perf_counter() - start
+                built = len(cut) * tokens / seconds
+                # a call costs setup + rows x per-row time, and the warm call did WARM rows: the
+                # difference of the two calls is (rows - WARM) rows' compute alone
+                # (meaningless when the rows are so few that the warm call's one-off costs, CUDA's
+                # kernel loading say, outweigh the rows' compute: then it says so)
+                steady = (len(cut) - WARM) * tokens / (seconds - setup) if seconds > setup else None
+                print(
+                    f"pythia-{key} shapes ({params:.0f}M parameters), {precision}, {len(cut)} x "
+                    f"{cut.shape[1]} tokens: plain forward+backward {base:,.0f} tokens/s{base_peak}; "
+                    f"bergson index {built:,.0f} tokens/s per call (ratio {built / base:.2f}), "
+                    + (
+                        f"{steady:,.0f} without the {setup:.1f} s setup of a call (ratio {steady / base:.2f})"
+                        if steady
+                        else f"no steady rate: the {WARM}-row warm call took longer than the whole call"
+                    )
+                    + peak(device),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

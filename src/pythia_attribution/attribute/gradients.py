@@ -55,12 +55,15 @@ def build_index(
     token_batch_size: int,
     nproc_per_node: int = 0,
     attribute_tokens: bool = False,
+    precision: str = "fp32",
 ) -> Path:
     """Build a bergson gradient index over ``rows`` (token ids: a 2-D array or a list of lists)
     with the checkpoint's model; ``nproc_per_node`` > 0 runs it through bergson's launcher with
     that many workers (0: bergson's default, one per visible GPU or one on a CPU).
     ``attribute_tokens``: one row per input position instead of per sequence (bergson's per-token
     gradients, ``offsets.npy`` gives each sequence's rows); a sequence's rows sum to its row.
+    ``precision``: bergson's dtype for the model's parameters (the stages keep its default,
+    fp32; the GPU benchmark also times bf16).
 
     Rows longer than the model's context are cut to it: a Pythia training sequence holds 2,049
     tokens (2,048 inputs, each predicting the next), bergson's token batches cannot exceed the
@@ -84,6 +87,7 @@ def build_index(
         optimizer_state=str(optimizer_state) if optimizer_state else "",
         distributed=distributed,
         attribute_tokens=attribute_tokens,
+        precision=precision,
     )
     build(cfg, PreprocessConfig())
     shutil.rmtree(data_dir)
