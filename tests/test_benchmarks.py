@@ -54,8 +54,11 @@ def test_every_script_is_covered():
 
 
 def test_gpu_index_runs_on_the_cpu():
-    out = _run("benchmarks/gpu_index.py", "--models", "tiny", "--sequences", "3")
+    out = _run("benchmarks/gpu_index.py", "--models", "tiny", "--sequences", "3", "--paired")
     assert "device: CPU" in out and "pythia-tiny shapes" in out and "bergson index" in out
+    # the paired pass's raw index is build_index's, byte for byte, on the CPU (as test_attribute's)
+    assert "build_index_pair" in out
+    assert "its raw index against build_index's on this device: identical" in out
 
 
 def test_scale_streams_two_sizes():

@@ -3,15 +3,22 @@
 A randomly initialised GPTNeoX with pythia-70m's and pythia-160m's exact configurations (their
 public config.json values below; the weights do not change the cost), random training sequences
 of 2,049 tokens cut to the model's 2,048 positions as the attribute stage cuts them, then in the
-same run: (a) plain forward + backward over the same batches (one sequence each: bergson's token
-batch cannot exceed 2,048), in float32 as bergson collects by default, and (b) ``gradients.build_index``,
-the attribute stage's own call (per-module projection 16, no optimizer normalizer). Prints
-tokens/s of both and their ratio, and the GPU. bergson reports about 80k tokens/s per GPU for
-pythia-70m. Never needed for CI; run whenever a GPU is at hand:
+same run, in each ``--precision`` (fp32 is what the stages use, bergson's default, no TF32; bf16
+is bergson's option for the model's parameters): (a) plain forward + backward over the same
+batches (one sequence each: bergson's token batch cannot exceed 2,048) and (b)
+``gradients.build_index``, the attribute stage's own call (per-module projection 16, no optimizer
+normalizer). With ``--paired`` (fp32 only), also (c) ``gradients.build_index_pair``, the real
+profiles' pass: the index normalized by an optimizer state (a synthetic one here, in the form
+``moments.estimate`` writes) and the raw index in one forward and backward pass, and whether its
+raw index equals (b)'s on this device. Prints tokens/s, ratios, the peak GPU memory of each, and
+the GPU. bergson reports about 80k tokens/s per GPU for pythia-70m. Never needed for CI; run
+whenever a GPU is at hand:
 
-    python experiments/benchmarks/gpu_index.py --models 70m 160m --sequences 256
+    python experiments/benchmarks/gpu_index.py --models 70m 160m --sequences 256 \
+        --precision fp32 bf16 --paired
 
 On a CPU it runs too (``--models tiny --sequences 4``), to check the script, not to measure.
+Measured figures: README ("Measured", GPU benchmark) and docs/gpu-benchmark.md.
 """
 
 from __future__ import annotations
@@ -91,6 +98,23 @@ def plain(model, rows: np.ndarray, device: str, dtype) -> float:
     return len(rows) * (rows.shape[1] - 1) / (time.perf_counter() - start)
 
 
+def synthetic_state(model, out: Path, seed: int) -> Path:
+    """An ``optimizer.pt`` in the form ``moments.estimate`` writes (Adam's second moments by
+    parameter), with random positive moments: what it divides by does not change the cost."""
+    generator = torch.Generator().manual_seed(seed)
+    names = [name for name, _ in model.named_parameters()]
+    state = {
+        i: {
+            "param_name": name,
+            "exp_avg_sq": torch.rand(p.shape, generator=generator) * 1e-6 + 1e-9,
+            "step": torch.tensor(1.0),
+        }
+        for i, (name, p) in enumerate(model.named_parameters())
+    }
+    torch.save({"state": state, "param_groups": [{"params": list(range(len(names)))}]}, out)
+    return out
+
+
 def main() -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -103,10 +127,13 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=256, help=f"more than {WARM}")
     parser.add_argument("--projection-dim", type=int, default=16)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument("--paired", action="store_true", help="also time build_index_pair (fp32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.sequences <= WARM:
         parser.error(f"--sequences must be more than {WARM} (the warm-up call's rows)")
+    if args.paired and "fp32" not in args.precision:
+        parser.error("--paired compares with the fp32 index: --precision must include fp32")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = (
         torch.cuda.get_device_name() if device == "cuda" else "CPU (a check of the script, not a measurement)"
@@ -122,7 +149,9 @@ def main() -> None:
         cut = rows[:, : config.max_position_embeddings]  # what build_index keeps of a 2,049-token row
         tokens = cut.shape[1] - 1
         with tempfile.TemporaryDirectory() as tmp:
-            model.to(torch.float32).save_pretrained(Path(tmp) / "model")
+            checkpoint = Path(tmp) / "model"
+            model.to(torch.float32).save_pretrained(checkpoint)
+            per_call = {}
             for precision in args.precision:
                 peak_reset(device)
                 base = plain(model, cut, device, DTYPES[precision])
@@ -134,7 +163,6 @@ def main() -> None:
                     "token_batch_size": 2048, "precision": precision,
                 }  # fmt: skip
                 start = time.perf_counter()
-                checkpoint = Path(tmp) / "model"
                 gradients.build_index(Path(tmp) / f"warm-{precision}", checkpoint, cut[:WARM], **kwargs)
                 sync(device)
                 setup = time.perf_counter() - start  # mostly loading the model; WARM rows' compute besides
@@ -142,7 +170,7 @@ def main() -> None:
                 gradients.build_index(Path(tmp) / f"index-{precision}", checkpoint, cut, **kwargs)
                 sync(device)
                 seconds = time.perf_counter() - start
-                built = len(cut) * tokens / seconds
+                built = per_call[precision] = len(cut) * tokens / seconds
                 # a call costs setup + rows x per-row time, and the warm call did WARM rows: the
                 # difference of the two calls is (rows - WARM) rows' compute alone
                 # (meaningless when the rows are so few that the warm call's one-off costs, CUDA's
@@ -158,6 +186,30 @@ def main() -> None:
                         else f"no steady rate: the {WARM}-row warm call took longer than the whole call"
                     )
                     + peak(device),
+                    flush=True,
+                )
+            if args.paired:
+                opt = synthetic_state(model, Path(tmp) / "optimizer.pt", args.seed)
+                peak_reset(device)
+                start = time.perf_counter()
+                gradients.build_index_pair(
+                    Path(tmp) / "pair-adam", Path(tmp) / "pair-raw", checkpoint, cut, optimizer_state=opt,
+                    projection_dim=args.projection_dim, token_batch_size=2048,
+                )  # fmt: skip
+                sync(device)
+                pair = len(cut) * tokens / (time.perf_counter() - start)
+                alone = np.asarray(gradients.module_blocks(Path(tmp) / "index-fp32")[0], dtype=np.float64)
+                raw = np.asarray(gradients.module_blocks(Path(tmp) / "pair-raw")[0], dtype=np.float64)
+                same = (
+                    "identical"
+                    if np.array_equal(alone, raw)
+                    else f"max |difference| {np.max(np.abs(alone - raw)):.2e} of max |value| "
+                    f"{np.max(np.abs(alone)):.2e}"
+                )
+                print(
+                    f"pythia-{key} shapes, fp32: build_index_pair (normalized + raw indexes, one pass) "
+                    f"{pair:,.0f} tokens/s per call (ratio {pair / per_call['fp32']:.2f} to one index's "
+                    f"call); its raw index against build_index's on this device: {same}{peak(device)}",
                     flush=True,
                 )
 
