@@ -37,7 +37,13 @@ def test_index_row_is_packed_sequence(nano_run, final_checkpoint, tmp_path):
             token_batch_size=1024,
         )
         row, _ = gradients.module_blocks(alone)
-        np.testing.assert_allclose(row[0], grads[p], rtol=1e-3, atol=1e-5)
+        # the same gradient up to float32's summation order (alone, against in a batch): measured
+        # against the row's norm, not element by element, where an element near zero that is the
+        # difference of large products can differ by 0.2% (seen once: -0.07129 against -0.07114 in
+        # a row whose largest value is 21,000; the rows then differed by 1.3e-7 of their norm)
+        assert np.linalg.norm(row[0] - grads[p]) <= 1e-5 * np.linalg.norm(grads[p])
+        others = np.delete(grads, p, axis=0)  # and no other sequence's row comes that close
+        assert np.min(np.linalg.norm(others - row[0], axis=1)) > 1e-2 * np.linalg.norm(grads[p])
 
 
 def test_candidates_map_stream_positions_to_packed_rows(nano_run):

@@ -175,4 +175,9 @@ def test_the_attribute_stage_normalizes_trackstar_est_by_its_estimate(nano, nano
         tmp_path / "one", ckpt, [cands.tokens[p].tolist()], labels=None, optimizer_state=estimate,
         projection_dim=4, token_batch_size=1024,
     )  # fmt: skip
-    np.testing.assert_allclose(gradients.module_blocks(alone)[0][0], est[p], rtol=1e-3, atol=1e-5)
+    row = np.asarray(gradients.module_blocks(alone)[0][0], dtype=np.float64)
+    # equal up to float32's summation order, measured against the row's norm (an element near zero
+    # can differ by 0.2%: tests/test_attribute.py's test_index_row_is_packed_sequence says more);
+    # the saved state's row is 0.1 of the norm away
+    assert np.linalg.norm(row - est[p]) <= 1e-5 * np.linalg.norm(est[p])
+    assert np.linalg.norm(row - saved[p]) > 1e-2 * np.linalg.norm(est[p])
