@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,39 @@ def test_runs_as_non_root_with_volumes():
     assert "/cache" in volumes and "/repro/results" in volumes
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"results", ".venv", ".git"} <= set(ignored), "the build context would carry results or envs"
+
+
+def _fatbin(entries: list[tuple[int, int, bytes]]) -> bytes:
+    """A fatbin as CUDA libraries embed it: header, then (kind, arch, payload) entries."""
+    body = b""
+    for kind, arch, payload in entries:
+        header = struct.pack("<HHIQII", kind, 0x0101, 64, len(payload), 0, 0)
+        header += struct.pack("<HHI", 0, 8, arch).ljust(64 - len(header), b"\0")
+        body += header + payload
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+
+
+def test_fatbin_archs_reads_each_fatbins_architectures(tmp_path):
+    """experiments/fatbin_archs.py, which found sm_90 kernels in faiss-gpu 1.15.1's wheel and none
+    in faiss-gpu-cu12 1.13.2's (README), counts each (kind, arch) once per fatbin holding it."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import fatbin_archs
+    finally:
+        sys.path.pop(0)
+    first = _fatbin([(1, 90, b"ptx text"), (2, 80, b"\x7fELF sm_80"), (2, 90, b"\x7fELF sm_90")])
+    second = _fatbin([(2, 80, b"\x7fELF again"), (2, 80, b"\x7fELF twice")])
+    library = b"\0" * 100 + first + b"junk" * 10 + second + b"\0" * 7
+    count, found = fatbin_archs.archs(library)
+    assert count == 2
+    assert found == {("ptx", 90): 1, ("sass", 80): 2, ("sass", 90): 1}
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo/libdemo.so", library)
+        zf.writestr("demo/__init__.py", "")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "fatbin_archs.py"), str(wheel)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    want = "demo/libdemo.so: 2 fatbins; ptx sm_90: 1, sass sm_80: 2, sass sm_90: 1"
+    assert out.strip() == f"{wheel.name}: {want}"
