@@ -99,19 +99,15 @@ def plain(model, rows: np.ndarray, device: str, dtype) -> float:
 
 
 def synthetic_state(model, out: Path, seed: int) -> Path:
-    """An ``optimizer.pt`` in the form ``moments.estimate`` writes (Adam's second moments by
-    parameter), with random positive moments: what it divides by does not change the cost."""
+    """An ``optimizer.pt`` as ``moments.estimate`` writes it, with random positive second
+    moments: what the normalizer divides by does not change the cost."""
+    from pythia_attribution.attribute import moments
+
     generator = torch.Generator().manual_seed(seed)
-    names = [name for name, _ in model.named_parameters()]
-    state = {
-        i: {
-            "param_name": name,
-            "exp_avg_sq": torch.rand(p.shape, generator=generator) * 1e-6 + 1e-9,
-            "step": torch.tensor(1.0),
-        }
-        for i, (name, p) in enumerate(model.named_parameters())
+    second = {
+        name: torch.rand(p.shape, generator=generator) * 1e-6 + 1e-9 for name, p in model.named_parameters()
     }
-    torch.save({"state": state, "param_groups": [{"params": list(range(len(names)))}]}, out)
+    torch.save(moments.optimizer_state(second, 1, "random (gpu_index.py)"), out)
     return out
 
 

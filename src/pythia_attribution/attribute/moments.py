@@ -165,18 +165,7 @@ def estimate(out: Path, ckpt_dir: Path, cands, step: int, settings: Settings) ->
         for name, p in model.named_parameters():
             if p.grad is not None:
                 sums[name] += p.grad.square()
-    state = {
-        i: {
-            "param_name": name,
-            "exp_avg_sq": (sums[name] / len(groups)).cpu(),
-            "step": torch.tensor(float(len(groups))),
-        }
-        for i, name in enumerate(names)
-    }
-    payload = {
-        "state": state,
-        "param_groups": [{"params": list(range(len(names))), "estimated_from": how}],
-    }
+    payload = optimizer_state({name: (sums[name] / len(groups)).cpu() for name in names}, len(groups), how)
     out.parent.mkdir(parents=True, exist_ok=True)
     clear_stale_parts(out)
     # saved through memory: torch names the archive's folder after the file it writes, so a
@@ -187,6 +176,20 @@ def estimate(out: Path, ckpt_dir: Path, cands, step: int, settings: Settings) ->
     part.write_bytes(buffer.getvalue())
     os.replace(part, out)
     return out
+
+
+def optimizer_state(second_moments: dict, steps: int, how: str) -> dict:
+    """What an ``optimizer.pt`` holds in the form bergson's ``load_from_optimizer`` reads: one
+    parameter group, each entry naming its parameter, with Adam's second moments (``exp_avg_sq``,
+    parameter name -> tensor, in the model's parameter order) after ``steps`` steps; ``how`` says
+    where they come from."""
+    import torch
+
+    state = {
+        i: {"param_name": name, "exp_avg_sq": v, "step": torch.tensor(float(steps))}
+        for i, (name, v) in enumerate(second_moments.items())
+    }
+    return {"state": state, "param_groups": [{"params": list(state), "estimated_from": how}]}
 
 
 def _part_name(out: Path, host: str, pid: int) -> Path:
