@@ -30,24 +30,29 @@ KINDS = {1: "ptx", 2: "sass"}
 
 
 def archs(blob: bytes) -> tuple[int, collections.Counter]:
-    """(fatbins found, Counter of (kind, arch) -> fatbins holding it) in a library's bytes."""
+    """(fatbins found, Counter of (kind, arch) -> fatbins holding it) in a library's bytes. A match
+    of the magic whose header is not a fatbin's (version 1, 16 bytes) is passed over, so that its
+    size field cannot carry the search past real fatbins."""
     found = collections.Counter()
     count = 0
     pos = blob.find(MAGIC)
     while pos >= 0:
-        _version, header_size, payload_size = struct.unpack_from("<HHQ", blob, pos + 4)
+        version, header_size, payload_size = struct.unpack_from("<HHQ", blob, pos + 4)
+        if (version, header_size) != (1, 16) or pos + 16 + payload_size > len(blob):
+            pos = blob.find(MAGIC, pos + 4)
+            continue
         entry, end = pos + header_size, pos + header_size + payload_size
         here = set()
         while entry + 32 <= end:
             kind, _, entry_header, entry_size = struct.unpack_from("<HHIQ", blob, entry)
-            (arch,) = struct.unpack_from("<I", blob, entry + 28)
             if entry_header == 0:
-                break  # not a fatbin after all: a stray match of the magic
+                break  # a malformed entry: the fatbin's remaining entries cannot be found
+            (arch,) = struct.unpack_from("<I", blob, entry + 28)
             here.add((KINDS.get(kind, f"kind{kind}"), arch))
             entry += entry_header + entry_size
         found.update(here)
         count += 1
-        pos = blob.find(MAGIC, max(end, pos + 4))
+        pos = blob.find(MAGIC, end)
     return count, found
 
 

@@ -143,7 +143,9 @@ def test_fatbin_archs_reads_each_fatbins_architectures(tmp_path):
         sys.path.pop(0)
     first = _fatbin([(1, 90, b"ptx text"), (2, 80, b"\x7fELF sm_80"), (2, 90, b"\x7fELF sm_90")])
     second = _fatbin([(2, 80, b"\x7fELF again"), (2, 80, b"\x7fELF twice")])
-    library = b"\0" * 100 + first + b"junk" * 10 + second + b"\0" * 7
+    # a stray match of the magic, whose size field would reach past the rest, before the fatbins
+    stray = struct.pack("<IHHQ", 0xBA55ED50, 7, 3, 2**40)
+    library = b"\0" * 100 + stray + first + b"junk" * 10 + second + b"\0" * 7
     count, found = fatbin_archs.archs(library)
     assert count == 2
     assert found == {("ptx", 90): 1, ("sass", 80): 2, ("sass", 90): 1}
