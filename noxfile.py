@@ -32,7 +32,7 @@ VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements" / "cpu.lock"
 CUDA_LOCK = ROOT / "requirements" / "cuda.lock"
 TORCH = "torch==2.13.0"
-UV = "uv==0.13.8"  # installs the lock (README, "Measured": 5 s where pip took 87) and recompiles it
+UV = "uv==0.13.8"  # installs the lock (docs/timings-history.md: 4.9 s where pip took 87) and recompiles it
 STAMP = VENV / ".lock-sha256"
 
 
@@ -130,7 +130,8 @@ def all(session: nox.Session) -> None:  # noqa: A001 - the session's public name
 
     One process for all stages (`python -m pythia_attribution all`), where the stage sessions are
     one process each: every stage imports torch, transformers and bergson, about 9 s a stage here,
-    so a cold run saves about a minute (README, "Measured"); the tables are the same either way.
+    so a cold run saves about a minute (docs/timings-history.md, the fourth run); the tables are
+    the same either way.
     """
     _stage(session, "all")
 

@@ -5,7 +5,7 @@ TrackStar's index divides each per-sequence gradient by Adam's second-moment est
 random projection; the raw index (gradient cosine, TrackStar without Adam, the residual-change
 method) projects the same gradient undivided. All need the same forward and backward pass over
 the same sequences, and the pass is what costs: built separately, the micro corpus' two indexes
-took two passes of 135 and 130 s (README, "Measured"). This collector is bergson's
+took two passes of 135 and 130 s (docs/timings-history.md). This collector is bergson's
 ``GradientCollector`` building the first normalized index, plus, in the same backward hook, the
 rows of each other index by bergson's own arithmetic (``_module_gradient`` with that index's
 normalizers, or without one after the forward hook's projection of the inputs for the raw
