@@ -67,6 +67,25 @@ def test_truncated_shard_and_bad_index_stop_naming_the_file(tmp_path):
         PreshuffledPile(str(tmp_path / "other"), repo, WIDTH, tmp_path / "cache")
 
 
+def test_unreadable_hub_manifest_is_one_line_naming_the_file(tmp_path):
+    """Missing (pin it), malformed, not UTF-8, a folder: each a ConfigError naming the file and the
+    problem, as for every other TOML file the project reads."""
+    cases = {
+        "missing.toml": (None, "no Hub manifest; run `nox -s pin"),
+        "broken.toml": (b"[model\n", "malformed TOML"),
+        "latin.toml": (b'[model]\nrepo = "caf\xe9"\n', "not UTF-8 .*byte 0xe9 on line 2"),
+        "folder.toml": ("dir", "cannot read"),
+    }
+    for name, (content, rule) in cases.items():
+        path = tmp_path / name
+        if content == "dir":
+            path.mkdir()
+        elif content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ConfigError, match=f"{name}: {rule}"):
+            pins.load(path)
+
+
 @pytest.fixture(scope="session")
 def pythia_run(tmp_path_factory):
     """The fixture world built and run through every stage, once for the session."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pythia_attribution.config import read_toml
 from pythia_attribution.errors import ChecksumError, ConfigError
 
 HEX40 = frozenset("0123456789abcdef")
@@ -103,16 +103,11 @@ def _repo_pins(data: dict, where: str) -> RepoPins:
 
 def load(path: Path) -> HubManifest:
     """Read a Hub manifest; a malformed one names the file and the key."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise ConfigError(
             f"{path}: no Hub manifest; run `nox -s pin -- --profile <profile>` where the Hub is reachable"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the Hub manifest ({exc})") from None
+        )
+    data = read_toml(path)  # malformed, not UTF-8 or unreadable: one line naming the file
     model = _table(data, "model", f"{path}: ")
     revisions = {}
     for name, entry in _table(model, "revisions", f"{path}: model").items():
