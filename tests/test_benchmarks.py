@@ -48,7 +48,7 @@ def nano(nano_run):
 def test_every_script_is_covered():
     covered = {
         "gpu_index.py", "scale.py", "second_moments.py", "attribution.py", "memorization.py",
-        "threads.py", "allocator.py", "train_options.py", "stage_times.py",
+        "threads.py", "allocator.py", "train_options.py", "stage_times.py", "text_scale.py",
     }  # fmt: skip
     assert {p.name for p in BENCHMARKS.glob("*.py")} == covered
 
@@ -67,6 +67,14 @@ def test_scale_streams_two_sizes():
     lines = [line.split() for line in out.splitlines()]
     assert [row[0] for row in lines if row and row[0].isdigit()] == ["1000", "2000"]
     assert "2x the rows" in out
+
+
+def test_text_scale_measures_two_sizes():
+    toy = ["--sizes", "200", "400", "--words", "50", "--queries", "3", "--k", "5"]
+    out = _run("benchmarks/text_scale.py", *toy)
+    lines = [line.split() for line in out.splitlines()]
+    assert [row[0] for row in lines if row and row[0].isdigit()] == ["200", "400"]
+    assert "per candidate, from 200 to 400 rows" in out and "at 10^6" in out
 
 
 @pytest.mark.parametrize(

@@ -277,11 +277,13 @@ def layer_thirds(scorer, queries, chosen, truth, cands, cfg, profile, method, st
         raise RuntimeError("a layer-third ranking did not see every candidate row")
 
     texts = [queries[q]["prompt"] + queries[q]["target"] for q in chosen]
-    tfidf = duplicates.tfidf_matrix(cands.texts, texts)
+    tops = {name: ranking.top() for name, ranking in rankings.items()}
+    needed = np.concatenate([ids.ravel() for ids, _ in tops.values()])
+    tfidf = duplicates.TfidfCosines(cands.texts, texts, needed)
     hasher = duplicates.MinHasher(profile.duplicates, seed)
     rows, tracing = [], []
     for name, ranking in rankings.items():
-        ids, scores = ranking.top()
+        ids, scores = tops[name]
         for i, q in enumerate(chosen):
             p = queries[q]
             q_tokens = p["prompt_ids"] + p["target_ids"]
@@ -291,7 +293,7 @@ def layer_thirds(scorer, queries, chosen, truth, cands, cfg, profile, method, st
             for rank, (pid, score) in enumerate(zip(ids[i], scores[i], strict=True), start=1):
                 feats = duplicates.pair_features(
                     profile.duplicates, hasher, ("q", q), q_tokens, int(pid), cands.tokens[pid].tolist(),
-                    tfidf[i, pid],
+                    tfidf.get(i, int(pid)),
                 )  # fmt: skip
                 rows.append(
                     {**base, "rank": rank, "packed_id": int(pid), "seq_idx": int(cands.first_seq_idx[pid]),

@@ -76,14 +76,66 @@ def categorize(cfg: DuplicatesConfig, run: int, query_len: int, jaccard: float, 
     return "unrelated"
 
 
-def tfidf_matrix(candidate_texts: list[str], query_texts: list[str]) -> np.ndarray:
-    """TF-IDF cosine of every query text against every candidate text (idf from the candidates)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+class TfidfCosines:
+    """TF-IDF cosine of each query text against the candidate texts at ``rows`` (idf from every
+    candidate text), for the pairs a top-k needs, in memory independent of the candidate count.
 
-    vectorizer = TfidfVectorizer(lowercase=True)
-    keys = vectorizer.fit_transform(candidate_texts)
-    queries = vectorizer.transform(query_texts)
-    return (queries @ keys.T).toarray()
+    scikit-learn's ``TfidfVectorizer`` fitted on every candidate holds their whole document-term
+    matrix, and the dense queries x candidates product 8 GB for 1,000 queries at 10^6 candidates.
+    Here the candidates are read once, chunk by chunk, for what the idf needs (the vocabulary in
+    the order the vectorizer's fit meets it, and each term's document frequency); only the ``rows``
+    are then vectorized. The values are the fitted vectorizer's, bit for bit (a test compares):
+    the same analyzer, the same idf arithmetic, each row's terms stored in the order the fit stores
+    them (so its l2 norm sums in the same order), and scipy's product sums each entry over the
+    query's terms in the same order whichever candidates are in the matrix.
+    """
+
+    def __init__(self, candidate_texts, query_texts: list[str], rows, chunk_rows: int = 4096):
+        from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer, TfidfVectorizer
+
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        self.column = {int(r): j for j, r in enumerate(rows)}
+        analyze = TfidfVectorizer(lowercase=True).build_analyzer()
+        first_seen: dict[str, int] = {}  # term -> index, in the order CountVectorizer.fit meets them
+        df = np.zeros(0, dtype=np.int64)
+        n = len(candidate_texts)
+        for start in range(0, n, chunk_rows):
+            seen: list[int] = []
+            for text in candidate_texts[start : start + chunk_rows]:
+                seen.extend({first_seen.setdefault(term, len(first_seen)) for term in analyze(text)})
+            df = np.pad(df, (0, len(first_seen) - len(df)))
+            df += np.bincount(np.asarray(seen, dtype=np.int64), minlength=len(first_seen))
+        if not first_seen:  # no candidate holds a term: every cosine is 0
+            self.values = np.zeros((len(query_texts), len(rows)))
+            return
+        # the fit's last step: terms sorted, each row's indices remapped in place (not re-sorted)
+        alphabetical = {term: i for i, term in enumerate(sorted(first_seen))}
+        remap = np.empty(len(first_seen), dtype=np.int64)
+        for term, old in first_seen.items():
+            remap[old] = alphabetical[term]
+        sorted_df = np.empty_like(df)
+        sorted_df[remap] = df
+        # TfidfTransformer.fit's idf (smooth_idf): log((n + 1) / (df + 1)) + 1, in float64
+        idf = np.full(len(first_seen), n + 1, dtype=np.float64)
+        idf /= sorted_df.astype(np.float64) + 1.0
+        np.log(idf, out=idf)
+        idf += 1.0
+        tfidf = TfidfTransformer()
+        tfidf.idf_ = idf
+        # step for step as TfidfVectorizer.fit_transform: float64 counts, indices remapped in place
+        # (scipy still takes them as sorted, so nothing re-sorts them), transformed without a copy
+        counts = CountVectorizer(lowercase=True, vocabulary=first_seen, dtype=np.float64).transform(
+            [candidate_texts[int(r)] for r in rows]
+        )
+        counts.indices = remap.take(counts.indices).astype(counts.indices.dtype)
+        keys = tfidf.transform(counts, copy=False)
+        queries = TfidfVectorizer(lowercase=True, vocabulary=alphabetical)
+        queries.idf_ = idf
+        self.values = (queries.transform(query_texts) @ keys.T).toarray()
+
+    def get(self, query: int, row: int) -> float:
+        """The cosine of query ``query`` (its position in ``query_texts``) and candidate ``row``."""
+        return float(self.values[query, self.column[row]])
 
 
 def pair_features(cfg, hasher, query_key, query_tokens, cand_key, cand_tokens, tfidf) -> dict:
@@ -110,7 +162,8 @@ def run(ctx) -> None:
     }
     keys = sorted({(a["behavior_id"], a["checkpoint"]) for a in attributions})
     query_index = {k: i for i, k in enumerate(keys)}
-    tfidf = tfidf_matrix(cands.texts, [probes[k]["prompt"] + probes[k]["target"] for k in keys])
+    query_texts = [probes[k]["prompt"] + probes[k]["target"] for k in keys]
+    tfidf = TfidfCosines(cands.texts, query_texts, [a["packed_id"] for a in attributions])
     hasher = MinHasher(cfg, ctx.profile.runtime.seed)
     rows = []
     for a in tqdm(attributions, desc="duplicates", unit="pair", mininterval=5):
@@ -118,9 +171,8 @@ def run(ctx) -> None:
         probe = probes[key]
         q_tokens = probe["prompt_ids"] + probe["target_ids"]
         pid = a["packed_id"]
-        feats = pair_features(
-            cfg, hasher, ("q", *key), q_tokens, pid, cands.tokens[pid].tolist(), tfidf[query_index[key], pid]
-        )
+        cosine = tfidf.get(query_index[key], pid)
+        feats = pair_features(cfg, hasher, ("q", *key), q_tokens, pid, cands.tokens[pid].tolist(), cosine)
         item = probe["item_id"]
         rows.append(
             {

@@ -63,6 +63,13 @@ def slugs(behavior_ids) -> dict[str, str]:
     }
 
 
+def _shown(folder: Path) -> str:
+    """The results folder as the index names it: relative to the working directory when inside it
+    (``results/micro`` from the project root), so that two clones write the same page."""
+    folder = folder.resolve()
+    return str(folder.relative_to(Path.cwd())) if folder.is_relative_to(Path.cwd()) else str(folder)
+
+
 def build(results: Path, out: Path) -> Path:
     """Write the site for one profile's results folder into ``out`` (replaced whole)."""
     from transformers import AutoTokenizer
@@ -185,7 +192,7 @@ def build(results: Path, out: Path) -> Path:
         sections.append(_word_section(word))
     (part / "index.html").write_text(
         INDEX.format(
-            n=len(behaviors), step=final, results=html.escape(str(results)),
+            n=len(behaviors), step=final, results=html.escape(_shown(results)),
             family_options="".join(f'<option value="{f}">{f}</option>' for f in map(html.escape, families)),
             listing="\n".join(listing), sections="\n".join(sections),
         )

@@ -31,7 +31,7 @@ from pythia_attribution.attribute.candidates import load_candidates, truth_sets
 from pythia_attribution.attribute.methods import memorization_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
 from pythia_attribution.attribute.stage import method_scorer
-from pythia_attribution.duplicates import CATEGORIES, MinHasher, pair_features, tfidf_matrix
+from pythia_attribution.duplicates import CATEGORIES, MinHasher, TfidfCosines, pair_features
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, memorization_test, set_threads
 
@@ -507,7 +507,8 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
     q_texts = tokenizer.batch_decode(q_rows)  # the 64-token windows, as BM25 and TF-IDF see them
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
     rankings = window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting)
-    tfidf = tfidf_matrix([cands.texts[i] for i in keys], q_texts)
+    needed = np.concatenate([ranking.top()[0].ravel() for ranking in rankings.values()])
+    tfidf = TfidfCosines([cands.texts[i] for i in keys], q_texts, needed)
     for method, ranking in rankings.items():
         order, top = ranking.top()
         for qi, q in enumerate(q_ids):
@@ -520,7 +521,7 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
                     q_rows[qi],
                     pid,
                     cands.tokens[pid].tolist(),
-                    tfidf[qi, col],
+                    tfidf.get(qi, int(col)),
                 )
                 category = "self" if pid == q else feats["category"]
                 rows.append(
