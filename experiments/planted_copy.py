@@ -57,10 +57,8 @@ def main() -> None:
         for name, h in (("trackstar_noadam", hessian), ("grad_cosine", None)):
             scorer = gradients.GradientScorer(train, query, unit_norm=True, hessian_path=h)
             scores[name] = np.concatenate([b for _, b in scorer.chunks()], axis=1)
-        texts = cands.texts + [q["prompt"] + q["target"] for q in queries]
-        scores["bm25"] = np.stack(
-            list(baselines.bm25_query_scores(texts, [q["prompt"] + q["target"] for q in queries]))
-        )
+        texts = list(cands.texts) + [q["prompt"] + q["target"] for q in queries]
+        scores["bm25"] = baselines.BM25Scores(texts, [q["prompt"] + q["target"] for q in queries]).matrix()
         model, _ = load_checkpoint(ckpt)
         layer = baselines.middle_layer(model.config.num_hidden_layers)
         keys = baselines.mean_activations(model, [r[:-1] for r in rows], layer)

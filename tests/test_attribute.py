@@ -53,6 +53,15 @@ def test_candidates_map_stream_positions_to_packed_rows(nano_run):
     for seq_idx in (0, 7, len(ids) - 1):
         assert (cands.tokens[cands.packed_of([seq_idx])[0]] == ids[seq_idx]).all()
     assert (cands.first_seq_idx < len(cands.tokens)).all()  # every packed sequence occurs in epoch 0
+    # the texts, read on demand from the table, are the packed sequences' (one row per packed id)
+    texts = corpus["text"].to_pylist()
+    expected = {}
+    for row, packed in enumerate(cands.row_packed):
+        expected.setdefault(int(packed), texts[row])
+    in_order = [expected[p] for p in range(len(expected))]
+    assert len(cands.texts) == len(expected) and list(cands.texts) == in_order
+    assert cands.texts[3:9:2] == in_order[3:9:2] == cands.texts.take([3, 5, 7])
+    assert list(cands.texts.subset([7, 3])) == [in_order[7], in_order[3]] and cands.texts[-1] == in_order[-1]
 
 
 def _planted(nano_run):
@@ -84,8 +93,8 @@ def test_planted_verbatim_copy_ranks_first(nano_run, final_checkpoint, tmp_path)
             scorer = gradients.GradientScorer(train, query, unit_norm=True, hessian_path=h, chunk_rows=100)
             total = np.concatenate([block for _, block in scorer.chunks()], axis=1)
             assert (total.argmax(axis=1) == planted).all(), (name, h)
-    texts = cands.texts + [q["prompt"] + q["target"] for q in queries]
-    bm25 = np.stack(list(baselines.bm25_query_scores(texts, [q["prompt"] + q["target"] for q in queries])))
+    texts = list(cands.texts) + [q["prompt"] + q["target"] for q in queries]
+    bm25 = baselines.BM25Scores(texts, [q["prompt"] + q["target"] for q in queries]).matrix()
     assert (bm25.argmax(axis=1) == planted).all()
 
 
@@ -257,6 +266,42 @@ def test_every_method_and_table_is_present(nano_run):
     assert set(tm["method"].to_pylist()) == methods
     row = tm.to_pylist()[0]
     assert row["mrr_lo"] <= row["mrr"] <= row["mrr_hi"]
+
+
+def _bm25s_scores(texts: list[str], queries: list[str]) -> np.ndarray:
+    """What the stages computed before BM25Scores: bm25s's own index over every text."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords=None, show_progress=False), show_progress=False)
+    out = np.zeros((len(queries), len(texts)), dtype=np.float32)
+    for q, query in enumerate(queries):
+        words = bm25s.tokenize([query], stopwords=None, return_ids=False, show_progress=False)[0]
+        known = [w for w in words if w in retriever.vocab_dict]
+        if known:
+            out[q] = retriever.get_scores(known)
+    return out
+
+
+def test_streamed_bm25_is_bm25s_bit_for_bit():
+    """Chunked BM25 keeps only the query words' statistics, yet every score is the one bm25s's
+    whole index gives: repeated and unknown query words, an empty text, capitals and punctuation,
+    one chunk and several; ``totals`` scores any rows the same."""
+    rng = np.random.default_rng(0)
+    words = [f"{w}{i}" for i, w in enumerate(["Paris", "seine,", "x", "THE", "of.", "a"] * 60)]
+    p = 1 / np.arange(1, len(words) + 1)
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 90)), p=p / p.sum())) for _ in range(300)]
+    texts[11] = ""
+    queries = [" ".join(rng.choice(words, size=8, p=p / p.sum())) for _ in range(6)]
+    queries += [f"{words[0]} {words[0]} {words[3]}", "nothing here matches", ""]
+    expected = _bm25s_scores(texts, queries)
+    for chunk_rows in (4096, 37):
+        bm25 = baselines.BM25Scores(texts, queries, chunk_rows)
+        got = bm25.matrix()
+        assert got.dtype == np.float32 and np.array_equal(got, expected), chunk_rows
+        ids = np.array([250, 3, 11, 3])
+        assert np.array_equal(bm25.totals(ids), expected[:, ids])
+    assert (expected[-2:] == 0).all() and expected[6].max() > 0
 
 
 def test_tracing_metrics_on_a_hand_example():

@@ -148,11 +148,16 @@ class Selector:
             return self._set_scores.get(_set_key(name, behaviors))
         if method.kind == "bm25":
             texts = [b["prompt"] + b["target"] for b in behaviors]
-            per_query = [
-                s / s.max() if s.max() > 0 else s
-                for s in baselines.bm25_query_scores(self.cands.texts, texts)
-            ]
-            return np.mean(per_query, axis=0)
+            bm25 = baselines.BM25Scores(self.cands.texts, texts, self.acfg.chunk_rows)
+            peak = np.zeros(len(texts), dtype=np.float32)  # each query's best score, then its scores / it
+            for _, block in bm25.blocks():
+                peak = np.maximum(peak, block.max(axis=1))
+            mean = np.empty(n, dtype=np.float32)
+            for start, block in bm25.blocks():
+                positive = peak > 0
+                block[positive] /= peak[positive, None]
+                mean[start : start + block.shape[1]] = np.mean(block, axis=0)
+            return mean
         if method.kind == "activation":
             with torch.no_grad():
                 if self._keys is None:  # the final model and every candidate's activation, once

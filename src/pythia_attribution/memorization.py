@@ -29,7 +29,7 @@ from pythia_attribution import paths
 from pythia_attribution.attribute import baselines, gradients, moments
 from pythia_attribution.attribute.candidates import load_candidates, truth_sets
 from pythia_attribution.attribute.methods import memorization_methods
-from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
+from pythia_attribution.attribute.ranking import Ranking
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.duplicates import CATEGORIES, MinHasher, TfidfCosines, pair_features
 from pythia_attribution.errors import ConfigError
@@ -331,8 +331,8 @@ def window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting, truth=N
     rankings = {}
     for method in memorization_methods(paths.resolve_input(attribute_cfg.methods_file), cfg.methods):
         if method.kind == "bm25":
-            per_query = baselines.bm25_query_scores([cands.texts[i] for i in keys], q_texts)
-            rankings[method.name] = rank(per_query_blocks(per_query))
+            bm25 = baselines.BM25Scores(cands.texts.subset(keys), q_texts, attribute_cfg.chunk_rows)
+            rankings[method.name] = rank(bm25.blocks(), bm25.totals)
             continue
         name = method.index_name  # a gradient method
         if not moments.available(name, ckpt_dir):
@@ -508,7 +508,7 @@ def attribute_at(ctx, cands, windows, mem, step, allowed, rows, hasher, exact, e
     keys = np.arange(len(cands.tokens)) if allowed is None else allowed
     rankings = window_rankings(ctx, cands, step, allowed, q_rows, q_texts, setting)
     needed = np.concatenate([ranking.top()[0].ravel() for ranking in rankings.values()])
-    tfidf = TfidfCosines([cands.texts[i] for i in keys], q_texts, needed)
+    tfidf = TfidfCosines(cands.texts.subset(keys), q_texts, needed)
     for method, ranking in rankings.items():
         order, top = ranking.top()
         for qi, q in enumerate(q_ids):

@@ -2,26 +2,91 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
 
-def bm25_query_scores(train_texts: list[str], query_texts: list[str]):
-    """BM25 (bm25s, its default Lucene variant) of each query against every training text, one
-    query at a time (a vector over the candidates), after indexing the texts once."""
-    import bm25s
+class BM25Scores:
+    """BM25 of each query text against every candidate text, as bm25s scores it (its default
+    Lucene variant, k1 and b), streamed over the candidates in chunks, in memory independent of
+    their count.
 
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(train_texts, stopwords=None, show_progress=False), show_progress=False)
-    vocab = retriever.vocab_dict
-    for query in query_texts:
-        tokens = bm25s.tokenize([query], stopwords=None, return_ids=False, show_progress=False)[0]
-        known = [t for t in tokens if t in vocab]
-        yield (
-            retriever.get_scores(known).astype(np.float32)
-            if known
-            else np.zeros(len(train_texts), np.float32)
-        )
+    bm25s's own index holds a (candidate, term) score for every term of every candidate, about
+    35 KiB a 2,048-token candidate (33 GiB at 10^6; ``experiments/benchmarks/text_scale.py``).
+    Here one pass over the candidates' words counts what the idf and the length normalization need
+    (each word's document frequency, the mean length); scores are then made chunk by chunk for the
+    query words alone. The values are bm25s's, bit for bit (a test compares): its tokenizer, its
+    idf and term-frequency functions, the float32 (candidate, term) scores it stores, summed in
+    float32 in the query's word order (a repeated word counts each time), words the candidates
+    never use dropped.
+    """
+
+    def __init__(self, candidate_texts, query_texts: list[str], chunk_rows: int = 4096):
+        import bm25s
+        from bm25s import scoring
+
+        reference = bm25s.BM25()
+        self.k1, self.b, self.delta, self.dtype = reference.k1, reference.b, reference.delta, reference.dtype
+        self.tfc = scoring._select_tfc_scorer(reference.method)
+        idf_of = scoring._select_idf_scorer(reference.idf_method)
+        self.texts, self.chunk_rows, self.n_rows = candidate_texts, chunk_rows, len(candidate_texts)
+        df: Counter = Counter()
+        lengths = []
+        for start in range(0, self.n_rows, chunk_rows):
+            for words in self._tokenize(candidate_texts[start : start + chunk_rows]):
+                lengths.append(len(words))
+                df.update(set(words))
+        self.mean_length = np.array(lengths).mean()  # as bm25s computes it
+        queries = [[w for w in words if w in df] for words in self._tokenize(query_texts)]
+        self.column = {w: i for i, w in enumerate(sorted({w for words in queries for w in words}))}
+        self.query_columns = [np.array([self.column[w] for w in words], dtype=np.int64) for words in queries]
+        self.idf = np.zeros(len(self.column), dtype=self.dtype)
+        for word, i in self.column.items():
+            self.idf[i] = idf_of(df[word], N=self.n_rows)
+
+    @staticmethod
+    def _tokenize(texts) -> list[list[str]]:
+        import bm25s
+
+        return bm25s.tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
+
+    def _word_scores(self, texts) -> np.ndarray:
+        """(text, query word) scores, as bm25s stores them: float32, 0 where the text lacks the word."""
+        out = np.zeros((len(texts), len(self.column)), dtype=self.dtype)
+        for j, words in enumerate(self._tokenize(texts)):
+            counts = Counter(w for w in words if w in self.column)
+            if not counts:
+                continue
+            cols = np.array([self.column[w] for w in counts], dtype=np.int64)
+            tf = np.array(list(counts.values()), dtype=self.dtype)
+            tfc = self.tfc(
+                tf_array=tf, l_d=len(words), l_avg=self.mean_length, k1=self.k1, b=self.b, delta=self.delta
+            )
+            out[j, cols] = self.idf[cols] * tfc
+        return out
+
+    def _scores(self, texts) -> np.ndarray:
+        words = self._word_scores(texts)
+        out = np.zeros((len(self.query_columns), len(texts)), dtype=self.dtype)
+        for q, cols in enumerate(self.query_columns):
+            for c in cols:  # in the query's word order, in float32, as bm25s adds them
+                out[q] += words[:, c]
+        return out
+
+    def blocks(self):
+        """``(first row, queries x rows scores)`` chunk by chunk, for ``Ranking.consume``."""
+        for start in range(0, self.n_rows, self.chunk_rows):
+            yield start, self._scores(self.texts[start : start + self.chunk_rows])
+
+    def matrix(self) -> np.ndarray:
+        """Every query's scores over every candidate at once (queries x candidates: for small sets)."""
+        return np.concatenate([block for _, block in self.blocks()], axis=1)
+
+    def totals(self, ids: np.ndarray) -> np.ndarray:
+        """Every query's scores of the candidates ``ids`` (queries x len(ids))."""
+        return self._scores([self.texts[int(i)] for i in ids])
 
 
 def middle_layer(num_layers: int) -> int:

@@ -7,10 +7,42 @@ import this without the attribute stage's torch, transformers and bergson.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+
+class Texts(Sequence):
+    """The candidates' decoded texts, read from the corpus table's column when asked for.
+
+    The corpus table is memory-mapped, so the texts stay pages of its file (which the kernel can
+    drop) instead of Python strings held for the whole stage: about 7 KiB a 2,048-token candidate,
+    7 GiB at 10^6 (``experiments/benchmarks/text_scale.py``). ``rows`` maps position -> table row
+    (packed sequences repeat across epochs at micro scale); a slice or ``take`` reads many at once.
+    """
+
+    def __init__(self, column: pa.ChunkedArray | pa.Array, rows: np.ndarray | None = None):
+        self.column = column
+        self.rows = np.arange(len(column), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        return self.column[int(self.rows[operator.index(i)])].as_py()
+
+    def take(self, positions) -> list[str]:
+        """The texts at ``positions``, as a list."""
+        return self.column.take(pa.array(self.rows[np.asarray(positions, dtype=np.int64)])).to_pylist()
+
+    def subset(self, positions) -> Texts:
+        """The texts at ``positions``, still read on demand."""
+        return Texts(self.column, self.rows[np.asarray(positions, dtype=np.int64)])
 
 
 @dataclass
@@ -22,7 +54,7 @@ class Candidates:
     """
 
     tokens: np.ndarray  # [n, seq_len + 1]
-    texts: list[str]
+    texts: Sequence[str]  # Texts (read on demand) from load_candidates; any sequence of str will do
     first_seq_idx: np.ndarray  # packed_id -> its first position in the training stream
     first_step: np.ndarray  # packed_id -> the step that first trains it
     row_seq_idx: np.ndarray  # corpus row -> seq_idx (sorted)
@@ -48,12 +80,12 @@ def load_candidates(corpus: pa.Table) -> Candidates:
     np.minimum.at(first_row, packed, np.arange(len(packed)))  # rows are in training order
     width = corpus.schema.field("input_ids").type.list_size
     tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, width)
-    texts = corpus["text"].to_pylist()
+    texts = corpus["text"]
     steps = corpus["step"].to_numpy().astype(np.int64)
     identity = len(first_row) == len(packed) and bool((first_row == np.arange(len(packed))).all())
     return Candidates(
         tokens if identity else tokens[first_row],  # the corpus' uint16, not a 4x larger int64 copy
-        texts if identity else [texts[i] for i in first_row],
+        Texts(texts, None if identity else first_row),
         seq_idx[first_row].astype(np.int64),
         steps[first_row],
         seq_idx.astype(np.int64),

@@ -212,8 +212,8 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             all_scores[method.name] = Scored(ranking)
         elif method.kind == "bm25":
             texts = [p["prompt"] + p["target"] for p in queries]
-            per_query = baselines.bm25_query_scores(cands.texts, texts)
-            all_scores[method.name] = Scored(rank(per_query_blocks(per_query)))
+            bm25 = baselines.BM25Scores(cands.texts, texts, cfg.chunk_rows)
+            all_scores[method.name] = Scored(rank(bm25.blocks(), bm25.totals))
         elif method.kind == "activation":
             model, layer = activation_model()
             keys = activation_keys()

@@ -244,7 +244,10 @@ def run(ctx) -> None:
     _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step), manifest)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)  # saved config: env-independent
     tokenizer.save_pretrained(ctx.out_dir / paths.TOKENIZER_DIR)
-    texts = tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)
+    texts = []  # decoded a chunk at a time: tokens.tolist() whole is 2 x 10^9 Python ints at 10^6 rows
+    for start in range(0, len(tokens), cfg.pile.fetch_batch):
+        chunk = tokens[start : start + cfg.pile.fetch_batch].tolist()
+        texts.extend(tokenizer.batch_decode(chunk, skip_special_tokens=False))
     n = len(chosen)
     corpus = pa.table(
         {
