@@ -57,6 +57,14 @@ class PeakMemory:
         self.thread.join()
 
 
+def run_child(*extra: str) -> dict:
+    """Run the calling script again with this process's arguments plus ``extra`` (what puts it in
+    its child mode, one measurement in a fresh process); the JSON it prints last."""
+    cmd = [sys.executable, sys.argv[0], *sys.argv[1:], *extra]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def write_index(folder: Path, rows: int, modules: int, dim: int, dtype: str, seed: int) -> None:
     import numpy as np
     from bergson.gradients import GradientProcessor
@@ -157,9 +165,7 @@ def main() -> None:
     print(f"{'rows':>9} " + " ".join(f"{c:>9}" for c in columns))
     results = []
     for rows in args.sizes:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--rows", str(rows)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = run_child("--rows", str(rows))
         results.append(r)
         print(
             f"{r['rows']:>9} {r['index_mib']:>9.0f} {r['hessian_s']:>9.2f} {r['score_s']:>8.2f} "

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import PeakMemory, memory_kib  # noqa: E402
+from scale import PeakMemory, memory_kib, run_child  # noqa: E402
 
 
 def synthetic_texts(n: int, words: int, vocab: int, seed: int) -> list[str]:
@@ -135,10 +134,7 @@ def main() -> None:
     for rows in args.sizes:
         line = []
         for step in args.steps:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--rows", str(rows), "--step", step]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            results[rows, step] = r
+            r = results[rows, step] = run_child("--rows", str(rows), "--step", step)
             line.append(f"{r['seconds']:>12.1f} {r['mib']:>13.0f}")
         print(f"{rows:>9} {r['text_mib']:>9.0f} " + " ".join(line))
     if len(args.sizes) < 2:

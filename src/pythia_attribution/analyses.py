@@ -277,13 +277,12 @@ def layer_thirds(scorer, queries, chosen, truth, cands, cfg, profile, method, st
         raise RuntimeError("a layer-third ranking did not see every candidate row")
 
     texts = [queries[q]["prompt"] + queries[q]["target"] for q in chosen]
-    tops = {name: ranking.top() for name, ranking in rankings.items()}
-    needed = np.concatenate([ids.ravel() for ids, _ in tops.values()])
+    needed = np.concatenate([ranking.top()[0].ravel() for ranking in rankings.values()])
     tfidf = duplicates.TfidfCosines(cands.texts, texts, needed)
     hasher = duplicates.MinHasher(profile.duplicates, seed)
     rows, tracing = [], []
     for name, ranking in rankings.items():
-        ids, scores = tops[name]
+        ids, scores = ranking.top()
         for i, q in enumerate(chosen):
             p = queries[q]
             q_tokens = p["prompt_ids"] + p["target_ids"]

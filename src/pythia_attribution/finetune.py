@@ -153,8 +153,8 @@ class Selector:
             for _, block in bm25.blocks():
                 peak = np.maximum(peak, block.max(axis=1))
             mean = np.empty(n, dtype=np.float32)
+            positive = peak > 0
             for start, block in bm25.blocks():
-                positive = peak > 0
                 block[positive] /= peak[positive, None]
                 mean[start : start + block.shape[1]] = np.mean(block, axis=0)
             return mean
