@@ -49,6 +49,7 @@ def test_every_script_is_covered():
     covered = {
         "gpu_index.py", "scale.py", "second_moments.py", "attribution.py", "memorization.py",
         "threads.py", "allocator.py", "train_options.py", "stage_times.py", "text_scale.py",
+        "corpus_scale.py",
     }  # fmt: skip
     assert {p.name for p in BENCHMARKS.glob("*.py")} == covered
 
@@ -75,6 +76,14 @@ def test_text_scale_measures_two_sizes():
     lines = [line.split() for line in out.splitlines()]
     assert [row[0] for row in lines if row and row[0].isdigit()] == ["200", "400"]
     assert "per candidate, from 200 to 400 rows" in out and "carried to 10^6 candidates" in out
+
+
+def test_corpus_scale_measures_both_ways_and_compares_their_tables():
+    out = _run("benchmarks/corpus_scale.py", "--sizes", "40", "80", "--chunk", "16", "--vocab", "300")
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["40", "80"]
+    assert all(row[-1] == "yes" for row in rows)  # the streamed table is the one built whole
+    assert "per candidate, from 40 to 80 rows: stream" in out and "carried to 10^6 candidates" in out
 
 
 @pytest.mark.parametrize(

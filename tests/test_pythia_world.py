@@ -11,6 +11,7 @@ import pyarrow.ipc as ipc
 import pytest
 
 from pythia_attribution import paths, tables
+from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.cli import main
 from pythia_attribution.config import load_profile
 from pythia_attribution.errors import ChecksumError, ConfigError
@@ -52,6 +53,41 @@ def test_reader_fetches_each_sequence_once_and_resumes_from_its_cache(tmp_path, 
     assert np.array_equal(pile.read([2, 7, 8], chunk=4), seqs[[2, 7, 8]])
     assert fetched == [(8, 9)]  # only what the cache lacks
     assert contiguous_runs(np.array([1, 2, 3, 7, 9, 10])) == [(1, 4), (7, 8), (9, 11)]
+
+
+def test_corpus_table_streams_the_sequences_into_one_record_batch(tmp_path):
+    """The corpus stage's table, built a fetch chunk at a time through files, is what reading every
+    sequence and decoding it whole gives, and is written as one batch whose token ids read zero-copy."""
+    from pythia_attribution.corpus.build import train_tokenizer
+    from pythia_attribution.sources.pile import corpus_table
+
+    text = "Ünïcode wörds, ünd plain ones: the capital of Peru is Lima. " * 200
+    tokenizer = train_tokenizer([text], 300)
+    base = np.asarray(tokenizer(text)["input_ids"][:WIDTH], dtype=np.uint16)
+    assert len(base) == WIDTH
+    seqs = np.stack([np.roll(base, i) for i in range(12)])  # token boundaries cut multi-byte characters
+    write_megatron(tmp_path / "data", seqs, 2, shard_bytes=5 * 2 * WIDTH + 77)
+    files = {p.name: pins.FileEntry(p.stat().st_size) for p in (tmp_path / "data").iterdir()}
+    pile = PreshuffledPile(
+        str(tmp_path / "data"), pins.RepoPins("fixture/data", "", files), WIDTH, tmp_path / "c"
+    )
+    chosen = np.array([0, 1, 2, 5, 6, 9, 11])  # chunks of 4: {0, 1, 2}, {5, 6}, {9, 11}
+    table = corpus_table(pile, chosen, tokenizer, batch=4, chunk=4, scratch=tmp_path / "scratch")
+    tables.write_table(tmp_path / "corpus.arrow", table, {})
+    del table
+    shutil.rmtree(tmp_path / "scratch")
+    with pa.memory_map(str(tmp_path / "corpus.arrow")) as source:
+        reader = ipc.open_file(source)
+        assert reader.num_record_batches == 1
+        got = reader.read_all()
+    tokens = got["input_ids"].chunk(0).flatten().to_numpy(zero_copy_only=True).reshape(-1, WIDTH)
+    assert np.array_equal(tokens, seqs[chosen])
+    assert got["text"].to_pylist() == tokenizer.batch_decode(seqs[chosen].tolist(), skip_special_tokens=False)
+    assert "Ünïcode" in got["text"][0].as_py()  # offsets count bytes, not characters
+    assert got["step"].to_pylist() == (chosen // 4).tolist()
+    assert got["packed_id"].to_pylist() == list(range(len(chosen)))
+    assert got["doc_ids"].to_pylist() == [[]] * len(chosen)
+    assert got["sources"].to_pylist() == [["pile"]] * len(chosen)
 
 
 def test_truncated_shard_and_bad_index_stop_naming_the_file(tmp_path):
@@ -159,6 +195,12 @@ def test_corpus_rows_are_the_shards_bytes(pythia):
     assert boundary in seq  # the straddling sequence is a candidate (selected steps cover it)
     batch = profile.corpus.batch_size
     assert (corpus["step"].to_numpy() == seq // batch).all()
+    assert not (pythia_run["results"] / paths.CORPUS / "scratch").exists()  # the stage removed its files
+    # one record batch: the candidates' token rows are the memory-mapped file's pages, not a copy
+    cands = load_candidates(corpus)
+    assert corpus["input_ids"].num_chunks == 1 and np.array_equal(cands.tokens, tokens)
+    values = corpus["input_ids"].chunk(0).values
+    assert cands.tokens.__array_interface__["data"][0] == values.buffers()[1].address
     # the memorized-evals sample is in the candidates
     split = _read(pythia_run["results"], paths.MEMORIZATION, paths.EVALS_RESCORE_TABLE)
     assert len(split) > 0 and np.isin(split["seq_idx"].to_numpy(), seq).any()

@@ -63,6 +63,12 @@ def read_table(path: Path, made_by: str | None = None) -> pa.Table:
         return _open(path, source).read_all()
 
 
+def one_array(column: pa.ChunkedArray) -> pa.Array:
+    """A column as one array: its only chunk as it is (a memory-mapped table's pages, no copy), else
+    its chunks concatenated (a copy). pyarrow's ``combine_chunks`` copies even a single chunk."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def provenance(table_or_path: pa.Table | Path) -> dict:
     """The provenance stored in a table's schema metadata."""
     if isinstance(table_or_path, Path):

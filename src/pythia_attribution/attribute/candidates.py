@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pythia_attribution import tables
+
 
 class Texts(Sequence):
     """The candidates' decoded texts, read from the corpus table's column when asked for.
@@ -79,7 +81,7 @@ def load_candidates(corpus: pa.Table) -> Candidates:
     first_row = np.full(n, len(packed), dtype=np.int64)
     np.minimum.at(first_row, packed, np.arange(len(packed)))  # rows are in training order
     width = corpus.schema.field("input_ids").type.list_size
-    tokens = np.asarray(corpus["input_ids"].combine_chunks().flatten().to_numpy()).reshape(-1, width)
+    tokens = np.asarray(tables.one_array(corpus["input_ids"]).flatten().to_numpy()).reshape(-1, width)
     texts = corpus["text"]
     steps = corpus["step"].to_numpy().astype(np.int64)
     identity = len(first_row) == len(packed) and bool((first_row == np.arange(len(packed))).all())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution.errors import ChecksumError, ConfigError
+from pythia_attribution.schemas import corpus_schema
 from pythia_attribution.sources.manifest import RepoPins
 
 log = logging.getLogger(__name__)
@@ -127,28 +129,36 @@ class PreshuffledPile:
             lo, shard = end, shard + 1
         return np.frombuffer(b"".join(parts), dtype="<u2").reshape(last - first, self.width)
 
-    def read(self, seq_idxs, chunk: int = 1024, progress: bool = True) -> np.ndarray:
-        """Sequences ``seq_idxs`` (any order) through the chunk cache; rows follow the input order."""
-        wanted = np.asarray(seq_idxs, dtype=np.int64)
-        unique = np.unique(wanted)
-        out = np.empty((len(unique), self.width), dtype=np.uint16)
+    def chunks(self, unique: np.ndarray, chunk: int = 1024, progress: bool = True):
+        """Yield ``(start, tokens)`` for sorted, unique ``unique``, one cache chunk at a time:
+        ``tokens`` ([m, width] uint16) are the sequences ``unique[start : start + m]``.
+
+        A chunk is the wanted sequences whose ``seq_idx // chunk`` agree; what the cache lacks is read
+        remotely, then the chunk file is rewritten atomically, so a killed fetch resumes here.
+        """
+        unique = np.asarray(unique, dtype=np.int64)
+        if len(unique) > 1 and not (np.diff(unique) > 0).all():
+            raise ValueError("PreshuffledPile.chunks: seq_idxs must be sorted and unique")
         self.cache.mkdir(parents=True, exist_ok=True)
         chunk_ids = unique // chunk
         bounds = np.flatnonzero(np.diff(chunk_ids)) + 1
-        groups = np.split(np.arange(len(unique)), bounds) if len(unique) else []
+        starts = np.concatenate([[0], bounds]) if len(unique) else np.zeros(0, dtype=np.int64)
+        ends = np.concatenate([bounds, [len(unique)]]) if len(unique) else starts
         fetched = 0
-        for rows in tqdm(groups, desc="fetch sequences", unit="chunk", disable=not progress, mininterval=2):
-            key = int(chunk_ids[rows[0]])
-            path = self.cache / f"chunk-{key:09d}.npz"
+        spans = list(zip(starts.tolist(), ends.tolist(), strict=True))
+        for a, b in tqdm(spans, desc="fetch sequences", unit="chunk", disable=not progress, mininterval=2):
+            wanted = unique[a:b]
+            path = self.cache / f"chunk-{int(chunk_ids[a]):09d}.npz"
             have_idx = np.zeros(0, dtype=np.int64)
             have_tok = np.zeros((0, self.width), dtype=np.uint16)
             if path.is_file():
                 with np.load(path) as stored:
                     have_idx, have_tok = stored["seq_idx"], stored["tokens"]
-            missing = np.setdiff1d(unique[rows], have_idx)
+            missing = np.setdiff1d(wanted, have_idx)
             if len(missing):
-                new = np.concatenate([self.read_run(a, b) for a, b in contiguous_runs(missing)])
-                new_idx = np.concatenate([np.arange(a, b) for a, b in contiguous_runs(missing)])
+                runs = contiguous_runs(missing)
+                new = np.concatenate([self.read_run(first, last) for first, last in runs])
+                new_idx = np.concatenate([np.arange(first, last) for first, last in runs])
                 fetched += len(new_idx)
                 have_idx = np.concatenate([have_idx, new_idx])
                 have_tok = np.concatenate([have_tok, new])
@@ -157,8 +167,19 @@ class PreshuffledPile:
                 tmp = path.with_name(path.name + ".tmp.npz")
                 np.savez(tmp, seq_idx=have_idx, tokens=have_tok)
                 os.replace(tmp, path)
-            out[rows] = have_tok[np.searchsorted(have_idx, unique[rows])]
+            yield a, have_tok[np.searchsorted(have_idx, wanted)]
         log.info("%d sequences: %d fetched, %d from the cache", len(unique), fetched, len(unique) - fetched)
+
+    def read(self, seq_idxs, chunk: int = 1024, progress: bool = True) -> np.ndarray:
+        """Sequences ``seq_idxs`` (any order) through the chunk cache; rows follow the input order.
+
+        Holds them all in memory: the corpus stage streams through ``chunks`` instead.
+        """
+        wanted = np.asarray(seq_idxs, dtype=np.int64)
+        unique = np.unique(wanted)
+        out = np.empty((len(unique), self.width), dtype=np.uint16)
+        for start, tokens in self.chunks(unique, chunk, progress):
+            out[start : start + len(tokens)] = tokens
         return out[np.searchsorted(unique, wanted)]
 
 
@@ -214,6 +235,60 @@ def select(cfg, batch: int, n_sequences: int, memorized: np.ndarray, seed: int) 
     return chosen
 
 
+def corpus_table(pile: PreshuffledPile, chosen: np.ndarray, tokenizer, batch: int, chunk: int,
+                 scratch: Path) -> pa.Table:  # fmt: skip
+    """``corpus.arrow``'s table for the sorted, unique training sequences ``chosen``, in flat memory.
+
+    The token ids and the decoded texts are appended chunk by chunk to files under ``scratch`` and
+    the table's two large columns are memory maps of those files, so building and writing it holds
+    one fetch chunk in memory, not the candidates (held whole, 10^6 candidates are 4 GB of tokens and
+    about 7 GiB of decoded text, twice: as Python strings and as the Arrow column). The table stays
+    one record batch, so readers get ``input_ids`` as one zero-copy buffer. ``scratch`` may be
+    deleted once the table is written (the maps stay valid until the table is dropped).
+    """
+    n, width = len(chosen), pile.width
+    scratch.mkdir(parents=True, exist_ok=True)
+    token_path, text_path, offset_path = (scratch / f for f in ("tokens.bin", "text.bin", "offsets.bin"))
+    end = 0
+    with (
+        open(token_path, "wb") as tok_out,
+        open(text_path, "wb") as text_out,
+        open(offset_path, "wb") as off_out,
+    ):
+        off_out.write(np.zeros(1, dtype="<i8").tobytes())
+        for start, tokens in pile.chunks(chosen, chunk):
+            assert start == tok_out.tell() // pile.seq_bytes, "chunks arrive in order"
+            tok_out.write(np.ascontiguousarray(tokens, dtype="<u2").tobytes())
+            texts = [t.encode() for t in tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=False)]
+            ends = end + np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+            off_out.write(ends.astype("<i8").tobytes())
+            text_out.write(b"".join(texts))
+            end = int(ends[-1]) if len(ends) else end
+
+    def mapped(path: Path) -> pa.Buffer:
+        if path.stat().st_size == 0:  # nothing to map (every text empty)
+            return pa.py_buffer(b"")
+        return pa.memory_map(str(path), "r").read_buffer()  # zero-copy; the buffer keeps the map
+
+    schema = corpus_schema(width)
+    columns = {
+        "seq_idx": pa.array(chosen, pa.int64()),
+        "step": pa.array((chosen // batch).astype(np.int32)),
+        "batch_pos": pa.array((chosen % batch).astype(np.int32)),
+        "epoch": pa.array(np.zeros(n, dtype=np.int16)),
+        "packed_id": pa.array(np.arange(n, dtype=np.int32)),
+        "input_ids": pa.FixedSizeListArray.from_arrays(
+            pa.Array.from_buffers(pa.uint16(), n * width, [None, mapped(token_path)]), width
+        ),
+        "text": pa.Array.from_buffers(pa.large_string(), n, [None, mapped(offset_path), mapped(text_path)]),
+        "doc_ids": pa.ListArray.from_arrays(
+            pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.int32())
+        ),
+        "sources": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), pa.repeat("pile", n)),
+    }
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
 def run(ctx) -> None:
     """Corpus stage, source ``pythia-preshuffled``: the selected training sequences, in training order.
 
@@ -223,7 +298,7 @@ def run(ctx) -> None:
     from transformers import AutoTokenizer
 
     from pythia_attribution import paths
-    from pythia_attribution.schemas import DOCUMENTS_SCHEMA, GROUND_TRUTH_SCHEMA, corpus_schema
+    from pythia_attribution.schemas import DOCUMENTS_SCHEMA, GROUND_TRUTH_SCHEMA
     from pythia_attribution.sources.hub import checkpoint, world_manifest
 
     cfg, profile = ctx.config, ctx.profile
@@ -239,29 +314,12 @@ def run(ctx) -> None:
         memorized = load_split(profile)["index"].to_numpy()
     chosen = select(cfg.pile, batch, pile.n_sequences, memorized, profile.runtime.seed)
     log.info("%d candidate sequences of %d (%s)", len(chosen), pile.n_sequences, url)
-    tokens = pile.read(chosen, chunk=cfg.pile.fetch_batch)
-
     _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step), manifest)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)  # saved config: env-independent
     tokenizer.save_pretrained(ctx.out_dir / paths.TOKENIZER_DIR)
-    texts = []  # decoded a chunk at a time: tokens.tolist() whole is 2 x 10^9 Python ints at 10^6 rows
-    for start in range(0, len(tokens), cfg.pile.fetch_batch):
-        chunk = tokens[start : start + cfg.pile.fetch_batch].tolist()
-        texts.extend(tokenizer.batch_decode(chunk, skip_special_tokens=False))
     n = len(chosen)
-    corpus = pa.table(
-        {
-            "seq_idx": chosen,
-            "step": (chosen // batch).astype(np.int32),
-            "batch_pos": (chosen % batch).astype(np.int32),
-            "epoch": np.zeros(n, dtype=np.int16),
-            "packed_id": np.arange(n, dtype=np.int32),
-            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), width),
-            "text": pa.array(texts, pa.large_string()),
-            "doc_ids": pa.array([[] for _ in range(n)], pa.list_(pa.int32())),
-            "sources": pa.array([["pile"] for _ in range(n)], pa.list_(pa.string())),
-        }
-    ).cast(corpus_schema(width))
+    scratch = ctx.out_dir / "scratch"
+    corpus = corpus_table(pile, chosen, tokenizer, batch, cfg.pile.fetch_batch, scratch)
     meta = {
         "n_packed": n,
         "n_dataset_sequences": int(pile.n_sequences),
@@ -271,5 +329,7 @@ def run(ctx) -> None:
         "note": "packed_id numbers the selected sequences; epoch is not derived (0)",
     }
     ctx.write_table(paths.CORPUS_TABLE, corpus, summary=meta)
+    del corpus
+    shutil.rmtree(scratch)
     ctx.write_table(paths.DOCUMENTS_TABLE, DOCUMENTS_SCHEMA.empty_table(), summary=meta)
     ctx.write_table(paths.GROUND_TRUTH_TABLE, GROUND_TRUTH_SCHEMA.empty_table(), summary=meta)
