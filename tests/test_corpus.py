@@ -27,10 +27,10 @@ def test_two_builds_are_byte_identical(world, tmp_path, monkeypatch):
         )
     assert outputs[0].keys() == outputs[1].keys()
     for name in outputs[0]:
-        if name.name == paths.STAGE_RECORD:  # holds the wall time; everything else must match
+        if name.name == paths.STAGE_RECORD:  # holds the wall time and memory; everything else must match
             records = [json.loads(o[name]) for o in outputs]
             for r in records:
-                r.pop("seconds")
+                assert r.pop("seconds") > 0 and r.pop("peak_rss_mib") > 0
             assert records[0] == records[1]
         else:
             assert outputs[0][name] == outputs[1][name], name

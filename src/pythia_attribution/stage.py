@@ -424,6 +424,28 @@ def _restore_set_aside(final: Path) -> None:
         old.rename(final)
 
 
+def _reset_peak_memory() -> bool:
+    """Restart the kernel's count of this process's peak resident memory (Linux: writing 5 to
+    ``/proc/self/clear_refs`` sets ``VmHWM`` to the current resident size); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_memory_mib() -> float | None:
+    """This process's peak resident memory since the last reset (``VmHWM``), in MiB."""
+    try:
+        status_lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in status_lines:
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def run(profile: Profile, stage: str, force: bool = False) -> Path:
     """Run ``stage`` for ``profile`` unless its outputs are current; return its folder.
 
@@ -459,6 +481,9 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
     module = importlib.import_module(spec.module_for(profile))
     part = paths.partial_dir(profile.name, stage)
     started = time.perf_counter()
+    # The peak is the process's resident memory while the stage ran (what it held before the stage
+    # included: the stages share one process), not its child processes' (bergson's launcher's workers).
+    measure_peak = _reset_peak_memory()
     log.info("%s: running (profile %s, fingerprint %s)", stage, profile.name, fp[:12])
     # The stage's module is imported before the partial folder exists, and everything from making
     # that folder to writing its last file is inside the try: an interruption anywhere (Ctrl-C
@@ -479,6 +504,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
             "inputs": input_hashes,
             "outputs": written,
             "seconds": round(time.perf_counter() - started, 2),
+            "peak_rss_mib": _peak_memory_mib() if measure_peak else None,
             "versions": package_versions(),
             **git_state(),
         }
@@ -490,5 +516,6 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
             raise disk_full from exc
         raise
     _swap_into_place(part, final)
-    log.info("%s: done in %.1f s -> %s", stage, record["seconds"], final)
+    peak = f", peak {record['peak_rss_mib'] / 1024:.1f} GiB resident" if record["peak_rss_mib"] else ""
+    log.info("%s: done in %.1f s%s -> %s", stage, record["seconds"], peak, final)
     return final

@@ -19,7 +19,7 @@ from pythia_attribution import outputs, paths, stage, tables
 from pythia_attribution.config import Profile
 from pythia_attribution.errors import CorruptOutputError, MissingInputError
 
-RECORD_VOLATILE = ("seconds", "git_commit", "git_dirty")
+RECORD_VOLATILE = ("seconds", "peak_rss_mib", "git_commit", "git_dirty")
 
 
 @dataclass
