@@ -55,6 +55,31 @@ def test_reader_fetches_each_sequence_once_and_resumes_from_its_cache(tmp_path, 
     assert contiguous_runs(np.array([1, 2, 3, 7, 9, 10])) == [(1, 4), (7, 8), (9, 11)]
 
 
+def test_threaded_fetch_reads_each_run_once_yields_in_order_and_raises_a_workers_error(tmp_path, monkeypatch):
+    seqs, repo = _dataset(tmp_path / "data", n=40)
+    pile = PreshuffledPile(str(tmp_path / "data"), repo, WIDTH, tmp_path / "cache", threads=4)
+    fetched = []
+    real = pile.read_run
+    monkeypatch.setattr(pile, "read_run", lambda a, b: fetched.append((a, b)) or real(a, b))
+    wanted = np.array([0, 1, 5, 9, 10, 11, 17, 22, 23, 30, 39])
+    got = list(pile.chunks(wanted, chunk=4))
+    assert [start for start, _ in got] == [0, 2, 3, 6, 7, 9, 10]  # one per chunk of 4 seq_idxs, in order
+    assert np.array_equal(np.concatenate([tokens for _, tokens in got]), seqs[wanted])
+    assert sorted(fetched) == [(0, 2), (5, 6), (9, 12), (17, 18), (22, 24), (30, 31), (39, 40)]
+    fetched.clear()
+    assert np.array_equal(pile.read(wanted[::-1], chunk=4), seqs[wanted[::-1]]) and fetched == []
+
+    def failing(a, b):
+        if a <= 25 < b:
+            raise ChecksumError("fixture/data/document-00001-of-00001.bin: short read")
+        return real(a, b)
+
+    monkeypatch.setattr(pile, "read_run", failing)
+    with pytest.raises(ChecksumError, match="short read"):
+        list(pile.chunks(np.array([24, 25, 33]), chunk=4))
+    assert not any("chunk-000000006" in p.name for p in pile.cache.iterdir())  # nothing half-written
+
+
 def test_corpus_table_streams_the_sequences_into_one_record_batch(tmp_path):
     """The corpus stage's table, built a fetch chunk at a time through files, is what reading every
     sequence and decoding it whole gives, and is written as one batch whose token ids read zero-copy."""

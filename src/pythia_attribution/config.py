@@ -204,6 +204,13 @@ class PileConfig:
     fetch_batch: int = doc(
         "sequences per cached fetch chunk (a killed fetch resumes chunk by chunk)", 1024, ge=1
     )
+    fetch_threads: int = doc(
+        "concurrent ranged reads while fetching: one per contiguous run of selected sequences, so a "
+        "scattered sample waits on the network's latency, which threads overlap",
+        8,
+        ge=1,
+        le=64,
+    )
 
 
 @dataclass(frozen=True)

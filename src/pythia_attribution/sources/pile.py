@@ -18,10 +18,14 @@ against ``document.idx`` (each size equals the sequence width, each pointer its 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
 import struct
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -58,9 +62,10 @@ def contiguous_runs(seq_idxs: np.ndarray) -> list[tuple[int, int]]:
 class PreshuffledPile:
     """Training sequences of a preshuffled Megatron dataset, read by byte range."""
 
-    def __init__(self, url: str, pins: RepoPins, width: int, cache: Path):
+    def __init__(self, url: str, pins: RepoPins, width: int, cache: Path, threads: int = 1):
         self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.url, self.pins, self.width = url, pins, width
+        self.url, self.pins, self.width, self.threads = url, pins, width, threads
+        self._local = threading.local()  # a filesystem per reading thread (HfFileSystem's own pattern)
         self.seq_bytes = 2 * width
         self.shards = shard_names(pins)
         if not self.shards or INDEX_FILE not in pins.files:
@@ -92,8 +97,15 @@ class PreshuffledPile:
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
+    def _thread_fs(self):
+        if threading.current_thread() is threading.main_thread():
+            return self.fs
+        if getattr(self._local, "fs", None) is None:
+            self._local.fs = fsspec.core.url_to_fs(self.url)[0]
+        return self._local.fs
+
     def _read(self, name: str, start: int, end: int) -> bytes:
-        data = self.fs.cat_file(self._path(name), start=start, end=end)
+        data = self._thread_fs().cat_file(self._path(name), start=start, end=end)
         if len(data) != end - start:
             raise ChecksumError(f"{self.pins.repo}/{name}: short read at bytes {start}-{end}")
         return data
@@ -130,11 +142,13 @@ class PreshuffledPile:
         return np.frombuffer(b"".join(parts), dtype="<u2").reshape(last - first, self.width)
 
     def chunks(self, unique: np.ndarray, chunk: int = 1024, progress: bool = True):
-        """Yield ``(start, tokens)`` for sorted, unique ``unique``, one cache chunk at a time:
-        ``tokens`` ([m, width] uint16) are the sequences ``unique[start : start + m]``.
+        """Yield ``(start, tokens)`` for sorted, unique ``unique``, one cache chunk at a time, in
+        order: ``tokens`` ([m, width] uint16) are the sequences ``unique[start : start + m]``.
 
         A chunk is the wanted sequences whose ``seq_idx // chunk`` agree; what the cache lacks is read
-        remotely, then the chunk file is rewritten atomically, so a killed fetch resumes here.
+        remotely, then the chunk file is rewritten atomically, so a killed fetch resumes here. The
+        ranged reads of up to ``threads`` chunks ahead run concurrently (a remote read's latency, not
+        the bandwidth, bounds one reader when the selection is scattered: one read per contiguous run).
         """
         unique = np.asarray(unique, dtype=np.int64)
         if len(unique) > 1 and not (np.diff(unique) > 0).all():
@@ -144,20 +158,24 @@ class PreshuffledPile:
         bounds = np.flatnonzero(np.diff(chunk_ids)) + 1
         starts = np.concatenate([[0], bounds]) if len(unique) else np.zeros(0, dtype=np.int64)
         ends = np.concatenate([bounds, [len(unique)]]) if len(unique) else starts
-        fetched = 0
         spans = list(zip(starts.tolist(), ends.tolist(), strict=True))
-        for a, b in tqdm(spans, desc="fetch sequences", unit="chunk", disable=not progress, mininterval=2):
-            wanted = unique[a:b]
+        fetched = 0
+
+        def start_chunk(pool, a: int, b: int) -> tuple:
             path = self.cache / f"chunk-{int(chunk_ids[a]):09d}.npz"
             have_idx = np.zeros(0, dtype=np.int64)
             have_tok = np.zeros((0, self.width), dtype=np.uint16)
             if path.is_file():
                 with np.load(path) as stored:
                     have_idx, have_tok = stored["seq_idx"], stored["tokens"]
-            missing = np.setdiff1d(wanted, have_idx)
-            if len(missing):
-                runs = contiguous_runs(missing)
-                new = np.concatenate([self.read_run(first, last) for first, last in runs])
+            runs = contiguous_runs(np.setdiff1d(unique[a:b], have_idx))
+            reads = [pool.submit(self.read_run, first, last) for first, last in runs]
+            return a, b, path, have_idx, have_tok, runs, reads
+
+        def finish_chunk(a, b, path, have_idx, have_tok, runs, reads) -> np.ndarray:
+            nonlocal fetched
+            if runs:
+                new = np.concatenate([r.result() for r in reads])
                 new_idx = np.concatenate([np.arange(first, last) for first, last in runs])
                 fetched += len(new_idx)
                 have_idx = np.concatenate([have_idx, new_idx])
@@ -167,7 +185,20 @@ class PreshuffledPile:
                 tmp = path.with_name(path.name + ".tmp.npz")
                 np.savez(tmp, seq_idx=have_idx, tokens=have_tok)
                 os.replace(tmp, path)
-            yield a, have_tok[np.searchsorted(have_idx, wanted)]
+            return have_tok[np.searchsorted(have_idx, unique[a:b])]
+
+        bar = tqdm(
+            total=len(spans), desc="fetch sequences", unit="chunk", disable=not progress, mininterval=2
+        )
+        with bar, ThreadPoolExecutor(self.threads, thread_name_prefix="pile-fetch") as pool:
+            todo = iter(spans)
+            ahead = deque(start_chunk(pool, *span) for span in itertools.islice(todo, self.threads))
+            while ahead:  # at most threads + 1 chunks in memory
+                done = ahead.popleft()
+                if (span := next(todo, None)) is not None:
+                    ahead.append(start_chunk(pool, *span))
+                yield done[0], finish_chunk(*done)
+                bar.update()
         log.info("%d sequences: %d fetched, %d from the cache", len(unique), fetched, len(unique) - fetched)
 
     def read(self, seq_idxs, chunk: int = 1024, progress: bool = True) -> np.ndarray:
@@ -306,7 +337,9 @@ def run(ctx) -> None:
     manifest = world_manifest(profile)
     url = cfg.pile.url.replace("{repo}", manifest.dataset.repo).replace("{commit}", manifest.dataset.commit)
     url = url if "://" in url else str(paths.expand(url, profile.name))
-    pile = PreshuffledPile(url, manifest.dataset, width, paths.cache_root() / "pile-sequences")
+    pile = PreshuffledPile(
+        url, manifest.dataset, width, paths.cache_root() / "pile-sequences", cfg.pile.fetch_threads
+    )
     memorized = np.zeros(0, dtype=np.int64)
     if cfg.pile.memorized:
         from pythia_attribution.sources.memorized_evals import load_split
