@@ -179,10 +179,11 @@ def tokenwise(
     if top.empty:
         return []
     packed = np.unique(top["packed_id"].to_numpy())
-    # Per-token gradients are formed whole, [tokens, out, in] per module, before their projection:
-    # at micro's 2,048-token batches that is 512 MB for each MLP matrix and took the process to
-    # 6-7 GiB; batches of one sequence give the same values (identical tables) in 2.4 GiB, and
-    # faster (68 s against 80-84 for the stage). At real scale a batch holds one sequence anyway.
+    # With Adam normalization bergson forms per-token gradients whole, [tokens, out, in] per
+    # module, before projecting them: at micro's 2,048-token batches 512 MB for each MLP matrix,
+    # which took the process to 6-7 GiB; batches of one sequence give the same values (identical
+    # tables) in 2.7 GiB, and faster (70 s against 80-84 for the stage). At real scale a batch
+    # holds one sequence anyway.
     one_sequence = {**common, "token_batch_size": min(common["token_batch_size"], cands.tokens.shape[1])}
     gradients.build_index(
         out, ckpt_dir, cands.tokens[packed].astype(np.int64), labels=None, optimizer_state=opt_state,
