@@ -12,9 +12,10 @@ The dataset: ``max(--sizes)`` sequences of random token ids in Megatron's byte l
 shards, ``write_megatron``, as the fixture world's), decoded with a byte-level BPE of ``--vocab``
 tokens trained here on seeded synthetic words (``text_scale.synthetic_texts``). Random ids decode
 to about as many bytes per token as the tokenizer's pieces hold, so the text per candidate is
-printed beside the figures; Pile text is about 4 bytes a token. Memory is ``RssAnon`` above the
-process's memory before the step, its peak (sampled every 20 ms, as in ``scale.py``); pages of the
-memory-mapped files are the kernel's to drop and are not counted. The cost per candidate is the
+printed beside the figures; the Pile is about 3 bytes a token (825 GiB, about 300 billion
+tokens). Memory is ``RssAnon`` above the process's memory before the step, its peak (sampled
+every 20 ms, as in ``scale.py``); pages of the memory-mapped files are the kernel's to drop and
+are not counted. The cost per candidate is the
 slope between the smallest and the largest size (fixed costs cancel), carried to 10^6 candidates
 as if it stayed linear.
 
