@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import PeakMemory, memory_kib, run_child  # noqa: E402
+from scale import PeakMemory, memory_kib, per_candidate, run_child  # noqa: E402
 
 WIDTH = 2049
 WAYS = {
@@ -173,16 +173,8 @@ def main() -> None:
             print(f"{rows:>9} {r['file_mib']:>9.0f} " + " ".join(line) + f"  {same}")
             for f in files:
                 f.unlink()
-    if len(args.sizes) < 2:
-        return
-    lo, hi = min(args.sizes), max(args.sizes)
-    per = {w: (results[hi, w]["mib"] - results[lo, w]["mib"]) * 2**20 / (hi - lo) for w in args.ways}
-    print(
-        f"per candidate, from {lo} to {hi} rows: "
-        + ", ".join(f"{w} {b / 1024:.2f} KiB" for w, b in per.items())
-        + "; carried to 10^6 candidates: "
-        + ", ".join(f"{w} {b * 1e6 / 2**30:.2f} GiB" for w, b in per.items())
-    )
+    if line := per_candidate(results, args.sizes, args.ways, digits=2):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,22 @@ class PeakMemory:
         self.thread.join()
 
 
+def per_candidate(results: dict, sizes: list[int], names: list[str], digits: int = 1) -> str | None:
+    """The memory per candidate of each named step, as a line: the slope of ``results[rows, name]
+    ["mib"]`` between the smallest and the largest size (fixed costs cancel), and that carried to
+    10^6 candidates as if it stayed linear. None with fewer than two sizes."""
+    if len(sizes) < 2:
+        return None
+    lo, hi = min(sizes), max(sizes)
+    per = {n: (results[hi, n]["mib"] - results[lo, n]["mib"]) * 2**20 / (hi - lo) for n in names}
+    return (
+        f"per candidate, from {lo} to {hi} rows: "
+        + ", ".join(f"{n} {b / 1024:.{digits}f} KiB" for n, b in per.items())
+        + "; carried to 10^6 candidates: "
+        + ", ".join(f"{n} {b * 1e6 / 2**30:.{digits}f} GiB" for n, b in per.items())
+    )
+
+
 def run_child(*extra: str) -> dict:
     """Run the calling script again with this process's arguments plus ``extra`` (what puts it in
     its child mode, one measurement in a fresh process); the JSON it prints last."""

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import PeakMemory, memory_kib, run_child  # noqa: E402
+from scale import PeakMemory, memory_kib, per_candidate, run_child  # noqa: E402
 
 
 def synthetic_texts(n: int, words: int, vocab: int, seed: int) -> list[str]:
@@ -137,17 +137,8 @@ def main() -> None:
             r = results[rows, step] = run_child("--rows", str(rows), "--step", step)
             line.append(f"{r['seconds']:>12.1f} {r['mib']:>13.0f}")
         print(f"{rows:>9} {r['text_mib']:>9.0f} " + " ".join(line))
-    if len(args.sizes) < 2:
-        return
-    # per candidate: the slope between the smallest and the largest size (fixed costs cancel)
-    lo, hi = min(args.sizes), max(args.sizes)
-    per = {s: (results[hi, s]["mib"] - results[lo, s]["mib"]) * 2**20 / (hi - lo) for s in args.steps}
-    print(
-        f"per candidate, from {lo} to {hi} rows: "
-        + ", ".join(f"{s} {b / 1024:.1f} KiB" for s, b in per.items())
-        + "; carried to 10^6 candidates: "
-        + ", ".join(f"{s} {b * 1e6 / 2**30:.1f} GiB" for s, b in per.items())
-    )
+    if line := per_candidate(results, args.sizes, args.steps):
+        print(line)
 
 
 if __name__ == "__main__":
