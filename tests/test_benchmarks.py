@@ -95,7 +95,7 @@ def test_corpus_scale_measures_both_ways_and_compares_their_tables():
         ("threads.py", ["--threads", "1", "--steps", "1", "--rounds", "1"], "threads=1"),
         ("allocator.py", ["--rounds", "1", "--steps", "1", "--sequences", "8"], "peak resident memory"),
         ("train_options.py", ["--steps", "1", "--rounds", "1", "--variants", "active"], "active"),
-        ("stage_times.py", ["--stages", "corpus", "train"], "calibration"),
+        ("stage_times.py", ["--stages", "corpus", "train"], "peak (GiB)"),
     ],
 )
 def test_profile_benchmarks_run_on_nano(nano, script, args, expected):

@@ -16,7 +16,9 @@ Machine calibration, measured in the same run (before the stages and again after
 machine's speed drifts): plain forward + backward tokens/s of the profile's model on random
 tokens at the profile's thread count. Each stage's time is also printed in units of that
 calibration (Mtok: the stage costs as much as this many million calibration tokens), which is
-what to compare between machines.
+what to compare between machines. Beside it, each stage's peak resident memory in the cold run,
+from its ``_stage.json`` (``peak_rss_mib``: with ``--processes one`` it includes what the process
+held when the stage began).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from pythia_attribution.paths import STAGES
+from pythia_attribution.paths import STAGE_RECORD, STAGES
 
 # Each stage through the CLI's own entry point, one after the other in this one process; prints
 # {stage: seconds} as JSON.
@@ -113,6 +116,16 @@ def main() -> None:
         report(args, results)  # the outputs are removed afterwards (--results keeps them)
 
 
+def cold_peaks(results: str, profile: str, stages: list[str]) -> dict[str, float | None]:
+    """Each stage's ``peak_rss_mib`` from its record (the second run skips the stages and keeps the
+    cold run's records); None where the platform could not measure it."""
+    from pythia_attribution.config import load_profile
+
+    name = load_profile(profile).name
+    records = {s: Path(results) / name / s / STAGE_RECORD for s in stages}
+    return {s: json.loads(path.read_text()).get("peak_rss_mib") for s, path in records.items()}
+
+
 def report(args, results: str) -> None:
     env = {**os.environ, "PYTHIA_ATTRIBUTION_RESULTS": results}
     before = calibrate(args.profile)
@@ -134,9 +147,11 @@ def report(args, results: str) -> None:
         f"calibration: forward+backward {before:,.0f} tokens/s before the stages, {after:,.0f} after "
         f"(mean {calibration:,.0f}; 1 Mtok = {1e6 / calibration:.1f} s on this machine)"
     )
-    print(f"{'stage':<12} {'cold (s)':>10} {'cold (Mtok)':>12} {'second run (s)':>15}")
+    peaks = cold_peaks(results, args.profile, args.stages)
+    print(f"{'stage':<12} {'cold (s)':>10} {'cold (Mtok)':>12} {'second run (s)':>15} {'peak (GiB)':>11}")
     for s in args.stages:
-        print(f"{s:<12} {cold[s]:>10.1f} {cold[s] * calibration / 1e6:>12.2f} {warm[s]:>15.1f}")
+        peak = f"{peaks[s] / 1024:>11.2f}" if peaks[s] is not None else f"{'n/a':>11}"
+        print(f"{s:<12} {cold[s]:>10.1f} {cold[s] * calibration / 1e6:>12.2f} {warm[s]:>15.1f} {peak}")
     if outside:
         print(
             f"{'(outside)':<12} {outside['cold']:>10.1f} {outside['cold'] * calibration / 1e6:>12.2f} "
