@@ -179,15 +179,9 @@ def tokenwise(
     if top.empty:
         return []
     packed = np.unique(top["packed_id"].to_numpy())
-    # With Adam normalization bergson forms per-token gradients whole, [tokens, out, in] per
-    # module, before projecting them: at micro's 2,048-token batches 512 MB for each MLP matrix,
-    # which took the process to 6-7 GiB; batches of one sequence give the same values (identical
-    # tables) in 2.7 GiB, and faster (70 s against 80-84 for the stage). At real scale a batch
-    # holds one sequence anyway.
-    one_sequence = {**common, "token_batch_size": min(common["token_batch_size"], cands.tokens.shape[1])}
-    gradients.build_index(
+    gradients.build_index(  # per token: one sequence per batch (build_index says why)
         out, ckpt_dir, cands.tokens[packed].astype(np.int64), labels=None, optimizer_state=opt_state,
-        attribute_tokens=True, **one_sequence,
+        attribute_tokens=True, **common,
     )  # fmt: skip
     token_grads, _ = gradients.module_blocks(out)
     offsets = np.load(out / "offsets.npy")

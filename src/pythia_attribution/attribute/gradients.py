@@ -61,7 +61,12 @@ def build_index(
     with the checkpoint's model; ``nproc_per_node`` > 0 runs it through bergson's launcher with
     that many workers (0: bergson's default, one per visible GPU or one on a CPU).
     ``attribute_tokens``: one row per input position instead of per sequence (bergson's per-token
-    gradients, ``offsets.npy`` gives each sequence's rows); a sequence's rows sum to its row.
+    gradients, ``offsets.npy`` gives each sequence's rows); a sequence's rows sum to its row. Its
+    batches hold at most the longest row's tokens: with Adam normalization bergson forms per-token
+    gradients whole, ``[tokens, out, in]`` per module, before projecting them, which at micro's
+    2,048-token batches is 512 MB for each MLP matrix and took the analyses stage to 6-7 GiB; one
+    sequence per batch gives the same values in 2.7 GiB, and faster (70 s against 80-84 for the
+    stage). At real scale a batch holds one sequence anyway.
     ``precision``: bergson's dtype for the model's parameters (the stages keep its default,
     fp32; the GPU benchmark also times bf16).
 
@@ -72,6 +77,9 @@ def build_index(
     """
     _bergson()
     rows, labels = within_context(checkpoint, rows, labels)
+    if attribute_tokens and len(rows):
+        longest = rows.shape[1] if isinstance(rows, np.ndarray) else max(len(r) for r in rows)
+        token_batch_size = min(token_batch_size, longest)
     from bergson import DataConfig, IndexConfig, PreprocessConfig
     from bergson.build import build
     from bergson.config import DistributedConfig
