@@ -49,7 +49,7 @@ def test_every_script_is_covered():
     covered = {
         "gpu_index.py", "scale.py", "second_moments.py", "attribution.py", "memorization.py",
         "threads.py", "allocator.py", "train_options.py", "stage_times.py", "text_scale.py",
-        "corpus_scale.py",
+        "corpus_scale.py", "duplication_scale.py",
     }  # fmt: skip
     assert {p.name for p in BENCHMARKS.glob("*.py")} == covered
 
@@ -84,6 +84,14 @@ def test_corpus_scale_measures_both_ways_and_compares_their_tables():
     assert [row[0] for row in rows] == ["40", "80"]
     assert all(row[-1] == "yes" for row in rows)  # the streamed table is the one built whole
     assert "per candidate, from 40 to 80 rows: stream" in out and "carried to 10^6 candidates" in out
+
+
+def test_duplication_scale_counts_both_ways_alike():
+    out = _run("benchmarks/duplication_scale.py", "--sizes", "30", "60", "--chunk", "5000")
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert [row[0] for row in rows] == ["30", "60"]
+    assert all(row[-1] == "yes" for row in rows)  # the streamed counts are the Counter's
+    assert "per candidate, from 30 to 60 rows: stream" in out and "near" in out
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,140 @@
+"""Memory and time of the memorization stage's duplication counts as the candidate set grows.
+
+The stage counts, for each candidate's 64-token window (its first 64 tokens, the window the
+memorization test reads), how often it occurs in the packed stream (``exact_window_count``: every
+64-token window of every candidate, across candidate boundaries too), and how many other windows
+are near duplicates of it (``near_duplicate_count``: MinHash Jaccard of token 5-grams at least
+``duplicates.near_jaccard``, through datasketch's LSH). At real scale a candidate is 2,049 tokens,
+so the exact count looks at about 2,049 windows per candidate where the near-duplicate count
+looks at one. Three ways, each size and way in its own process:
+
+- ``stream``: ``memorization.window_counts`` (what the stage runs): the stream hashed a chunk at
+  a time, only the windows whose hash is a query's compared token by token;
+- ``counter``: a ``Counter`` of every window's bytes, then a lookup per query (what the stage ran
+  before ``window_counts`` streamed); its counts must equal ``stream``'s;
+- ``near``: ``memorization.near_duplicate_counts`` on the same windows.
+
+The candidates: seeded random token ids below 50,277 (Pythia's vocabulary), 2,049 per sequence,
+with every tenth sequence a copy of an earlier one, so that counts above one occur. Memory is
+``RssAnon`` above the process's memory once the tokens are in it, its peak (sampled every 20 ms,
+as in ``scale.py``). The cost per candidate is the slope between the smallest and the largest
+size, carried to 10^6 candidates as if it stayed linear.
+
+Usage:
+
+    python experiments/benchmarks/duplication_scale.py --sizes 1000 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import PeakMemory, memory_kib, per_candidate, run_child  # noqa: E402
+
+WIDTH, WINDOW, VOCAB = 2049, 64, 50_277
+WAYS = {
+    "stream": "memorization.window_counts: hashed a chunk at a time (what the stage runs)",
+    "counter": "a Counter of every window's bytes (what the stage ran before)",
+    "near": "memorization.near_duplicate_counts: MinHash LSH over the candidates' windows",
+}
+
+
+def candidates(rows: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, VOCAB, size=(rows, WIDTH), dtype=np.uint16)
+    copies = np.arange(10, rows, 10)
+    tokens[copies] = tokens[rng.integers(0, copies)]  # each a copy of an earlier sequence
+    return tokens
+
+
+def counted_every_window(tokens, queries):
+    """The exact counts as the stage computed them before: every window of the stream in memory."""
+    import numpy as np
+
+    flat = np.ascontiguousarray(tokens.reshape(-1))
+    counts = Counter(row.tobytes() for row in np.lib.stride_tricks.sliding_window_view(flat, WINDOW))
+    return np.array([counts[q.astype(np.uint16).tobytes()] for q in queries], dtype=np.int64)
+
+
+def child(args) -> dict:
+    import numpy as np
+
+    from pythia_attribution.config import DuplicatesConfig
+    from pythia_attribution.memorization import near_duplicate_counts, window_counts
+
+    tokens = candidates(args.rows)
+    queries = tokens[:, :WINDOW]
+    base, _ = memory_kib()
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        if args.way == "stream":
+            counts = window_counts(tokens, queries, **({"chunk_tokens": args.chunk} if args.chunk else {}))
+        elif args.way == "counter":
+            counts = counted_every_window(tokens, queries)
+        else:
+            counts = near_duplicate_counts(queries.astype(np.int64), DuplicatesConfig(), seed=0)
+    seconds = time.perf_counter() - start
+    return {
+        "rows": args.rows,
+        "seconds": seconds,
+        "mib": (peak.peak_anon - base) / 1024,
+        "counts": counts.tolist(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 4_000])
+    parser.add_argument("--ways", nargs="+", choices=list(WAYS), default=list(WAYS))
+    parser.add_argument(
+        "--chunk", type=int, help="tokens per chunk of the stream (default: window_counts' own)"
+    )
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)  # set in the child process
+    parser.add_argument("--way", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rows is not None:
+        print(json.dumps(child(args)))
+        return
+
+    print(
+        f"synthetic candidates: sequences of {WIDTH} random token ids below {VOCAB}, every tenth a "
+        f"copy of an earlier one; {WINDOW}-token windows; each way and size in its own process"
+    )
+    for way in args.ways:
+        print(f"  {way:<8} {WAYS[way]}")
+    exact = [way for way in ("stream", "counter") if way in args.ways]
+    print(
+        f"{'rows':>9} {'windows':>12} "
+        + " ".join(f"{f'{way} s':>9} {f'{way} MiB':>12}" for way in args.ways)
+        + ("  same counts" if len(exact) == 2 else "")
+    )
+    results = {}
+    for rows in args.sizes:
+        line = []
+        for way in args.ways:
+            r = results[rows, way] = run_child("--rows", str(rows), "--way", way)
+            line.append(f"{r['seconds']:>9.1f} {r['mib']:>12.0f}")
+        same = ""
+        if len(exact) == 2:
+            alike = results[rows, "stream"]["counts"] == results[rows, "counter"]["counts"]
+            same = "  yes" if alike else "  NO"
+        print(f"{rows:>9} {rows * WIDTH - WINDOW + 1:>12,} " + " ".join(line) + same)
+        if "stream" in args.ways:
+            counts = results[rows, "stream"]["counts"]
+            print(f"{'':>9} windows seen more than once: {sum(c > 1 for c in counts)} of {len(counts)}")
+    if line := per_candidate(results, args.sizes, args.ways, digits=2):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
