@@ -6,14 +6,8 @@ import pytest
 
 from pythia_attribution import paths, tables
 from pythia_attribution.config import DuplicatesConfig
-from pythia_attribution.duplicates import (
-    CATEGORIES,
-    MinHasher,
-    TfidfCosines,
-    categorize,
-    longest_run,
-    pair_features,
-)
+from pythia_attribution.duplicates import CATEGORIES, TfidfCosines, categorize, longest_run, pair_features
+from pythia_attribution.overlap import MinHasher
 
 CFG = DuplicatesConfig()
 

@@ -11,8 +11,9 @@ from pythia_attribution import paths, tables
 from pythia_attribution.attribute import moments
 from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
-from pythia_attribution.memorization import dup_bin, memorization_test, restricted_step, wilson, window_counts
+from pythia_attribution.memorization import dup_bin, memorization_test, restricted_step, wilson
 from pythia_attribution.model import load_checkpoint
+from pythia_attribution.overlap import window_counts
 
 
 def _read(results, stage_name, table):
@@ -114,13 +115,13 @@ def test_window_counts_equal_a_count_of_every_window(width, chunk_tokens):
 
 
 def test_window_counts_are_exact_when_queries_share_a_hash(monkeypatch):
-    import pythia_attribution.memorization as memorization
+    import pythia_attribution.overlap as overlap
 
-    monkeypatch.setattr(memorization, "_BASE", np.uint64(1))  # the hash is the tokens' sum
+    monkeypatch.setattr(overlap, "_BASE", np.uint64(1))  # the hash is the tokens' sum
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, 4, size=(30, 9)).astype(np.uint16)
     queries = np.concatenate([tokens[:, :4], np.array([[1, 2, 3, 0], [3, 2, 1, 0], [0, 3, 2, 1]])])
-    assert len(set(memorization._horner(queries).tolist())) < len({q.tobytes() for q in queries})
+    assert len(set(overlap._horner(queries).tolist())) < len({q.tobytes() for q in queries})
     assert window_counts(tokens, queries, 20).tolist() == _counted_by_hand(tokens, queries)
 
 

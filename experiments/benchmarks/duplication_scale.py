@@ -8,11 +8,11 @@ are near duplicates of it (``near_duplicate_count``: MinHash Jaccard of token 5-
 so the exact count looks at about 2,049 windows per candidate where the near-duplicate count
 looks at one. Three ways, each size and way in its own process:
 
-- ``stream``: ``memorization.window_counts`` (what the stage runs): the stream hashed a chunk at
+- ``stream``: ``overlap.window_counts`` (what the stage runs): the stream hashed a chunk at
   a time, only the windows whose hash is a query's compared token by token;
 - ``counter``: a ``Counter`` of every window's bytes, then a lookup per query (what the stage ran
   before ``window_counts`` streamed); its counts must equal ``stream``'s;
-- ``near``: ``memorization.near_duplicate_counts`` on the same windows.
+- ``near``: ``overlap.near_duplicate_counts`` on the same windows.
 
 The candidates: seeded random token ids below 50,277 (Pythia's vocabulary), 2,049 per sequence,
 with every tenth sequence a copy of an earlier one, so that counts above one occur. Memory is
@@ -39,9 +39,9 @@ from scale import PeakMemory, memory_kib, per_candidate, run_child  # noqa: E402
 
 WIDTH, WINDOW, VOCAB = 2049, 64, 50_277
 WAYS = {
-    "stream": "memorization.window_counts: hashed a chunk at a time (what the stage runs)",
+    "stream": "overlap.window_counts: hashed a chunk at a time (what the stage runs)",
     "counter": "a Counter of every window's bytes (what the stage ran before)",
-    "near": "memorization.near_duplicate_counts: MinHash LSH over the candidates' windows",
+    "near": "overlap.near_duplicate_counts: MinHash LSH over the candidates' windows",
 }
 
 
@@ -67,20 +67,28 @@ def counted_every_window(tokens, queries):
 def child(args) -> dict:
     import numpy as np
 
-    from pythia_attribution.config import DuplicatesConfig
-    from pythia_attribution.memorization import near_duplicate_counts, window_counts
+    # each way imports only what it runs, before the baseline (the package's own import pulls in
+    # torch: light modules keep a child fast, which the suite's toy run of this script needs)
+    if args.way == "stream":
+        from pythia_attribution.overlap import window_counts
 
+        chunk = {"chunk_tokens": args.chunk} if args.chunk else {}
+        count = lambda tokens, queries: window_counts(tokens, queries, **chunk)  # noqa: E731
+    elif args.way == "counter":
+        count = counted_every_window
+    else:
+        from pythia_attribution.config import DuplicatesConfig
+        from pythia_attribution.overlap import near_duplicate_counts
+
+        count = lambda tokens, queries: near_duplicate_counts(  # noqa: E731
+            queries.astype(np.int64), DuplicatesConfig(), seed=0
+        )
     tokens = candidates(args.rows)
     queries = tokens[:, :WINDOW]
     base, _ = memory_kib()
     start = time.perf_counter()
     with PeakMemory() as peak:
-        if args.way == "stream":
-            counts = window_counts(tokens, queries, **({"chunk_tokens": args.chunk} if args.chunk else {}))
-        elif args.way == "counter":
-            counts = counted_every_window(tokens, queries)
-        else:
-            counts = near_duplicate_counts(queries.astype(np.int64), DuplicatesConfig(), seed=0)
+        counts = count(tokens, queries)
     seconds = time.perf_counter() - start
     return {
         "rows": args.rows,

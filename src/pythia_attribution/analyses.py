@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pythia_attribution import duplicates, paths
+from pythia_attribution import duplicates, overlap, paths
 from pythia_attribution.attribute import gradients, metrics, moments
 from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
 from pythia_attribution.attribute.methods import analysed_methods
@@ -279,7 +279,7 @@ def layer_thirds(scorer, queries, chosen, truth, cands, cfg, profile, method, st
     texts = [queries[q]["prompt"] + queries[q]["target"] for q in chosen]
     needed = np.concatenate([ranking.top()[0].ravel() for ranking in rankings.values()])
     tfidf = duplicates.TfidfCosines(cands.texts, texts, needed)
-    hasher = duplicates.MinHasher(profile.duplicates, seed)
+    hasher = overlap.MinHasher(profile.duplicates, seed)
     rows, tracing = [], []
     for name, ranking in rankings.items():
         ids, scores = ranking.top()

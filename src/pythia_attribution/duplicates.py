@@ -27,44 +27,11 @@ from pythia_attribution import paths
 from pythia_attribution.attribute.candidates import load_candidates, truth_sets
 from pythia_attribution.attribute.stage import ATTRIBUTION_SCHEMA
 from pythia_attribution.config import DuplicatesConfig
+from pythia_attribution.overlap import MinHasher
 
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("exact", "near_duplicate", "thematic", "unrelated")
-
-
-class MinHasher:
-    """MinHash signatures of token n-gram sets, cached by key."""
-
-    def __init__(self, cfg: DuplicatesConfig, seed: int):
-        from datasketch import MinHash
-
-        self._minhash = MinHash
-        self.cfg = cfg
-        self.seed = seed
-        self.cache: dict = {}
-        # Every signature's permutations are the seed's: drawn once and shared (datasketch draws
-        # them anew per MinHash otherwise, two thirds of a signature's time and its largest array)
-        self._template = MinHash(num_perm=cfg.num_perm, seed=seed)
-
-    def signature(self, key, tokens: list[int]):
-        if key not in self.cache:
-            n = self.cfg.ngram
-            grams = {" ".join(map(str, tokens[i : i + n])).encode() for i in range(len(tokens) - n + 1)}
-            mh = self._minhash(
-                num_perm=self.cfg.num_perm,
-                seed=self.seed,
-                permutations=self._template.permutations,
-                scheme=self._template.scheme,
-            )
-            if grams:
-                mh.update_batch(sorted(grams))
-            self.cache[key] = (mh, bool(grams))
-        return self.cache[key]
-
-    def jaccard(self, a, b) -> float:
-        (ma, ok_a), (mb, ok_b) = a, b
-        return float(ma.jaccard(mb)) if ok_a and ok_b else 0.0
 
 
 def longest_run(query: list[int], cand: list[int]) -> int:
