@@ -1,10 +1,7 @@
 """The memorization stage on nano: the one-pass test, training-order semantics, restricted sets."""
 
-from collections import Counter
-
 import numpy as np
 import pyarrow.compute as pc
-import pytest
 import torch
 
 from pythia_attribution import paths, tables
@@ -13,7 +10,6 @@ from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
 from pythia_attribution.memorization import dup_bin, memorization_test, restricted_step, wilson
 from pythia_attribution.model import load_checkpoint
-from pythia_attribution.overlap import window_counts
 
 
 def _read(results, stage_name, table):
@@ -83,46 +79,6 @@ def test_restricted_checkpoints_choose_the_first_listed_at_or_after_first_memori
     assert restricted_step(first, every, 749).tolist() == first.tolist()
     listed = SimpleNamespace(restricted_checkpoints=[600, 300])
     assert restricted_step(first, listed, 749).tolist() == [300, 300, 600, 600, 749, 749]
-
-
-def test_window_counts_find_repeats():
-    tokens = np.array([[5, 6, 7, 8, 5], [6, 7, 9, 9, 9]], dtype=np.uint16)
-    queries = np.array([[5, 6, 7], [9, 9, 9], [7, 7, 7], [5, 6, 7]])
-    # once in a row and once across rows; once; never; a repeated query gets the same count
-    assert window_counts(tokens, queries).tolist() == [2, 1, 0, 2]
-    assert window_counts(tokens, queries, chunk_tokens=1).tolist() == [2, 1, 0, 2]
-
-
-def _counted_by_hand(tokens: np.ndarray, queries: np.ndarray) -> list[int]:
-    flat = tokens.reshape(-1).astype(np.int64)
-    view = np.lib.stride_tricks.sliding_window_view(flat, queries.shape[1])
-    counts = Counter(row.tobytes() for row in view)
-    return [counts[q.astype(np.int64).tobytes()] for q in queries]
-
-
-@pytest.mark.parametrize("width", [1, 5, 8, 13])
-@pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 1 << 22])
-def test_window_counts_equal_a_count_of_every_window(width, chunk_tokens):
-    rng = np.random.default_rng(width * 1000 + chunk_tokens % 997)
-    tokens = rng.integers(0, 3, size=(40, 17)).astype(np.uint16)  # three token ids: many repeats
-    tokens[[5, 20]] = tokens[0]  # and whole rows repeated, for the wider windows
-    tokens[30, 9:] = tokens[0, :8]  # a window across rows 30 and 31 that starts like row 0
-    tokens[31, :9] = tokens[0, 8:]
-    queries = np.concatenate([tokens[:, :width], rng.integers(0, 3, size=(10, width))])
-    expected = _counted_by_hand(tokens, queries)
-    assert window_counts(tokens, queries, chunk_tokens).tolist() == expected
-    assert max(expected) > 1
-
-
-def test_window_counts_are_exact_when_queries_share_a_hash(monkeypatch):
-    import pythia_attribution.overlap as overlap
-
-    monkeypatch.setattr(overlap, "_BASE", np.uint64(1))  # the hash is the tokens' sum
-    rng = np.random.default_rng(5)
-    tokens = rng.integers(0, 4, size=(30, 9)).astype(np.uint16)
-    queries = np.concatenate([tokens[:, :4], np.array([[1, 2, 3, 0], [3, 2, 1, 0], [0, 3, 2, 1]])])
-    assert len(set(overlap._horner(queries).tolist())) < len({q.tobytes() for q in queries})
-    assert window_counts(tokens, queries, 20).tolist() == _counted_by_hand(tokens, queries)
 
 
 def test_bins_and_intervals():

@@ -6,16 +6,21 @@ memorization test reads), how often it occurs in the packed stream (``exact_wind
 are near duplicates of it (``near_duplicate_count``: MinHash Jaccard of token 5-grams at least
 ``duplicates.near_jaccard``, through datasketch's LSH). At real scale a candidate is 2,049 tokens,
 so the exact count looks at about 2,049 windows per candidate where the near-duplicate count
-looks at one. Three ways, each size and way in its own process:
+looks at one. Four ways, each size and way in its own process:
 
 - ``stream``: ``overlap.window_counts`` (what the stage runs): the stream hashed a chunk at
   a time, only the windows whose hash is a query's compared token by token;
 - ``counter``: a ``Counter`` of every window's bytes, then a lookup per query (what the stage ran
   before ``window_counts`` streamed); its counts must equal ``stream``'s;
-- ``near``: ``overlap.near_duplicate_counts`` on the same windows.
+- ``near``: ``overlap.near_duplicate_counts`` on the same windows (each distinct window signed,
+  indexed and queried once, its copies counted by multiplicity);
+- ``near_each``: every window signed, indexed and queried (what the stage ran before); its counts
+  must equal ``near``'s. Its cost is quadratic in the copies of a window: ``--repeated`` makes a
+  share of the candidates copies of one sequence, as boilerplate is among memorized sequences.
 
 The candidates: seeded random token ids below 50,277 (Pythia's vocabulary), 2,049 per sequence,
-with every tenth sequence a copy of an earlier one, so that counts above one occur. Memory is
+with every tenth sequence a copy of an earlier one, so that counts above one occur, and the
+first ``--repeated`` share of them copies of one more. Memory is
 ``RssAnon`` above the process's memory once the tokens are in it, its peak (sampled every 20 ms,
 as in ``scale.py``). The cost per candidate is the slope between the smallest and the largest
 size, carried to 10^6 candidates as if it stayed linear.
@@ -41,17 +46,20 @@ WIDTH, WINDOW, VOCAB = 2049, 64, 50_277
 WAYS = {
     "stream": "overlap.window_counts: hashed a chunk at a time (what the stage runs)",
     "counter": "a Counter of every window's bytes (what the stage ran before)",
-    "near": "overlap.near_duplicate_counts: MinHash LSH over the candidates' windows",
+    "near": "overlap.near_duplicate_counts: MinHash LSH over the distinct windows (what the stage runs)",
+    "near_each": "MinHash LSH over every window, each queried (what the stage ran before)",
 }
+PAIRS = (("stream", "counter"), ("near", "near_each"))  # ways whose counts must be equal
 
 
-def candidates(rows: int):
+def candidates(rows: int, repeated: float):
     import numpy as np
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(2, VOCAB, size=(rows, WIDTH), dtype=np.uint16)
     copies = np.arange(10, rows, 10)
     tokens[copies] = tokens[rng.integers(0, copies)]  # each a copy of an earlier sequence
+    tokens[1 : int(rows * repeated)] = tokens[0]
     return tokens
 
 
@@ -62,6 +70,24 @@ def counted_every_window(tokens, queries):
     flat = np.ascontiguousarray(tokens.reshape(-1))
     counts = Counter(row.tobytes() for row in np.lib.stride_tricks.sliding_window_view(flat, WINDOW))
     return np.array([counts[q.astype(np.uint16).tobytes()] for q in queries], dtype=np.int64)
+
+
+def near_each(windows, cfg, seed: int):
+    """The near-duplicate counts as the stage computed them before: every window queried."""
+    import numpy as np
+    from datasketch import MinHashLSH
+
+    from pythia_attribution.overlap import MinHasher
+
+    hasher = MinHasher(cfg, seed)
+    lsh = MinHashLSH(threshold=cfg.near_jaccard, num_perm=cfg.num_perm)
+    sigs = [hasher.signature(i, w.tolist())[0] for i, w in enumerate(windows)]
+    for i, sig in enumerate(sigs):
+        lsh.insert(i, sig)
+    out = np.zeros(len(windows), dtype=np.int32)
+    for i, sig in enumerate(sigs):
+        out[i] = sum(1 for j in lsh.query(sig) if j != i and sigs[j].jaccard(sig) >= cfg.near_jaccard)
+    return out
 
 
 def child(args) -> dict:
@@ -80,10 +106,9 @@ def child(args) -> dict:
         from pythia_attribution.config import DuplicatesConfig
         from pythia_attribution.overlap import near_duplicate_counts
 
-        count = lambda tokens, queries: near_duplicate_counts(  # noqa: E731
-            queries.astype(np.int64), DuplicatesConfig(), seed=0
-        )
-    tokens = candidates(args.rows)
+        near = near_duplicate_counts if args.way == "near" else near_each
+        count = lambda tokens, queries: near(queries.astype(np.int64), DuplicatesConfig(), 0)  # noqa: E731
+    tokens = candidates(args.rows, args.repeated)
     queries = tokens[:, :WINDOW]
     base, _ = memory_kib()
     start = time.perf_counter()
@@ -107,6 +132,9 @@ def main() -> None:
     parser.add_argument(
         "--chunk", type=int, help="tokens per chunk of the stream (default: window_counts' own)"
     )
+    parser.add_argument(
+        "--repeated", type=float, default=0.0, help="share of the candidates that are copies of one"
+    )
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)  # set in the child process
     parser.add_argument("--way", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,15 +144,16 @@ def main() -> None:
 
     print(
         f"synthetic candidates: sequences of {WIDTH} random token ids below {VOCAB}, every tenth a "
-        f"copy of an earlier one; {WINDOW}-token windows; each way and size in its own process"
+        f"copy of an earlier one, the first {args.repeated:.0%} copies of one; {WINDOW}-token "
+        "windows; each way and size in its own process"
     )
     for way in args.ways:
-        print(f"  {way:<8} {WAYS[way]}")
-    exact = [way for way in ("stream", "counter") if way in args.ways]
+        print(f"  {way:<9} {WAYS[way]}")
+    pairs = [pair for pair in PAIRS if set(pair) <= set(args.ways)]
     print(
         f"{'rows':>9} {'windows':>12} "
         + " ".join(f"{f'{way} s':>9} {f'{way} MiB':>12}" for way in args.ways)
-        + ("  same counts" if len(exact) == 2 else "")
+        + ("  same counts" if pairs else "")
     )
     results = {}
     for rows in args.sizes:
@@ -133,8 +162,8 @@ def main() -> None:
             r = results[rows, way] = run_child("--rows", str(rows), "--way", way)
             line.append(f"{r['seconds']:>9.1f} {r['mib']:>12.0f}")
         same = ""
-        if len(exact) == 2:
-            alike = results[rows, "stream"]["counts"] == results[rows, "counter"]["counts"]
+        if pairs:
+            alike = all(results[rows, a]["counts"] == results[rows, b]["counts"] for a, b in pairs)
             same = "  yes" if alike else "  NO"
         print(f"{rows:>9} {rows * WIDTH - WINDOW + 1:>12,} " + " ".join(line) + same)
         if "stream" in args.ways:

@@ -134,13 +134,25 @@ def _power(exponent: int) -> np.uint64:
 
 
 def near_duplicate_counts(windows: np.ndarray, cfg, seed: int) -> np.ndarray:
-    """For every window, how many other windows have MinHash Jaccard (token 5-grams) >= threshold."""
+    """For every window, how many other windows have MinHash Jaccard (token ``cfg.ngram``-grams) of
+    at least ``cfg.near_jaccard`` with it, among those datasketch's LSH returns for it.
+
+    Identical windows have identical signatures, so LSH returns all copies of a window or none:
+    each distinct window is signed, indexed and queried once, and a neighbour counts as many times
+    as it occurs (a window's own copies count, minus itself). The same counts as querying every
+    window, without the quadratic cost of a window repeated thousands of times, which at real
+    scale the memorized sequences are (boilerplate, licences).
+    """
+    unique, inverse, copies = np.unique(windows, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
     hasher = MinHasher(cfg, seed)
     lsh = MinHashLSH(threshold=cfg.near_jaccard, num_perm=cfg.num_perm)
-    sigs = [hasher.signature(i, w.tolist())[0] for i, w in enumerate(windows)]
-    for i, sig in enumerate(sigs):
-        lsh.insert(i, sig)
-    out = np.zeros(len(windows), dtype=np.int32)
-    for i, sig in enumerate(sigs):
-        out[i] = sum(1 for j in lsh.query(sig) if j != i and sigs[j].jaccard(sig) >= cfg.near_jaccard)
-    return out
+    sigs = [hasher.signature(u, w.tolist())[0] for u, w in enumerate(unique)]
+    for u, sig in enumerate(sigs):
+        lsh.insert(u, sig)
+    near = copies - 1
+    for u, sig in enumerate(sigs):
+        near[u] += sum(
+            int(copies[v]) for v in lsh.query(sig) if v != u and sigs[v].jaccard(sig) >= cfg.near_jaccard
+        )
+    return near[inverse].astype(np.int32)
