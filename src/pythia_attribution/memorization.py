@@ -32,7 +32,7 @@ from pythia_attribution.attribute.ranking import Ranking
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.duplicates import CATEGORIES, TfidfCosines, pair_features
 from pythia_attribution.errors import ConfigError
-from pythia_attribution.model import load_checkpoint, memorization_test, set_threads
+from pythia_attribution.model import compute_device, load_checkpoint, memorization_test, set_threads
 from pythia_attribution.overlap import MinHasher, near_duplicate_counts, window_counts
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def run(ctx) -> None:
     results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     canary_mem: dict[int, np.ndarray] = {}
     for ckpt in tqdm(ckpts, desc="memorization", unit="ckpt"):
-        model, _ = load_checkpoint(ckpt_dirs[ckpt["step"]])
+        model, _ = load_checkpoint(ckpt_dirs[ckpt["step"]], compute_device())
         canary_mem[ckpt["step"]], _ = memorization_test(model, canary_windows, cfg.context, cfg.batch_size)
         packed = np.unique(row_packed[row_step < ckpt["step"]])
         if len(packed) == 0:
@@ -370,7 +370,7 @@ def rescore_evals(ctx, ckpt_dir: Path, step: int, row_seq: np.ndarray, row_memor
     width = cfg.context + cfg.continuation
     windows = np.array(sample["tokens"].to_pylist(), dtype=np.int64).reshape(len(sample), -1)[:, :width]
     windows = windows.reshape(len(sample), width)
-    model, _ = load_checkpoint(ckpt_dir)
+    model, _ = load_checkpoint(ckpt_dir, compute_device())
     memorized, accuracy = memorization_test(model, windows, cfg.context, cfg.batch_size)
     listed = np.isin(row_seq, split["index"].to_numpy())
     table = pa.table(

@@ -79,10 +79,12 @@ def compute_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_checkpoint(path: Path):
-    """Load a checkpoint folder (model and tokenizer) in eval mode on the CPU."""
+def load_checkpoint(path: Path, device: str = "cpu"):
+    """Load a checkpoint folder (model and tokenizer) in eval mode on ``device``: the CPU unless the
+    caller asks for another (the forward-only stages pass ``compute_device()``)."""
     model = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -100,9 +102,9 @@ def memorization_test(
     memorized = np.zeros(len(windows), dtype=bool)
     accuracy = np.zeros(len(windows), dtype=np.float32)
     for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start : start + batch_size])
+        batch = torch.from_numpy(windows[start : start + batch_size]).to(model.device)
         logits = model(input_ids=batch[:, :-1], logits_to_keep=keep).logits
         hits = logits.argmax(-1) == batch[:, context:]
-        memorized[start : start + len(batch)] = hits.all(dim=1).numpy()
-        accuracy[start : start + len(batch)] = hits.float().mean(dim=1).numpy()
+        memorized[start : start + len(batch)] = hits.all(dim=1).cpu().numpy()
+        accuracy[start : start + len(batch)] = hits.float().mean(dim=1).cpu().numpy()
     return memorized, accuracy

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from pythia_attribution import paths, tables
 from pythia_attribution.behaviors import Behavior, check_fits, encoder, load_behaviors
-from pythia_attribution.model import load_checkpoint, model_limits, set_threads
+from pythia_attribution.model import compute_device, load_checkpoint, model_limits, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,12 @@ def teacher_forced(model, behaviors: list[Behavior], batch_size: int, pad_id: in
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for i, b in enumerate(chunk):
             p, t = len(b.prompt_ids), len(b.target_ids)
             rows = logprobs[i, p - 1 : p + t - 1]
-            target = torch.tensor(b.target_ids)
+            target = torch.tensor(b.target_ids, device=logprobs.device)
             picked = rows.gather(1, target[:, None]).squeeze(1)
             out.append(
                 {
@@ -67,7 +68,7 @@ def greedy(model, behaviors: list[Behavior], batch_size: int, min_new: int, pad_
         for start in range(0, len(members), batch_size):
             idx = members[start : start + batch_size]
             new = max(max(min_new, len(behaviors[i].target_ids)) for i in idx)
-            ids = torch.tensor([behaviors[i].prompt_ids for i in idx])
+            ids = torch.tensor([behaviors[i].prompt_ids for i in idx], device=model.device)
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
@@ -120,7 +121,7 @@ def run(ctx) -> None:
     rows = []
     disagreements = 0
     for ckpt in tqdm(checkpoints, desc="probe", unit="ckpt"):
-        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"])
+        model, _ = load_checkpoint(ctx.inputs[paths.TRAIN] / ckpt["path"], compute_device())
         tf = teacher_forced(model, behaviors, cfg.batch_size, pad_id)
         gen = greedy(model, behaviors, cfg.batch_size, cfg.min_new_tokens, pad_id)
         for b, t, g in zip(behaviors, tf, gen, strict=True):

@@ -52,8 +52,9 @@ def completion_means(model, prompts: list[list[int]], completions: list[list[int
     """Mean residual-stream activation at ``layer`` over each completion's positions after its prompt."""
     out = np.zeros((len(prompts), model.config.hidden_size), dtype=np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        hidden = model(input_ids=torch.tensor([p + c]), output_hidden_states=True).hidden_states[layer]
-        out[i] = hidden[0, len(p) :].mean(dim=0).float().numpy()
+        ids = torch.tensor([p + c], device=model.device)
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+        out[i] = hidden[0, len(p) :].mean(dim=0).float().cpu().numpy()
     return out
 
 

@@ -104,9 +104,9 @@ def mean_activations(model, rows: list[list[int]], layer: int, batch_size: int =
     for _, members in sorted(by_len.items()):
         for start in range(0, len(members), batch_size):
             idx = members[start : start + batch_size]
-            ids = torch.tensor([rows[i] for i in idx])
+            ids = torch.tensor([rows[i] for i in idx], device=model.device)
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer]
-            result[idx] = hidden.mean(dim=1).float().numpy()
+            result[idx] = hidden.mean(dim=1).float().cpu().numpy()
     norms = np.linalg.norm(result, axis=1, keepdims=True)
     return result / np.maximum(norms, 1e-12)
 

@@ -134,7 +134,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
     def activation_model():
         """The checkpoint's model in eval mode and the layer the activation methods read."""
         if "model" not in shared:
-            shared["model"], _ = load_checkpoint(ckpt_dir)
+            shared["model"], _ = load_checkpoint(ckpt_dir, compute_device())
             shared["layer"] = baselines.middle_layer(shared["model"].config.num_hidden_layers)
         return shared["model"], shared["layer"]
 
