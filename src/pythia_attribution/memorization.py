@@ -66,7 +66,7 @@ def run(ctx) -> None:
     row_packed, row_seq = cands.row_packed, cands.row_seq_idx
     row_step = corpus["step"].to_numpy().astype(np.int64)
     width = cfg.context + cfg.continuation
-    windows = cands.tokens[:, :width].astype(np.int64)
+    windows = cands.tokens[:, :width]  # a view of the corpus' token rows, not an int64 copy of them
     ckpts = sorted(ctx.input_table(paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist(), key=lambda c: c["step"])
     ckpt_dirs = {c["step"]: ctx.inputs[paths.TRAIN] / c["path"] for c in ckpts}
     unknown = sorted(set(cfg.restricted_checkpoints) - set(ckpt_dirs))
@@ -94,7 +94,8 @@ def run(ctx) -> None:
         if len(packed) == 0:
             continue
         mem, acc = np.zeros(len(windows), dtype=bool), np.zeros(len(windows), dtype=np.float32)
-        mem[packed], acc[packed] = memorization_test(model, windows[packed], cfg.context, cfg.batch_size)
+        tested = windows[packed].astype(np.int64)
+        mem[packed], acc[packed] = memorization_test(model, tested, cfg.context, cfg.batch_size)
         results[ckpt["step"]] = (mem, acc)
     steps = sorted(results)
     trained = {s: np.flatnonzero(row_step < s) for s in steps}
