@@ -87,7 +87,8 @@ def test_corpus_scale_measures_both_ways_and_compares_their_tables():
 
 
 def test_duplication_scale_counts_both_ways_alike():
-    out = _run("benchmarks/duplication_scale.py", "--sizes", "30", "60", "--chunk", "5000", "--repeated", "0.5")
+    args = ["--sizes", "30", "60", "--chunk", "5000", "--repeated", "0.5"]
+    out = _run("benchmarks/duplication_scale.py", *args)
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [row[0] for row in rows] == ["30", "60"]
     assert all(row[-1] == "yes" for row in rows)  # streamed = Counter, grouped = every window queried
