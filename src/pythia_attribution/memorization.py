@@ -94,8 +94,7 @@ def run(ctx) -> None:
         if len(packed) == 0:
             continue
         mem, acc = np.zeros(len(windows), dtype=bool), np.zeros(len(windows), dtype=np.float32)
-        tested = windows[packed].astype(np.int64)
-        mem[packed], acc[packed] = memorization_test(model, tested, cfg.context, cfg.batch_size)
+        mem[packed], acc[packed] = memorization_test(model, windows[packed], cfg.context, cfg.batch_size)
         results[ckpt["step"]] = (mem, acc)
     steps = sorted(results)
     trained = {s: np.flatnonzero(row_step < s) for s in steps}

@@ -102,7 +102,9 @@ def memorization_test(
     memorized = np.zeros(len(windows), dtype=bool)
     accuracy = np.zeros(len(windows), dtype=np.float32)
     for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[start : start + batch_size]).to(model.device)
+        batch = torch.from_numpy(np.asarray(windows[start : start + batch_size], dtype=np.int64)).to(
+            model.device
+        )
         logits = model(input_ids=batch[:, :-1], logits_to_keep=keep).logits
         hits = logits.argmax(-1) == batch[:, context:]
         memorized[start : start + len(batch)] = hits.all(dim=1).cpu().numpy()

@@ -21,7 +21,6 @@ class MinHasher:
     """MinHash signatures of token n-gram sets, cached by key."""
 
     def __init__(self, cfg: DuplicatesConfig, seed: int):
-        self._minhash = MinHash
         self.cfg = cfg
         self.seed = seed
         self.cache: dict = {}
@@ -33,7 +32,7 @@ class MinHasher:
         if key not in self.cache:
             n = self.cfg.ngram
             grams = {" ".join(map(str, tokens[i : i + n])).encode() for i in range(len(tokens) - n + 1)}
-            mh = self._minhash(
+            mh = MinHash(
                 num_perm=self.cfg.num_perm,
                 seed=self.seed,
                 permutations=self._template.permutations,

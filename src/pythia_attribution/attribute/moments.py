@@ -143,8 +143,7 @@ def estimate(out: Path, ckpt_dir: Path, cands, step: int, settings: Settings) ->
     groups, how = minibatches(cands, step, settings)
     token_batch_size = settings.token_batch_size
     device = compute_device()
-    model, _ = load_checkpoint(ckpt_dir)  # in eval mode: Pythia has no dropout, nothing else random
-    model.to(device)
+    model, _ = load_checkpoint(ckpt_dir, device)  # in eval mode: Pythia has no dropout, nothing else random
     limit = model.config.max_position_embeddings
     names = [n for n, _ in model.named_parameters()]
     sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
