@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pyarrow.compute as pc
+import pytest
 import torch
 from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
@@ -14,6 +15,8 @@ from pythia_attribution import paths, tables, train
 from pythia_attribution.cli import main
 from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, pythia_config
+from pythia_attribution.paper import mdtables, variables
+from pythia_attribution.paper.data import Study
 
 
 def _read(results, stage_name, table):
@@ -73,7 +76,10 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     assert main(["leave_out", "--profile", str(profile), "-q"]) == 0
     cfg = load_profile(str(profile)).leave_out
     runs = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE).to_pylist()
-    assert [r["run"] for r in runs] == [*cfg.methods, "ground_truth"]
+    draws = [f"random_{d}" for d in range(2, cfg.random_draws + 1)]
+    assert draws, "nano's profile should draw the random floor more than once"
+    assert [r["run"] for r in runs] == [*cfg.methods, *draws, "ground_truth"]
+    assert [r["run"] for r in runs if r["floor"]] == ["random", *draws]
     assert not any(r["adopted"] for r in runs)
     assert all(r["n_rows_removed"] >= r["n_removed"] for r in runs)
     table = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_TABLE)
@@ -83,8 +89,27 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     for row in truth:  # the ground-truth run removes the behavior's own copies, up to k
         assert row["n_removed_own"] == row["n_removed_own_truth"] == min(row["n_truth"], cfg.top_k)
         assert row["n_truth_removed"] >= row["n_removed_own"]
+    for draw in draws:  # a further draw removes k sequences per behavior, a set of its own
+        rows = table.filter(pc.equal(table["run"], draw)).to_pylist()
+        assert all(r["n_removed_own"] == cfg.top_k for r in rows)
+    assert len({r["key"] for r in runs if r["floor"]}) == len(draws) + 1
     metrics = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_METRICS_TABLE)
     assert set(metrics["run"].to_pylist()) == {r["run"] for r in runs}
+    for m in metrics.filter(pc.equal(metrics["family"], "all")).to_pylist():
+        floor = m["run"] == "random" or m["run"] in draws
+        assert m["random_runs"] == cfg.random_draws - floor
+        assert 0 <= m["random_costlier_than"] <= m["random_runs"]
+        assert m["random_min"] <= m["random_max"]
+        if floor:
+            assert m["random_min"] <= m["delta_logp"] <= m["random_max"]
+
+    # the paper's table and paragraph: the further draws fold into the random row's range
+    study = Study(results, "nano")
+    text = mdtables.leave_out(study)
+    assert "| Random draws |" in text and "random_2" not in text
+    assert f"of the {cfg.random_draws} random removals" in text
+    sentence = variables.leave_out_variables(study, {})["sentence"]
+    assert f"over {cfg.random_draws} seeded draws" in sentence and "random_2" not in sentence
 
     assert main(["leave_out", "--profile", str(profile), "--force", "-q"]) == 0
     again = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE).to_pylist()
@@ -93,10 +118,45 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     assert len(list(paths.retrained_dir("nano").iterdir())) == len(runs)
 
 
+def test_the_floor_ranks_each_run_among_the_random_draws():
+    """random_costlier_than counts the random runs whose mean change is above a run's; a random run
+    is ranked among the others; the floor's range is over every random run of the family."""
+    import pyarrow as pa
+
+    from pythia_attribution.leave_out import LEAVE_OUT_SCHEMA, aggregate
+
+    means = {"random": -0.4, "random_2": -0.2, "random_3": -0.6, "bm25": -0.5, "ground_truth": -9.0}
+    rows = [
+        {"run": run, "behavior_id": f"b{i}", "family": "f", "item_id": f"i{i}", "n_removed_own": 1,
+         "n_removed_own_truth": 0, "n_truth": 1, "n_truth_removed": 0, "logp_before": 0.0,
+         "logp_after": mean + offset, "delta_logp": mean + offset, "exhibited_before": True,
+         "exhibited_after": True}
+        for run, mean in means.items()
+        for i, offset in enumerate((-0.1, 0.1))
+    ]  # fmt: skip
+    metrics = aggregate(pa.Table.from_pylist(rows, LEAVE_OUT_SCHEMA), seed=0, n_boot=50)
+    got = {m["run"]: m for m in metrics.to_pylist() if m["family"] == "all"}
+    assert {r: (m["random_costlier_than"], m["random_runs"]) for r, m in got.items()} == {
+        "bm25": (2, 3), "ground_truth": (3, 3), "random": (1, 2), "random_2": (0, 2), "random_3": (2, 2)
+    }  # fmt: skip
+    assert all(
+        m["random_min"] == pytest.approx(-0.6) and m["random_max"] == pytest.approx(-0.2)
+        for m in got.values()
+    )
+
+
+def test_random_draws_are_seeded_and_differ():
+    from pythia_attribution.leave_out import random_removals
+
+    pool, behaviors = np.arange(1000), ["a", "b"]
+    first = random_removals(pool, behaviors, 10, seed=0, draw=2)
+    assert all(np.array_equal(first[b], random_removals(pool, behaviors, 10, 0, 2)[b]) for b in behaviors)
+    assert not np.array_equal(first["a"], random_removals(pool, behaviors, 10, 0, 3)["a"])
+    assert all(len(np.unique(v)) == 10 and np.all(np.diff(v) > 0) for v in first.values())
+
+
 def test_check_names_a_leave_out_method_the_attribute_stage_does_not_run():
     import dataclasses
-
-    import pytest
 
     from pythia_attribution.check import check_inputs
     from pythia_attribution.errors import ConfigError

@@ -404,6 +404,13 @@ class LeaveOutConfig:
         "complete",
         choices=("complete", "partial", "target"),
     )
+    random_draws: int = doc(
+        "runs of the random floor: the 'random' method's top k and random_draws - 1 further seeded "
+        "draws of k random sequences per behavior ('random_2', ...), one retraining each, so that the "
+        "floor's own spread is measured (more than 1 needs 'random' in methods)",
+        1,
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -631,6 +638,14 @@ def cross_rules(p: Profile) -> list[tuple[str, str]]:
         if value > kept:
             why = f"must be <= attribute.top_k ({kept}, the sequences each ranking keeps), got {value}"
             broken.append((key, why))
+    if p.leave_out.random_draws > 1 and "random" not in p.leave_out.methods:
+        broken.append(
+            (
+                "leave_out.random_draws",
+                "must be 1 unless 'random' is in leave_out.methods (the first draw is the random "
+                f"method's run), got {p.leave_out.random_draws}",
+            )
+        )
     if p.duplicates.ngram > c.seq_len + 1:
         broken.append(
             (

@@ -4,7 +4,9 @@ For a seeded sample of the behaviors exhibited at the final checkpoint, each met
 training sequences per behavior are removed together, in **one** retraining run per method
 (the removals of different behaviors grouped, as the causal reference's budget requires); a
 ground-truth run removes up to k of each behavior's own ground-truth sequences instead, and the
-``random`` method's top k (seeded random sequences) is the floor. Every run retrains the model
+``random`` method's top k (seeded random sequences) is the floor, with ``random_draws - 1``
+further seeded draws of as many random sequences (``random_2``, ...) to show how much the floor
+itself varies between draws. Every run retrains the model
 from its seeded initialization on the same batches in the same order with the removed sequences'
 loss weight set to zero, every epoch (``train.train_model``); the training run itself is the
 baseline, so the change in a behavior's target log-probability is the paired effect of removing
@@ -45,8 +47,9 @@ REFERENCE = "ground_truth"
 RANDOM = "random"
 
 
-def removal_sets(cfg, attributions, behaviors, probes, truth, seed) -> dict[str, dict[str, np.ndarray]]:
-    """Per run (each method, and the ground truth), each sampled behavior's removed packed ids."""
+def removal_sets(cfg, attributions, behaviors, probes, truth, pool, seed) -> dict[str, dict[str, np.ndarray]]:
+    """Per run (each method, the random floor's further draws, and the ground truth), each sampled
+    behavior's removed packed ids; ``pool``: the packed ids a random draw chooses from."""
     runs: dict[str, dict[str, np.ndarray]] = {}
     top = attributions[(attributions["rank"] <= cfg.top_k) & attributions["behavior_id"].isin(behaviors)]
     for method in cfg.methods:
@@ -55,11 +58,32 @@ def removal_sets(cfg, attributions, behaviors, probes, truth, seed) -> dict[str,
             b: np.sort(chosen.loc[chosen["behavior_id"] == b, "packed_id"].to_numpy(np.int64))
             for b in behaviors
         }
+    for draw in range(2, cfg.random_draws + 1):
+        runs[random_run(draw)] = random_removals(pool, behaviors, cfg.top_k, seed, draw)
     runs[REFERENCE] = {
         b: evaluation.reference(truth.get(probes[b]["item_id"], np.zeros(0, np.int64)), cfg.top_k, seed, 43)
         for b in behaviors
     }
     return runs
+
+
+def random_run(draw: int) -> str:
+    """The name of the random floor's ``draw``-th run (the first is the ``random`` method's)."""
+    return RANDOM if draw == 1 else f"{RANDOM}_{draw}"
+
+
+def is_random(run: str) -> bool:
+    return run == RANDOM or (run.startswith(f"{RANDOM}_") and run[len(RANDOM) + 1 :].isdigit())
+
+
+def random_removals(pool: np.ndarray, behaviors: list[str], k: int, seed: int, draw: int) -> dict:
+    """A further draw of the random floor: per behavior (in sorted order, one generator per draw),
+    ``k`` packed ids drawn uniformly without replacement from ``pool``, sorted: distributed as the
+    ``random`` method's top k (uniform scores over every candidate), from a generator of its own."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 44, draw]))
+    return {
+        b: np.sort(rng.choice(pool, min(k, len(pool)), replace=False)).astype(np.int64) for b in behaviors
+    }
 
 
 def code_sha256() -> str:
@@ -160,6 +184,13 @@ def run(ctx) -> None:
             f"percentile bootstrap over behaviors, {profile.attribute.bootstrap} resamples, 95% interval"
         ),
         vs_random=f"paired per behavior: a run's delta_logp minus the '{RANDOM}' run's",
+        random_floor=(
+            f"the random runs ('{RANDOM}', the random method's top k, and random_draws - 1 further "
+            f"seeded draws, '{RANDOM}_2', ...): random_min and random_max, the least and the largest of "
+            "their mean delta_logp in the family; random_costlier_than, of the random_runs random runs "
+            "(a random run: the others), how many have a mean delta_logp above the run's (its removal "
+            "cost more than theirs)"
+        ),
     )
 
 
@@ -175,7 +206,8 @@ def leave_out(ctx, view: evaluation.AtFinal, behaviors: list[str]):
     if threads != profile.runtime.threads:
         log.info("leave-out: retraining with %d threads, as the training run did", threads)
     set_threads(threads)
-    runs = removal_sets(cfg, view.attributions, behaviors, probes, truth, profile.runtime.seed)
+    pool = np.arange(len(cands.first_step))  # every packed sequence, as the random method ranks
+    runs = removal_sets(cfg, view.attributions, behaviors, probes, truth, pool, profile.runtime.seed)
     tokens, batch_size = train.corpus_tokens(view.corpus)
     baseline, tokenizer = load_checkpoint(view.final_dir)
     queries = [
@@ -195,8 +227,9 @@ def leave_out(ctx, view: evaluation.AtFinal, behaviors: list[str]):
         )
         after = teacher_forced(model, queries, 64, tokenizer.pad_token_id)
         runs_rows.append(
-            {"run": name, "n_removed": len(removed), "n_rows_removed": int(removed_rows.sum()),
-             "seconds": float(seconds), "adopted": adopted, "key": key["removed_packed_ids_sha256"]}
+            {"run": name, "floor": is_random(name), "n_removed": len(removed),
+             "n_rows_removed": int(removed_rows.sum()), "seconds": float(seconds), "adopted": adopted,
+             "key": key["removed_packed_ids_sha256"]}
         )  # fmt: skip
         for b, pre, post in zip(behaviors, before, after, strict=True):
             own = truth.get(probes[b]["item_id"], np.zeros(0, np.int64))
@@ -222,7 +255,8 @@ def leave_out(ctx, view: evaluation.AtFinal, behaviors: list[str]):
 
 def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
     """Per (run, family): the mean change with its interval, the share of exhibited behaviors lost,
-    and the paired difference from the random run."""
+    the paired difference from the random run, and where the run's mean change falls among the
+    random runs' (the floor's spread between draws)."""
     df = table.to_pandas()
     if df.empty:
         return pa.Table.from_pylist([], LEAVE_OUT_METRICS_SCHEMA)
@@ -233,6 +267,8 @@ def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
     )
     rows = []
     for family, sub in [("all", df), *sorted(df.groupby("family"), key=lambda kv: kv[0])]:
+        means = sub.groupby("run")["delta_logp"].mean()
+        floor_means = means[[is_random(r) for r in means.index]]
         for name, g in sorted(sub.groupby("run"), key=lambda kv: kv[0]):
             row = {"run": name, "family": family, "n_behaviors": len(g)}
             for col in ("delta_logp", "lost", "vs_random"):
@@ -240,6 +276,13 @@ def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
                 lo, hi = metrics.bootstrap_ci(values, seed, n_boot)
                 row.update({col: float(values.mean()) if len(values) else float("nan"), f"{col}_lo": lo,
                             f"{col}_hi": hi})  # fmt: skip
+            others = floor_means.drop(name, errors="ignore")  # a random run is ranked among the others
+            row.update(
+                {"random_runs": len(others),
+                 "random_costlier_than": int((others > means[name]).sum()),
+                 "random_min": float(floor_means.min()) if len(floor_means) else float("nan"),
+                 "random_max": float(floor_means.max()) if len(floor_means) else float("nan")}
+            )  # fmt: skip
             rows.append(row)
     return pa.Table.from_pylist(rows, LEAVE_OUT_METRICS_SCHEMA)
 
@@ -264,6 +307,7 @@ LEAVE_OUT_SCHEMA = pa.schema(
 LEAVE_OUT_RUNS_SCHEMA = pa.schema(
     [
         ("run", pa.string()),
+        ("floor", pa.bool_()),  # a run of the random floor: 'random' and its further draws
         ("n_removed", pa.int64()),
         ("n_rows_removed", pa.int64()),
         ("seconds", pa.float64()),
@@ -274,4 +318,10 @@ LEAVE_OUT_RUNS_SCHEMA = pa.schema(
 LEAVE_OUT_METRICS_SCHEMA = pa.schema(
     [("run", pa.string()), ("family", pa.string()), ("n_behaviors", pa.int64())]
     + [(f"{c}{s}", pa.float64()) for c in ("delta_logp", "lost", "vs_random") for s in ("", "_lo", "_hi")]
+    + [
+        ("random_runs", pa.int64()),
+        ("random_costlier_than", pa.int64()),
+        ("random_min", pa.float64()),
+        ("random_max", pa.float64()),
+    ]
 )

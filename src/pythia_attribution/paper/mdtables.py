@@ -328,7 +328,10 @@ def leave_out(study: Study) -> str:
     level = derive.interval_level(prov.get("bootstrap", ""), "leave_out_metrics")
     lo_rows = study.frame(paths.LEAVE_OUT_TABLE)
     everything = lm.filter(pl.col("family") == "all")
-    order = [*derive.ordered_methods([m for m in everything["run"] if m != "ground_truth"]), "ground_truth"]
+    draws = [run for run, r in runs.items() if r["floor"] and run != "random"]  # the floor's further draws
+    shown = [m for m in everything["run"] if m != "ground_truth" and m not in draws]
+    order = [*derive.ordered_methods(shown), "ground_truth"]
+    n_floor = sum(r["floor"] for r in runs.values())
     rows = []
     for run in [m for m in order if m in runs]:
         r = everything.filter(pl.col("run") == run).row(0, named=True)
@@ -336,16 +339,31 @@ def leave_out(study: Study) -> str:
             "" if run == "random" or r["vs_random"] != r["vs_random"]
             else f"{fmt.dec(r['vs_random'], 2)} {fmt.interval(r['vs_random_lo'], r['vs_random_hi'], 2)}"
         )  # fmt: skip
+        if run == "random":
+            among = f"{fmt.dec(r['random_min'], 2)} to {fmt.dec(r['random_max'], 2)}" if draws else ""
+        else:
+            among = f"{r['random_costlier_than']} of {r['random_runs']}" if r["random_runs"] else ""
         cells = [
             style.method_label(run) if run != "ground_truth" else "Complete copies",
             f"{runs[run]['n_removed']} ({runs[run]['n_rows_removed']})",
             f"{fmt.dec(r['delta_logp'], 2)} {fmt.interval(r['delta_logp_lo'], r['delta_logp_hi'], 2)}",
             fmt.dec(lo_rows.filter(pl.col("run") == run)["delta_logp"].median(), 2),
             vs,
+            among,
             fmt.pct(r["lost"]),
         ]
         rows.append(cells)
     n = everything["n_behaviors"][0]
+    floor = (
+        f"Random draws: of the {n_floor} random removals (the random method's top {cfg['top_k']} and "
+        f"{len(draws)} further seeded draw{'s' if len(draws) > 1 else ''} of as many random sequences per "
+        "behavior), how many cost the behaviors less than this removal (a higher mean change); in the "
+        "random row, the least and the largest of the draws' mean changes."
+        if draws
+        else "Random draws: 1 of 1 where this removal cost the behaviors more than the random removal."
+        if n_floor
+        else ""
+    )
     return pipe_table(
         [
             "Removed",
@@ -353,6 +371,7 @@ def leave_out(study: Study) -> str:
             "Δ log p",
             "Median",
             "Beyond random",
+            "Random draws",
             "Lost",
         ],
         rows,
@@ -361,10 +380,11 @@ def leave_out(study: Study) -> str:
         "on the same batches; the change in the behaviors' target log-probability at the final step against "
         f"the training run ({level} percentile-bootstrap intervals over behaviors), paired against the "
         "random removal, and the share of exhibited behaviors no longer exhibited (teacher-forced argmax). "
-        "Sequences: packed sequences removed (training rows, every epoch's copy). Median: of the change.",
+        "Sequences: packed sequences removed (training rows, every epoch's copy). Median: of the change. "
+        + floor,
         "tbl-leave-out",
-        "lrrrrr",
-        [3, 2, 4, 1, 4, 1],
+        "lrrrrrr",
+        [3, 2, 4, 1, 4, 2, 1],
     )
 
 

@@ -738,7 +738,8 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     lm = study.frame(paths.LEAVE_OUT_METRICS_TABLE).filter(pl.col("family") == "all")
     runs = study.frame(paths.LEAVE_OUT_RUNS_TABLE)
     cfg = study.config(paths.LEAVE_OUT_METRICS_TABLE, "leave_out")
-    by_run = {r["run"]: r for r in lm.iter_rows(named=True)}
+    draws = runs.filter(pl.col("floor") & (pl.col("run") != "random"))["run"].to_list()  # further draws
+    by_run = {r["run"]: r for r in lm.iter_rows(named=True) if r["run"] not in draws}
     methods = [m for m in cfg["methods"] if m in by_run and m != "random"]
 
     def effect(run: str) -> str:
@@ -791,4 +792,33 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     )
     if pairs:
         sentence += " Paired by behavior, " + "; ".join(pairs) + "."
+    if draws and "random" in by_run:
+        sentence += " " + floor_sentence(by_run, [*methods, "ground_truth"], len(draws) + 1, cfg["top_k"])
     return {"ran": "yes", "sentence": sentence}
+
+
+def floor_sentence(by_run: dict, runs: list[str], n_floor: int, k: int) -> str:
+    """How much the random floor varies between its draws, and which removals cost more than every
+    draw (the rank among random removals)."""
+    r = by_run["random"]
+
+    def name(m: str) -> str:
+        return style.method_name(m) if m != "ground_truth" else "the complete copies"
+
+    beyond = [
+        m for m in runs if m in by_run and by_run[m]["random_costlier_than"] == by_run[m]["random_runs"]
+    ]
+    within = [m for m in runs if m in by_run and m not in beyond]
+    text = (
+        f"The floor itself is a draw: over {n_floor} seeded draws of {k} random sequences per behavior "
+        f"(each its own retraining), the random removal's mean change runs from "
+        f"{fmt.dec(r['random_min'], 2)} to {fmt.dec(r['random_max'], 2)}"
+    )
+    if beyond:
+        text += f"; the removals of {fmt.listing(name(m) for m in beyond)} cost more than every draw"
+    if within:
+        text += "; " + fmt.listing(
+            f"that of {name(m)} more than {by_run[m]['random_costlier_than']} of the {n_floor}"
+            for m in within
+        )
+    return text + "."
