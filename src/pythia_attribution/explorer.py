@@ -324,13 +324,18 @@ def _leave_out_section(left_out) -> str:
     t = left_out[left_out["family"] == "all"].sort_values("delta_logp")
     rows = [[r["run"], str(int(r["n_behaviors"])), _ci(r, "delta_logp", 2),
              "" if r["run"] == "random" or r["vs_random"] != r["vs_random"] else _ci(r, "vs_random", 2),
+             f"{int(r['random_costlier_than'])} of {int(r['random_runs'])}" if r["random_runs"] else "",
              f"{r['lost']:.0%}"] for _, r in t.iterrows()]  # fmt: skip
     return (
         "<h2>Leave-k-out: retrained without a method's top k, how much does the target fall?</h2>"
         "<p>Change in the sampled behaviors' target log-probability at the final step against the training "
         "run (ground_truth: the behaviors' own complete copies removed), paired difference from random "
-        "removal, share of exhibited behaviors lost (<code>nox -s leave_out</code>).</p>"
-        + _table_html(["removed", "behaviors", "change", "beyond random", "lost"], rows)
+        "removal, how many of the random removals (random, random_2, ...: seeded draws of as many random "
+        "sequences; a random run among the others) cost less, share of exhibited behaviors lost "
+        "(<code>nox -s leave_out</code>).</p>"
+        + _table_html(
+            ["removed", "behaviors", "change", "beyond random", "random draws costing less", "lost"], rows
+        )
     )
 
 
