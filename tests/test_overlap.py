@@ -1,5 +1,5 @@
 """Token-overlap counts (``overlap``): exact window counts against counting every window, and
-near-duplicate counts against querying every window."""
+near-duplicate counts against querying every window and against datasketch's LSH in memory."""
 
 from collections import Counter
 
@@ -8,7 +8,12 @@ import pytest
 from datasketch import MinHashLSH
 
 from pythia_attribution.config import DuplicatesConfig
-from pythia_attribution.overlap import MinHasher, near_duplicate_counts, window_counts
+from pythia_attribution.overlap import (
+    MinHasher,
+    near_duplicate_counts,
+    near_duplicate_counts_in_memory,
+    window_counts,
+)
 
 
 def test_window_counts_find_repeats():
@@ -76,3 +81,46 @@ def test_near_duplicate_counts_group_identical_windows_without_changing_a_count(
     assert got.tolist() == _near_by_querying_every_window(windows, cfg, seed=0)
     assert got.max() > 6  # the copies and the near copies are counted
     assert (got[-40:] == 0).all()  # the random windows have no near duplicates
+
+
+def _planted_near_duplicates(seed: int) -> np.ndarray:
+    """Windows with copies, near copies (the last 1-5 tokens replaced: Jaccard of 5-grams from
+    about 0.3 to 0.9) and unrelated windows, shuffled."""
+    rng = np.random.default_rng(seed)
+    copies = rng.integers(2, 200, size=(60, 32))[rng.integers(0, 60, size=300)]
+    close = copies[:120].copy()
+    for row, k in zip(close, rng.integers(1, 6, size=120), strict=True):
+        row[-k:] = rng.integers(2, 200, size=k)
+    windows = np.concatenate([copies, close, rng.integers(2, 200, size=(40, 32))])
+    rng.shuffle(windows)
+    return windows
+
+
+@pytest.mark.parametrize("num_perm, threshold", [(64, 0.8), (128, 0.5), (32, 0.9)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_near_duplicate_counts_equal_datasketchs_lsh_in_memory(num_perm, threshold, seed, tmp_path):
+    windows = _planted_near_duplicates(seed)
+    cfg = DuplicatesConfig(ngram=5, num_perm=num_perm, near_jaccard=threshold)
+    got = near_duplicate_counts(windows, cfg, seed, scratch=tmp_path, chunk_rows=7)
+    expected = near_duplicate_counts_in_memory(windows, cfg, seed)
+    assert got.tolist() == expected.tolist()
+    assert (got > 0).sum() > 300 and got.max() > 8  # copies and near copies counted, not only zeros
+    assert list(tmp_path.iterdir()) == []  # the signatures' scratch file is gone
+
+
+def test_near_duplicate_counts_are_exact_when_every_hash_collides(monkeypatch):
+    import pythia_attribution.overlap as overlap
+
+    windows = _planted_near_duplicates(2)
+    cfg = DuplicatesConfig(ngram=5, num_perm=64, near_jaccard=0.8)
+    expected = near_duplicate_counts_in_memory(windows, cfg, 0)
+    # every row's hash and every band's key the same: distinct rows and band buckets are then
+    # told apart by their values alone
+    monkeypatch.setattr(overlap, "_horner", lambda rows: np.zeros(len(rows), dtype=np.uint64))
+    assert near_duplicate_counts(windows, cfg, 0).tolist() == expected.tolist()
+
+
+def test_near_duplicate_counts_of_no_window_or_one():
+    cfg = DuplicatesConfig()
+    assert near_duplicate_counts(np.zeros((0, 64), dtype=np.uint16), cfg, 0).tolist() == []
+    assert near_duplicate_counts(np.ones((3, 64), dtype=np.uint16), cfg, 0).tolist() == [2, 2, 2]

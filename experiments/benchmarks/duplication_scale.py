@@ -4,26 +4,35 @@ The stage counts, for each candidate's 64-token window (its first 64 tokens, the
 memorization test reads), how often it occurs in the packed stream (``exact_window_count``: every
 64-token window of every candidate, across candidate boundaries too), and how many other windows
 are near duplicates of it (``near_duplicate_count``: MinHash Jaccard of token 5-grams at least
-``duplicates.near_jaccard``, through datasketch's LSH). At real scale a candidate is 2,049 tokens,
-so the exact count looks at about 2,049 windows per candidate where the near-duplicate count
-looks at one. Four ways, each size and way in its own process:
+``duplicates.near_jaccard`` among the windows that share one of datasketch's LSH bands with it).
+At real scale a candidate is 2,049 tokens, so the exact count looks at about 2,049 windows per
+candidate where the near-duplicate count looks at one. Five ways, each size and way in its own
+process:
 
 - ``stream``: ``overlap.window_counts`` (what the stage runs): the stream hashed a chunk at
   a time, only the windows whose hash is a query's compared token by token;
 - ``counter``: a ``Counter`` of every window's bytes, then a lookup per query (what the stage ran
   before ``window_counts`` streamed); its counts must equal ``stream``'s;
-- ``near``: ``overlap.near_duplicate_counts`` on the same windows (each distinct window signed,
-  indexed and queried once, its copies counted by multiplicity);
-- ``near_each``: every window signed, indexed and queried (what the stage ran before); its counts
-  must equal ``near``'s. Its cost is quadratic in the copies of a window: ``--repeated`` makes a
-  share of the candidates copies of one sequence, as boilerplate is among memorized sequences.
+- ``near``: ``overlap.near_duplicate_counts`` on the same windows (what the stage runs: each
+  distinct window signed once into a memory-mapped scratch file, each band bucketed by sorting,
+  copies counted by multiplicity);
+- ``near_lsh``: ``overlap.near_duplicate_counts_in_memory``, datasketch's ``MinHashLSH`` over the
+  distinct windows, every signature and bucket in memory (what the stage ran before); its counts
+  must equal ``near``'s;
+- ``near_each``: every window signed, indexed and queried (what the stage ran before that); its
+  counts must equal ``near``'s too. Its cost is quadratic in the copies of a window:
+  ``--repeated`` makes a share of the candidates copies of one sequence, as boilerplate is among
+  memorized sequences.
 
 The candidates: seeded random token ids below 50,277 (Pythia's vocabulary), 2,049 per sequence,
-with every tenth sequence a copy of an earlier one, so that counts above one occur, and the
-first ``--repeated`` share of them copies of one more. Memory is
-``RssAnon`` above the process's memory once the tokens are in it, its peak (sampled every 20 ms,
-as in ``scale.py``). The cost per candidate is the slope between the smallest and the largest
-size, carried to 10^6 candidates as if it stayed linear.
+with every tenth sequence a copy of an earlier one, so that counts above one occur, every tenth
+from the fifth on a near copy of an earlier one (its window's last 1-8 tokens replaced: 5-gram
+Jaccard from 0.85 down to 0.67, either side of the threshold), and the first ``--repeated``
+share of them copies of one more. Memory is ``RssAnon`` above the process's memory once the
+tokens are in it, its peak (sampled every 20 ms, as in ``scale.py``); ``near``'s scratch file of
+signatures (8 bytes a permutation and distinct window) is on disk, in the page cache, not in that
+figure. The cost per candidate is the slope between the smallest and the largest size, carried
+to 10^6 candidates as if it stayed linear.
 
 Usage:
 
@@ -46,10 +55,11 @@ WIDTH, WINDOW, VOCAB = 2049, 64, 50_277
 WAYS = {
     "stream": "overlap.window_counts: hashed a chunk at a time (what the stage runs)",
     "counter": "a Counter of every window's bytes (what the stage ran before)",
-    "near": "overlap.near_duplicate_counts: MinHash LSH over the distinct windows (what the stage runs)",
-    "near_each": "MinHash LSH over every window, each queried (what the stage ran before)",
+    "near": "overlap.near_duplicate_counts: LSH bands sorted, signatures memory-mapped (what the stage runs)",
+    "near_lsh": "datasketch's MinHashLSH over the distinct windows in memory (what the stage ran before)",
+    "near_each": "datasketch's MinHashLSH over every window, each queried (before that)",
 }
-PAIRS = (("stream", "counter"), ("near", "near_each"))  # ways whose counts must be equal
+PAIRS = (("stream", "counter"), ("near", "near_lsh"), ("near", "near_each"))  # must count alike
 
 
 def candidates(rows: int, repeated: float):
@@ -59,6 +69,10 @@ def candidates(rows: int, repeated: float):
     tokens = rng.integers(2, VOCAB, size=(rows, WIDTH), dtype=np.uint16)
     copies = np.arange(10, rows, 10)
     tokens[copies] = tokens[rng.integers(0, copies)]  # each a copy of an earlier sequence
+    close = np.arange(5, rows, 10)
+    tokens[close] = tokens[rng.integers(0, close)]  # a near copy of an earlier sequence:
+    for row, k in zip(close, rng.integers(1, 9, size=len(close)), strict=True):
+        tokens[row, WINDOW - k : WINDOW] = rng.integers(2, VOCAB, size=k)  # its window's tail changed
     tokens[1 : int(rows * repeated)] = tokens[0]
     return tokens
 
@@ -91,7 +105,6 @@ def near_each(windows, cfg, seed: int):
 
 
 def child(args) -> dict:
-    import numpy as np
 
     # each way imports only what it runs, before the baseline (the package's own import pulls in
     # torch: light modules keep a child fast, which the suite's toy run of this script needs)
@@ -103,11 +116,15 @@ def child(args) -> dict:
     elif args.way == "counter":
         count = counted_every_window
     else:
+        from pythia_attribution import overlap
         from pythia_attribution.config import DuplicatesConfig
-        from pythia_attribution.overlap import near_duplicate_counts
 
-        near = near_duplicate_counts if args.way == "near" else near_each
-        count = lambda tokens, queries: near(queries.astype(np.int64), DuplicatesConfig(), 0)  # noqa: E731
+        near = {
+            "near": overlap.near_duplicate_counts,
+            "near_lsh": overlap.near_duplicate_counts_in_memory,
+            "near_each": near_each,
+        }[args.way]
+        count = lambda tokens, queries: near(queries, DuplicatesConfig(), 0)  # noqa: E731
     tokens = candidates(args.rows, args.repeated)
     queries = tokens[:, :WINDOW]
     base, _ = memory_kib()
@@ -144,7 +161,8 @@ def main() -> None:
 
     print(
         f"synthetic candidates: sequences of {WIDTH} random token ids below {VOCAB}, every tenth a "
-        f"copy of an earlier one, the first {args.repeated:.0%} copies of one; {WINDOW}-token "
+        f"copy of an earlier one, every tenth from the fifth a near copy (its window's last 1-8 "
+        f"tokens replaced), the first {args.repeated:.0%} copies of one; {WINDOW}-token "
         "windows; each way and size in its own process"
     )
     for way in args.ways:
@@ -169,6 +187,10 @@ def main() -> None:
         if "stream" in args.ways:
             counts = results[rows, "stream"]["counts"]
             print(f"{'':>9} windows seen more than once: {sum(c > 1 for c in counts)} of {len(counts)}")
+        if "near" in args.ways:
+            counts = results[rows, "near"]["counts"]
+            near = sum(c > 0 for c in counts)
+            print(f"{'':>9} windows with a near duplicate or a copy: {near} of {len(counts)}")
     if line := per_candidate(results, args.sizes, args.ways, digits=2):
         print(line)
 

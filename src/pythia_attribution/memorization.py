@@ -136,7 +136,7 @@ def run(ctx) -> None:
 
     # 3. Duplication of each packed sequence's window, and memorized fraction against it.
     exact = window_counts(cands.tokens, cands.tokens[:, :width]).astype(np.int32)
-    near = near_duplicate_counts(windows, ctx.profile.duplicates, seed)
+    near = near_duplicate_counts(windows, ctx.profile.duplicates, seed, scratch=ctx.out_dir)
     final_step = steps[-1]
     final_mem = results[final_step][0]
     injected = np.zeros(len(windows), dtype=np.int32)

@@ -1,6 +1,6 @@
 """Token overlap of the candidates, counted without holding what is counted: how often a window
 occurs in the packed stream (``window_counts``), MinHash signatures of token n-grams
-(``MinHasher``) and near-duplicate counts through datasketch's LSH (``near_duplicate_counts``).
+(``MinHasher``) and near-duplicate counts in datasketch's LSH bands (``near_duplicate_counts``).
 
 Pure numpy and datasketch, shared by the duplicates, memorization and analyses stages and light
 to import (``experiments/benchmarks/duplication_scale.py`` runs each way in a fresh process).
@@ -8,6 +8,8 @@ to import (``experiments/benchmarks/duplication_scale.py`` runs each way in a fr
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,19 +30,23 @@ class MinHasher:
         # them anew per MinHash otherwise, two thirds of a signature's time and its largest array)
         self._template = MinHash(num_perm=cfg.num_perm, seed=seed)
 
+    def minhash(self, tokens: list[int]) -> tuple[MinHash, bool]:
+        """The MinHash of ``tokens``' n-grams (not cached), and whether there were any."""
+        n = self.cfg.ngram
+        grams = {" ".join(map(str, tokens[i : i + n])).encode() for i in range(len(tokens) - n + 1)}
+        mh = MinHash(
+            num_perm=self.cfg.num_perm,
+            seed=self.seed,
+            permutations=self._template.permutations,
+            scheme=self._template.scheme,
+        )
+        if grams:
+            mh.update_batch(sorted(grams))
+        return mh, bool(grams)
+
     def signature(self, key, tokens: list[int]):
         if key not in self.cache:
-            n = self.cfg.ngram
-            grams = {" ".join(map(str, tokens[i : i + n])).encode() for i in range(len(tokens) - n + 1)}
-            mh = MinHash(
-                num_perm=self.cfg.num_perm,
-                seed=self.seed,
-                permutations=self._template.permutations,
-                scheme=self._template.scheme,
-            )
-            if grams:
-                mh.update_batch(sorted(grams))
-            self.cache[key] = (mh, bool(grams))
+            self.cache[key] = self.minhash(tokens)
         return self.cache[key]
 
     def jaccard(self, a, b) -> float:
@@ -132,16 +138,77 @@ def _power(exponent: int) -> np.uint64:
     return np.uint64(pow(int(_BASE), exponent, 1 << 64))
 
 
-def near_duplicate_counts(windows: np.ndarray, cfg, seed: int) -> np.ndarray:
+def near_duplicate_counts(
+    windows: np.ndarray, cfg, seed: int, scratch: str | Path | None = None, chunk_rows: int = 1 << 13
+) -> np.ndarray:
     """For every window, how many other windows have MinHash Jaccard (token ``cfg.ngram``-grams) of
-    at least ``cfg.near_jaccard`` with it, among those datasketch's LSH returns for it.
+    at least ``cfg.near_jaccard`` with it, among those datasketch's LSH returns for it: the windows
+    that share all of one band's hash values with it, in datasketch's bands for the threshold.
 
-    Identical windows have identical signatures, so LSH returns all copies of a window or none:
-    each distinct window is signed, indexed and queried once, and a neighbour counts as many times
-    as it occurs (a window's own copies count, minus itself). The same counts as querying every
-    window, without the quadratic cost of a window repeated thousands of times, which at real
-    scale the memorized sequences are (boilerplate, licences).
+    The counts are ``near_duplicate_counts_in_memory``'s (datasketch's ``MinHashLSH``, which holds
+    every signature and every band's buckets in memory: 3-5 KiB a window, 3-5 GiB for 10^6
+    candidates), with memory that does not hold the signatures: each distinct window is signed
+    once into a memory-mapped scratch file (in the folder ``scratch``, the system's temporary one
+    by default; 4 bytes a permutation, unlinked as soon as it is open, so a killed run leaves
+    nothing behind), then each band is bucketed by sorting a 64-bit hash of its values (one band at
+    a time), and each pair in a bucket is counted in the first band whose values it shares (checked
+    value by value, so a collision of the hash counts nothing) when its signatures' Jaccard reaches
+    the threshold. Identical windows have identical signatures, so a neighbour counts as many times
+    as it occurs (a window's own copies count, minus itself), without the quadratic cost of a
+    window repeated thousands of times, which at real scale the memorized sequences are
+    (boilerplate, licences). What grows with the windows is a few index arrays, tens of bytes a
+    window (``experiments/benchmarks/duplication_scale.py``).
     """
+    reps, inverse, copies = _distinct_rows(windows)
+    n, perms = len(reps), cfg.num_perm
+    near = copies - 1
+    if n < 2:
+        return near[inverse].astype(np.int32)
+    hasher = MinHasher(cfg, seed)
+    lsh = MinHashLSH(threshold=cfg.near_jaccard, num_perm=perms)  # for its bands' shape only
+    bands, width = lsh.b, lsh.r
+    with tempfile.TemporaryFile(dir=scratch) as file:
+        dtype = hasher._template.hashvalues.dtype  # datasketch's: 32-bit hash values
+        sigs = np.memmap(file, dtype=dtype, mode="w+", shape=(n, perms))
+        for start in range(0, n, chunk_rows):
+            block = np.asarray(windows[reps[start : start + chunk_rows]])
+            sigs[start : start + len(block)] = [hasher.minhash(w.tolist())[0].hashvalues for w in block]
+        for band in range(bands):
+            keys = np.empty(n, dtype=np.uint64)
+            for start in range(0, n, chunk_rows):
+                keys[start : start + chunk_rows] = _horner(
+                    sigs[start : start + chunk_rows, band * width : (band + 1) * width]
+                )
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            del keys
+            sizes = np.diff(np.r_[first, n])
+            for at, size in zip(first[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+                members = np.sort(order[at : at + size])
+                _count_bucket(np.asarray(sigs[members]), members, band, width, cfg.near_jaccard, copies, near)
+    return near[inverse].astype(np.int32)
+
+
+def _count_bucket(sig, members, band, width, threshold, copies, near) -> None:
+    """Count each pair of one band's bucket whose band values agree (not only their hash), that
+    agree in no earlier band (counted there), and whose Jaccard is at least ``threshold``, the
+    share of equal hash values as datasketch's ``MinHash.jaccard`` computes it."""
+    perms = np.float64(sig.shape[1])
+    for i in range(len(members) - 1):
+        equal = sig[i + 1 :] == sig[i]
+        agree = equal[:, : (band + 1) * width].reshape(len(equal), band + 1, width).all(axis=2)
+        counted = agree[:, band] & ~agree[:, :band].any(axis=1)
+        counted &= np.float64(1.0) * np.count_nonzero(equal, axis=1) / perms >= threshold
+        others = members[i + 1 :][counted]
+        near[members[i]] += copies[others].sum()
+        near[others] += copies[members[i]]
+
+
+def near_duplicate_counts_in_memory(windows: np.ndarray, cfg, seed: int) -> np.ndarray:
+    """``near_duplicate_counts`` through datasketch's ``MinHashLSH`` itself, every distinct window's
+    signature and band keys in memory (3-5 KiB a window): the definition the streamed counts are
+    tested against, and what the memorization stage ran before they streamed."""
     unique, inverse, copies = np.unique(windows, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     hasher = MinHasher(cfg, seed)
@@ -155,3 +222,26 @@ def near_duplicate_counts(windows: np.ndarray, cfg, seed: int) -> np.ndarray:
             int(copies[v]) for v in lsh.query(sig) if v != u and sigs[v].jaccard(sig) >= cfg.near_jaccard
         )
     return near[inverse].astype(np.int32)
+
+
+def _distinct_rows(rows: np.ndarray, chunk_rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of ``rows``: the index of each one's first occurrence, each row's distinct
+    id, and each distinct row's number of copies. Found from the rows' 64-bit polynomial hashes and
+    confirmed token by token, a chunk of rows at a time (where ``np.unique(axis=0)`` sorts a copy
+    of every row); should two distinct rows' hashes collide (odds of about 10^-7 for 10^6 rows),
+    through ``np.unique(axis=0)``."""
+    if len(rows) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    starts = range(0, len(rows), chunk_rows)
+    hashes = np.concatenate([_horner(np.asarray(rows[s : s + chunk_rows], dtype=np.int64)) for s in starts])
+    _, first, inverse, copies = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
+    del hashes
+    for s in starts:
+        block, originals = rows[s : s + chunk_rows], rows[first[inverse[s : s + chunk_rows]]]
+        if not (np.asarray(block) == np.asarray(originals)).all():
+            _, first, inverse, copies = np.unique(
+                np.asarray(rows), axis=0, return_index=True, return_inverse=True, return_counts=True
+            )
+            break
+    return first, inverse.reshape(-1), copies
