@@ -61,6 +61,8 @@ def test_a_list_that_names_a_value_twice_is_refused(tmp_path, table, text, shown
         ("[attribute]\ntop_k = 10\n[causal]\ntop_k = 11\n", "causal.top_k", r"<= attribute.top_k \(10"),
         ("[attribute]\ntop_k = 10\n[analyses]\ntokenwise_top = 11\n", "analyses.tokenwise_top", "got 11"),
         ("[corpus]\nseq_len = 64\n[duplicates]\nngram = 66\n", "duplicates.ngram", r"seq_len \+ 1 \(65\)"),
+        # the memorization windows' near-duplicate counts: every window without an n-gram the same
+        ("[duplicates]\nngram = 65\n", "duplicates.ngram", r"memorization.continuation \(64\)"),
         # the random floor's further draws are compared with the random method's own run
         ('[leave_out]\nmethods = ["bm25"]\nrandom_draws = 3\n', "leave_out.random_draws", "unless 'random'"),
     ],

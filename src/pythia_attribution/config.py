@@ -654,6 +654,17 @@ def cross_rules(p: Profile) -> list[tuple[str, str]]:
                 f"n-gram, so every MinHash Jaccard would be 0, got {p.duplicates.ngram}",
             )
         )
+    elif p.duplicates.ngram > m.context + m.continuation:
+        # a window without n-grams gets the empty set's MinHash, the same for every such window, so
+        # every pair of them would count as near duplicates, and the count's cost is quadratic
+        broken.append(
+            (
+                "duplicates.ngram",
+                f"must be <= memorization.context + memorization.continuation "
+                f"({m.context + m.continuation}): no memorization window would have an n-gram, so "
+                f"every pair of windows would count as near duplicates, got {p.duplicates.ngram}",
+            )
+        )
     for i, pair in enumerate(c.pile.steps):
         if len(pair) != 2 or pair[0] >= pair[1]:
             broken.append(
