@@ -124,3 +124,18 @@ def test_near_duplicate_counts_of_no_window_or_one():
     cfg = DuplicatesConfig()
     assert near_duplicate_counts(np.zeros((0, 64), dtype=np.uint16), cfg, 0).tolist() == []
     assert near_duplicate_counts(np.ones((3, 64), dtype=np.uint16), cfg, 0).tolist() == [2, 2, 2]
+
+
+def test_near_duplicate_counts_name_the_scratch_folder_when_the_disk_is_full(monkeypatch, tmp_path):
+    import errno
+    import os
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    windows = _planted_near_duplicates(0)
+    with pytest.raises(OSError) as caught:
+        near_duplicate_counts(windows, DuplicatesConfig(), 0, scratch=tmp_path)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind

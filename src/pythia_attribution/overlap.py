@@ -8,6 +8,7 @@ to import (``experiments/benchmarks/duplication_scale.py`` runs each way in a fr
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,6 +170,7 @@ def near_duplicate_counts(
     bands, width = lsh.b, lsh.r
     with tempfile.TemporaryFile(dir=scratch) as file:
         dtype = hasher._template.hashvalues.dtype  # datasketch's: 32-bit hash values
+        _reserve(file, n * perms * dtype.itemsize, scratch)
         sigs = np.memmap(file, dtype=dtype, mode="w+", shape=(n, perms))
         for start in range(0, n, chunk_rows):
             block = np.asarray(windows[reps[start : start + chunk_rows]])
@@ -188,6 +190,18 @@ def near_duplicate_counts(
                 members = np.sort(order[at : at + size])
                 _count_bucket(np.asarray(sigs[members]), members, band, width, cfg.near_jaccard, copies, near)
     return near[inverse].astype(np.int32)
+
+
+def _reserve(file, size: int, folder) -> None:
+    """Allocate ``size`` bytes of ``file`` on disk now: a memory map over a sparse file that the
+    disk cannot fill kills the process with SIGBUS at the first page it cannot write, where this
+    fails with an ``OSError`` naming the folder."""
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as exc:
+        where = str(folder) if folder is not None else tempfile.gettempdir()
+        what = f"{exc.strerror} (MinHash signatures, {size / 2**20:.1f} MiB)"
+        raise OSError(exc.errno, what, where) from exc
 
 
 def _count_bucket(sig, members, band, width, threshold, copies, near) -> None:
