@@ -30,7 +30,7 @@ from the fifth on a near copy of an earlier one (its window's last 1-8 tokens re
 Jaccard from 0.85 down to 0.67, either side of the threshold), and the first ``--repeated``
 share of them copies of one more. Memory is ``RssAnon`` above the process's memory once the
 tokens are in it, its peak (sampled every 20 ms, as in ``scale.py``); ``near``'s scratch file of
-signatures (8 bytes a permutation and distinct window) is on disk, in the page cache, not in that
+signatures (4 bytes a permutation and distinct window) is on disk, in the page cache, not in that
 figure. The cost per candidate is the slope between the smallest and the largest size, carried
 to 10^6 candidates as if it stayed linear.
 

@@ -135,7 +135,7 @@ def run(ctx) -> None:
         rescore_evals(ctx, ckpt_dirs[steps[-1]], steps[-1], row_seq, results[steps[-1]][0][row_packed])
 
     # 3. Duplication of each packed sequence's window, and memorized fraction against it.
-    exact = window_counts(cands.tokens, cands.tokens[:, :width]).astype(np.int32)
+    exact = window_counts(cands.tokens, windows).astype(np.int32)
     near = near_duplicate_counts(windows, ctx.profile.duplicates, seed, scratch=ctx.out_dir)
     final_step = steps[-1]
     final_mem = results[final_step][0]

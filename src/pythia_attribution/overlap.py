@@ -69,7 +69,8 @@ def window_counts(tokens: np.ndarray, queries: np.ndarray, chunk_tokens: int = 1
     10^6; ``experiments/benchmarks/duplication_scale.py``.)
     """
     width = queries.shape[1]
-    unique, inverse = np.unique(queries, axis=0, return_inverse=True)  # in the queries' own dtype
+    first, inverse, _ = _distinct_rows(queries)
+    unique = np.asarray(queries[first])  # in the queries' own dtype
     hashes = _horner(unique)
     order = np.argsort(hashes, kind="stable")
     sorted_hashes = hashes[order]
@@ -86,7 +87,7 @@ def window_counts(tokens: np.ndarray, queries: np.ndarray, chunk_tokens: int = 1
         hit = np.flatnonzero(sorted_hashes[at] == window_hashes)
         for part in range(0, len(hit), 1 << 16):  # compare at most 65,536 windows at once
             _confirm(flat, hit[part : part + (1 << 16)], at, unique, order, sorted_hashes, found)
-    return found[inverse.reshape(-1)]
+    return found[inverse]
 
 
 def _confirm(flat, hit, at, unique, order, sorted_hashes, found) -> None:
@@ -186,7 +187,8 @@ def near_duplicate_counts(
             first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
             del keys
             sizes = np.diff(np.r_[first, n])
-            for at, size in zip(first[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+            shared = sizes > 1
+            for at, size in zip(first[shared].tolist(), sizes[shared].tolist(), strict=True):
                 members = np.sort(order[at : at + size])
                 _count_bucket(np.asarray(sigs[members]), members, band, width, cfg.near_jaccard, copies, near)
     return near[inverse].astype(np.int32)
@@ -213,7 +215,7 @@ def _count_bucket(sig, members, band, width, threshold, copies, near) -> None:
         equal = sig[i + 1 :] == sig[i]
         agree = equal[:, : (band + 1) * width].reshape(len(equal), band + 1, width).all(axis=2)
         counted = agree[:, band] & ~agree[:, :band].any(axis=1)
-        counted &= np.float64(1.0) * np.count_nonzero(equal, axis=1) / perms >= threshold
+        counted &= np.count_nonzero(equal, axis=1) / perms >= threshold
         others = members[i + 1 :][counted]
         near[members[i]] += copies[others].sum()
         near[others] += copies[members[i]]
