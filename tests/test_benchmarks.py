@@ -6,6 +6,8 @@ changed; ``scale.py`` stopped running when the ranking's interface changed and n
 These runs check that each script still works end to end, not its numbers: speed and memory are
 what the scripts print, never asserted here. The scripts that read a profile's results run on the
 session's nano pipeline; ``gpu_index.py`` runs on the CPU, as its docstring allows.
+``slow_cores.sh`` needs root and changes the kernel's scheduling, so it is only parsed and its
+usage checked.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def test_every_script_is_covered():
         "corpus_scale.py", "duplication_scale.py",
     }  # fmt: skip
     assert {p.name for p in BENCHMARKS.glob("*.py")} == covered
+    assert {p.name for p in BENCHMARKS.glob("*.sh")} == {"slow_cores.sh"}
+
+
+def test_slow_cores_script_parses_and_refuses_an_unknown_command():
+    script = str(BENCHMARKS / "slow_cores.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    done = subprocess.run(["bash", script, "begin"], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage: slow_cores.sh start QUOTA_US" in done.stderr
 
 
 def test_gpu_index_runs_on_the_cpu():
