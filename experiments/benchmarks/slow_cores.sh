@@ -52,7 +52,8 @@ start)
 stop)
     if [[ -e "$group" ]]; then
         xargs -r kill < "$group/tasks" || true
-        while [[ -s "$group/tasks" ]]; do sleep 0.1; done
+        # cgroupfs files report a size of 0, so read the list rather than test its size
+        while [[ -n "$(cat "$group/tasks")" ]]; do sleep 0.1; done
         rmdir "$group"
     fi
     if [[ -f "$saved" ]]; then
