@@ -10,6 +10,7 @@ from datasketch import MinHashLSH
 from pythia_attribution.config import DuplicatesConfig
 from pythia_attribution.overlap import (
     MinHasher,
+    distinct_rows,
     near_duplicate_counts,
     near_duplicate_counts_in_memory,
     window_counts,
@@ -139,3 +140,14 @@ def test_near_duplicate_counts_name_the_scratch_folder_when_the_disk_is_full(mon
         near_duplicate_counts(windows, DuplicatesConfig(), 0, scratch=tmp_path)
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_both_counts_take_the_distinct_windows_found_once():
+    windows = _planted_near_duplicates(1)
+    tokens = np.concatenate([windows, windows[:, :8]], axis=1)  # rows longer than the windows
+    distinct = distinct_rows(windows)
+    cfg = DuplicatesConfig()
+    assert (window_counts(tokens, windows, distinct=distinct) == window_counts(tokens, windows)).all()
+    assert (
+        near_duplicate_counts(windows, cfg, 0, distinct=distinct) == near_duplicate_counts(windows, cfg, 0)
+    ).all()

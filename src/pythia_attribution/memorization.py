@@ -33,7 +33,7 @@ from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.duplicates import CATEGORIES, TfidfCosines, pair_features
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import compute_device, load_checkpoint, memorization_test, set_threads
-from pythia_attribution.overlap import MinHasher, near_duplicate_counts, window_counts
+from pythia_attribution.overlap import MinHasher, distinct_rows, near_duplicate_counts, window_counts
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,11 @@ def run(ctx) -> None:
         rescore_evals(ctx, ckpt_dirs[steps[-1]], steps[-1], row_seq, results[steps[-1]][0][row_packed])
 
     # 3. Duplication of each packed sequence's window, and memorized fraction against it.
-    exact = window_counts(cands.tokens, windows).astype(np.int32)
-    near = near_duplicate_counts(windows, ctx.profile.duplicates, seed, scratch=ctx.out_dir)
+    distinct = distinct_rows(windows)  # both counts start from the distinct windows
+    exact = window_counts(cands.tokens, windows, distinct=distinct).astype(np.int32)
+    near = near_duplicate_counts(
+        windows, ctx.profile.duplicates, seed, scratch=ctx.out_dir, distinct=distinct
+    )
     final_step = steps[-1]
     final_mem = results[final_step][0]
     injected = np.zeros(len(windows), dtype=np.int32)

@@ -55,7 +55,9 @@ class MinHasher:
         return float(ma.jaccard(mb)) if ok_a and ok_b else 0.0
 
 
-def window_counts(tokens: np.ndarray, queries: np.ndarray, chunk_tokens: int = 1 << 20) -> np.ndarray:
+def window_counts(
+    tokens: np.ndarray, queries: np.ndarray, chunk_tokens: int = 1 << 20, distinct: tuple | None = None
+) -> np.ndarray:
     """How often each row of ``queries`` ([q, width] token ids) occurs among every ``width``-token
     window of the packed stream (the rows of ``tokens`` joined: packed sequence p is
     ``stream[p * (seq_len + 1) : (p + 1) * (seq_len + 1)]``), windows across two rows included.
@@ -66,10 +68,11 @@ def window_counts(tokens: np.ndarray, queries: np.ndarray, chunk_tokens: int = 1
     the queries and one chunk, whatever the stream's length. (A ``Counter`` of every window's bytes,
     as this counted before, takes about 200 bytes per window of the stream, 400 KiB per 2,049-token
     sequence: 9 GB for the 22,500 candidates of ``pythia-70m-deduped``'s profile, 390 GiB for
-    10^6; ``experiments/benchmarks/duplication_scale.py``.)
+    10^6; ``experiments/benchmarks/duplication_scale.py``.) ``distinct``: ``distinct_rows(queries)``,
+    when the caller has it already.
     """
     width = queries.shape[1]
-    first, inverse, _ = _distinct_rows(queries)
+    first, inverse, _ = distinct_rows(queries) if distinct is None else distinct
     unique = np.asarray(queries[first])  # in the queries' own dtype
     hashes = _horner(unique)
     order = np.argsort(hashes, kind="stable")
@@ -141,7 +144,12 @@ def _power(exponent: int) -> np.uint64:
 
 
 def near_duplicate_counts(
-    windows: np.ndarray, cfg, seed: int, scratch: str | Path | None = None, chunk_rows: int = 1 << 13
+    windows: np.ndarray,
+    cfg,
+    seed: int,
+    scratch: str | Path | None = None,
+    chunk_rows: int = 1 << 13,
+    distinct: tuple | None = None,
 ) -> np.ndarray:
     """For every window, how many other windows have MinHash Jaccard (token ``cfg.ngram``-grams) of
     at least ``cfg.near_jaccard`` with it, among those datasketch's LSH returns for it: the windows
@@ -159,9 +167,10 @@ def near_duplicate_counts(
     as it occurs (a window's own copies count, minus itself), without the quadratic cost of a
     window repeated thousands of times, which at real scale the memorized sequences are
     (boilerplate, licences). What grows with the windows is a few index arrays, tens of bytes a
-    window (``experiments/benchmarks/duplication_scale.py``).
+    window (``experiments/benchmarks/duplication_scale.py``). ``distinct``: ``distinct_rows(windows)``,
+    when the caller has it already.
     """
-    reps, inverse, copies = _distinct_rows(windows)
+    reps, inverse, copies = distinct_rows(windows) if distinct is None else distinct
     n, perms = len(reps), cfg.num_perm
     near = copies - 1
     if n < 2:
@@ -240,7 +249,7 @@ def near_duplicate_counts_in_memory(windows: np.ndarray, cfg, seed: int) -> np.n
     return near[inverse].astype(np.int32)
 
 
-def _distinct_rows(rows: np.ndarray, chunk_rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def distinct_rows(rows: np.ndarray, chunk_rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The distinct rows of ``rows``: the index of each one's first occurrence, each row's distinct
     id, and each distinct row's number of copies. Found from the rows' 64-bit polynomial hashes and
     confirmed token by token, a chunk of rows at a time (where ``np.unique(axis=0)`` sorts a copy
