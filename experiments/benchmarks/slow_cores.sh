@@ -26,30 +26,9 @@ set -euo pipefail
 group=/sys/fs/cgroup/cpu/slow_cores
 slice=/proc/sys/kernel/sched_cfs_bandwidth_slice_us
 saved="${TMPDIR:-/tmp}/slow_cores.slice_us"
+loops=()
 
-case "${1:-}" in
-start)
-    quota="${2:?usage: slow_cores.sh start QUOTA_US [PERIOD_US]}"
-    period="${3:-100000}"
-    if [[ -e "$group" ]]; then
-        echo "slow_cores.sh: $group exists: already started (run 'stop' first)" >&2
-        exit 1
-    fi
-    mkdir "$group"
-    echo 262144 > "$group/cpu.shares"
-    echo "$period" > "$group/cpu.cfs_period_us"
-    echo "$quota" > "$group/cpu.cfs_quota_us"
-    cat "$slice" > "$saved"
-    echo 1000 > "$slice"
-    for ((core = 0; core < $(nproc); core++)); do
-        taskset -c "$core" bash -c 'while :; do :; done' > /dev/null 2>&1 < /dev/null &
-        echo $! > "$group/tasks"
-    done
-    echo "slow_cores.sh: $(nproc) loops at $quota us per $period us; about" \
-        "$(awk -v q="$quota" -v p="$period" -v n="$(nproc)" 'BEGIN { printf "%.2f", 1 - q / (n * p) }')" \
-        "of the machine is left"
-    ;;
-stop)
+undo() {
     if [[ -e "$group" ]]; then
         xargs -r kill < "$group/tasks" || true
         # cgroupfs files report a size of 0, so read the list rather than test its size
@@ -60,6 +39,37 @@ stop)
         cat "$saved" > "$slice"
         rm -f "$saved"
     fi
+}
+
+case "${1:-}" in
+start)
+    quota="${2:?usage: slow_cores.sh start QUOTA_US [PERIOD_US]}"
+    period="${3:-100000}"
+    if [[ -e "$group" ]]; then
+        echo "slow_cores.sh: $group exists: already started (run 'stop' first)" >&2
+        exit 1
+    fi
+    # a write that fails midway (no bandwidth control, no taskset, ...) leaves nothing behind:
+    # the loops started so far are killed, the group removed and the slice restored
+    trap 'echo "slow_cores.sh: start failed; undone" >&2; kill "${loops[@]}" 2> /dev/null || true; undo' ERR
+    mkdir "$group"
+    echo 262144 > "$group/cpu.shares"
+    echo "$period" > "$group/cpu.cfs_period_us"
+    echo "$quota" > "$group/cpu.cfs_quota_us"
+    cat "$slice" > "$saved"
+    echo 1000 > "$slice"
+    for ((core = 0; core < $(nproc); core++)); do
+        taskset -c "$core" bash -c 'while :; do :; done' > /dev/null 2>&1 < /dev/null &
+        loops+=("$!")
+        echo "$!" > "$group/tasks"
+    done
+    trap - ERR
+    echo "slow_cores.sh: $(nproc) loops at $quota us per $period us; about" \
+        "$(awk -v q="$quota" -v p="$period" -v n="$(nproc)" 'BEGIN { printf "%.2f", 1 - q / (n * p) }')" \
+        "of the machine is left"
+    ;;
+stop)
+    undo
     ;;
 *)
     echo "usage: slow_cores.sh start QUOTA_US [PERIOD_US] | stop" >&2
