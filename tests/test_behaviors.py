@@ -67,8 +67,12 @@ def test_duplicate_ids(tmp_path):
     body = '[[behavior]]\nid = "x"\nfamily = "style"\nprompt = "a"\ntarget = " b"\n'
     write(tmp_path, body, "one.toml")
     write(tmp_path, body, "two.toml")
-    with pytest.raises(ConfigError, match="duplicate behavior id 'x'"):
+    with pytest.raises(ConfigError) as err:
         load_behaviors(tmp_path, GROUND_TRUTH, encode)
+    # both files named by their full paths, as every other behavior error names its file
+    assert str(err.value) == (
+        f"{tmp_path / 'two.toml'}: duplicate behavior id 'x' (also in {tmp_path / 'one.toml'})"
+    )
 
 
 def test_sets_expand_from_ground_truth_ids(tmp_path):

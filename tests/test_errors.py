@@ -77,5 +77,6 @@ def test_a_behavior_id_in_two_files_stops_all_before_the_corpus(world, capsys, t
         world.read_text().replace('behaviors_dir = "experiments/behaviors"', f'behaviors_dir = "{folder}"')
     )
     assert main(["all", "--profile", str(bad), "-q"]) == 2
-    assert "b.toml: duplicate behavior id 'same' (also in a.toml)" in _one_line(capsys)
+    err = _one_line(capsys)
+    assert f"{folder / 'b.toml'}: duplicate behavior id 'same' (also in {folder / 'a.toml'})" in err, err
     assert not (tmp_path / "results" / "nano" / "corpus").exists()

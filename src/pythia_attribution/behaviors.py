@@ -140,8 +140,8 @@ def load_behaviors(folder: Path, ground_truth: pa.Table, encode) -> list[Behavio
     def add(b: Behavior) -> None:
         if b.behavior_id in behaviors:
             raise ConfigError(
-                f"{b.source_file}: duplicate behavior id '{b.behavior_id}' "
-                f"(also in {behaviors[b.behavior_id].source_file})"
+                f"{folder / b.source_file}: duplicate behavior id '{b.behavior_id}' "
+                f"(also in {folder / behaviors[b.behavior_id].source_file})"
             )
         behaviors[b.behavior_id] = b
 

@@ -74,7 +74,7 @@ def check_inputs(profile: Profile, deep: bool = True, stages: Collection[str] | 
             for entry in read_file(path)[0]:
                 if entry.id in seen:
                     raise ConfigError(
-                        f"{path.name}: duplicate behavior id '{entry.id}' (also in {seen[entry.id]})"
+                        f"{path}: duplicate behavior id '{entry.id}' (also in {folder / seen[entry.id]})"
                     )
                 seen[entry.id] = path.name
         if not files:
