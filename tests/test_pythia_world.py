@@ -279,6 +279,51 @@ def test_unknown_revision_and_wrong_sha256_stop_naming_the_artifact(pythia, caps
     assert not paths.partial_dir("pythia-fixture", paths.TRAIN).exists()
 
 
+def _world_cache_copy(pythia, tmp_path):
+    """A copy of the fixture world's Hub cache and the model's snapshot folder per revision."""
+    profile = pythia["profile"]
+    cache = tmp_path / "hub"
+    shutil.copytree(paths.expand(profile.world.hub_cache, profile.name), cache)
+    model = cache / f"models--{profile.world.model_repo.replace('/', '--')}"
+    snaps = {ref.name: model / "snapshots" / ref.read_text() for ref in (model / "refs").iterdir()}
+    return profile, cache, snaps
+
+
+def test_pin_stops_when_two_revisions_serve_the_same_weights(pythia, tmp_path):
+    """A step branch serving another step's weights (EleutherAI/pythia#205's early branches serving
+    the final checkpoint) is caught by its sha256 before a manifest is written, and a manifest that
+    pins such revisions is refused wherever it is read."""
+    profile, cache, snaps = _world_cache_copy(pythia, tmp_path)
+    names = ["step0", "step32", "step64", "step128"]
+    shutil.copy(snaps["step128"] / "model.safetensors", snaps["step32"] / "model.safetensors")
+    with pytest.raises(ConfigError) as err:
+        pins.pin_world(profile.world, pins.Hub(str(cache), True), names, "document*", "")
+    message = str(err.value)
+    repo = profile.world.model_repo
+    assert message.startswith(f"revisions step32, step128 of {repo} serve the same"), message
+    assert "pythia#205" in message and "train.hub_steps" in message
+    # the untouched cache pins the same revisions without complaint
+    original = paths.expand(profile.world.hub_cache, profile.name)
+    pins.pin_world(profile.world, pins.Hub(str(original), True), names, "document*", "")
+
+    manifest = paths.expand(profile.world.manifest, profile.name)
+    revisions = pins.load(manifest).revisions
+    edited = tmp_path / "manifest.toml"
+    edited.write_text(
+        manifest.read_text().replace(revisions["step32"].weights_sha256, revisions["step128"].weights_sha256)
+    )
+    with pytest.raises(ConfigError, match=f"^{edited}: revisions step32, step128 of {repo} serve"):
+        pins.load(edited)
+
+
+def test_pin_names_a_revision_without_safetensors_weights(pythia, tmp_path):
+    profile, cache, snaps = _world_cache_copy(pythia, tmp_path)
+    (snaps["step64"] / "model.safetensors").unlink()
+    missing = r"fixture/pythia-tiny-deduped@step64 \([0-9a-f]{12}\): no model\.safetensors"
+    with pytest.raises(ConfigError, match=missing):
+        pins.pin_world(profile.world, pins.Hub(str(cache), True), ["step0", "step64"], "document*", "")
+
+
 def test_pin_rewrites_the_same_manifest_from_the_cache(pythia):
     pythia_run = pythia
     profile = pythia_run["profile"]

@@ -32,7 +32,7 @@ MODEL_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
-WEIGHTS = "model.safetensors"
+WEIGHTS = pins.WEIGHTS
 
 
 def world_manifest(profile) -> pins.HubManifest:

@@ -18,6 +18,7 @@ from pythia_attribution.config import read_toml
 from pythia_attribution.errors import ChecksumError, ConfigError
 
 HEX40 = frozenset("0123456789abcdef")
+WEIGHTS = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,29 @@ class HubManifest:
                 "run `nox -s pin -- --profile <profile>` where the Hub is reachable"
             )
         return pins.files[name]
+
+
+def check_distinct_weights(revisions: dict[str, Revision], repo: str, where: str = "") -> None:
+    """Stop when two pinned revisions of ``repo`` serve the same weights.
+
+    Distinct training steps with byte-identical weights are not a measurement of two steps: the
+    Hub has step branches serving another step's checkpoint (pythia-2.8b's early grid serves
+    final-era weights, EleutherAI/pythia#195 and #205; pythia-12b's step50000 the final first
+    shard, #206), and ``step0``, ``step1`` and ``step2`` of every Pythia model are identical
+    (#83, #198). Either way one of them carries all the information, and probing the others would
+    put one model's behavior on several points of a learning curve."""
+    by_sha: dict[str, list[str]] = {}
+    for name, rev in revisions.items():
+        if rev.weights_sha256:
+            by_sha.setdefault(rev.weights_sha256, []).append(name)
+    for sha, names in by_sha.items():
+        if len(names) > 1:
+            raise ConfigError(
+                f"{where}revisions {', '.join(names)} of {repo} serve the same {WEIGHTS} "
+                f"(sha256 {sha[:12]}...), so they are not distinct checkpoints (a branch serving "
+                "another step's weights, EleutherAI/pythia#205, or steps training did not change, "
+                "#83); name only one of them in the profile (train.hub_steps, corpus.pile.tokenizer_step)"
+            )
 
 
 def _commit(value: str, where: str) -> str:
@@ -122,6 +146,7 @@ def load(path: Path) -> HubManifest:
             _sha256(entry.get("weights_sha256", ""), f"{where}.weights_sha256"),
             size,
         )
+    check_distinct_weights(revisions, str(model.get("repo", "")), f"{path}: ")
     return HubManifest(
         path,
         str(model.get("repo", "")),
@@ -180,21 +205,25 @@ def _file_pins(hub: Hub, repo: str, commit: str, names: list[str], repo_type: st
         infos = HfApi().get_paths_info(repo, names, repo_type=repo_type, revision=commit)
         return {i.path: FileEntry(i.size, i.lfs.sha256 if i.lfs else "") for i in infos}
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     from pythia_attribution.tables import sha256_file
 
     out = {}
     for name in names:
-        local = Path(
-            hf_hub_download(
-                repo,
-                name,
-                repo_type=repo_type,
-                revision=commit,
-                cache_dir=hub.cache_dir,
-                local_files_only=True,
+        try:
+            local = Path(
+                hf_hub_download(
+                    repo,
+                    name,
+                    repo_type=repo_type,
+                    revision=commit,
+                    cache_dir=hub.cache_dir,
+                    local_files_only=True,
+                )
             )
-        )
+        except EntryNotFoundError:
+            continue  # absent at this commit: left out, as get_paths_info leaves it out online
         out[name] = FileEntry(local.stat().st_size, sha256_file(local))
     return out
 
@@ -233,9 +262,16 @@ def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, 
         f'repo = "{world.model_repo}"',
     ]
     commits = resolve_refs(hub, world.model_repo, revision_names)
+    revisions = {}
     for name in revision_names:
-        weights = _file_pins(hub, world.model_repo, commits[name], ["model.safetensors"], "model")
-        entry = weights["model.safetensors"]
+        weights = _file_pins(hub, world.model_repo, commits[name], [WEIGHTS], "model")
+        if WEIGHTS not in weights:
+            raise ConfigError(
+                f"{world.model_repo}@{name} ({commits[name][:12]}): no {WEIGHTS} at this revision "
+                "(checkpoints in pytorch_model*.bin shards are not supported)"
+            )
+        entry = weights[WEIGHTS]
+        revisions[name] = Revision(commits[name], entry.sha256, entry.size)
         lines += [
             "",
             f"[model.revisions.{name}]",
@@ -243,6 +279,7 @@ def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, 
             f'weights_sha256 = "{entry.sha256}"',
             f"weights_size = {entry.size}",
         ]
+    check_distinct_weights(revisions, world.model_repo)  # before anything is written
     for section, repo, pattern in (
         ("dataset", world.dataset_repo, dataset_pattern),
         ("evals", world.evals_repo, evals_pattern),
