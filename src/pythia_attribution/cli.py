@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             f"stages, in order:\n{stages}\n  all          every stage above, in order\n"
             "  pin          resolve the profile's Hub revisions and files to commits, sizes and sha256\n"
-            "               and write world.manifest (needs the network, or the fixture world's cache)\n"
+            "               and write world.manifest (needs the network, or the fixture world's cache);\n"
+            "               stops if two revisions serve identical weights (not distinct checkpoints)\n"
             "  verify       check every output of the profile against its record, the provenance chain\n"
             "               and the fingerprints (--full: hash large files in full; --against DIR:\n"
             "               compare with another results folder of the profile, volatile fields aside)\n"
