@@ -73,8 +73,8 @@ def check_distinct_weights(revisions: dict[str, Revision], repo: str, where: str
     Distinct training steps with byte-identical weights are not a measurement of two steps: the
     Hub has step branches serving another step's checkpoint (pythia-2.8b's early grid serves
     final-era weights, EleutherAI/pythia#195 and #205; pythia-12b's step50000 the final first
-    shard, #206), and ``step0``, ``step1`` and ``step2`` of every Pythia model are identical
-    (#83, #198). Either way one of them carries all the information, and probing the others would
+    shard, #206), and ``step0``, ``step1`` and ``step2`` of every Pythia model are reported
+    identical (#83, #198). Either way one of them carries all the information, and probing the others would
     put one model's behavior on several points of a learning curve."""
     by_sha: dict[str, list[str]] = {}
     for name, rev in revisions.items():
