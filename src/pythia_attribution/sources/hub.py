@@ -27,12 +27,11 @@ log = logging.getLogger(__name__)
 MODEL_FILES = [
     "config.json",
     "generation_config.json",
-    "model.safetensors",
+    pins.WEIGHTS,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
-WEIGHTS = pins.WEIGHTS
 
 
 def world_manifest(profile) -> pins.HubManifest:
@@ -102,7 +101,9 @@ def checkpoint(profile, step: int, manifest: pins.HubManifest | None = None) -> 
     if revision.weights_size:
         entry = FileEntry(revision.weights_size, revision.weights_sha256)
         pins.check_file(
-            local / WEIGHTS, entry, f"{manifest.model_repo}@step{step} ({revision.commit[:12]})/{WEIGHTS}"
+            local / pins.WEIGHTS,
+            entry,
+            f"{manifest.model_repo}@step{step} ({revision.commit[:12]})/{pins.WEIGHTS}",
         )
     return revision.commit, local
 
