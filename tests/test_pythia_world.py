@@ -324,6 +324,43 @@ def test_pin_names_a_revision_without_safetensors_weights(pythia, tmp_path):
         pins.pin_world(profile.world, pins.Hub(str(cache), True), ["step0", "step64"], "document*", "")
 
 
+def test_online_pin_hashes_a_file_the_hub_keeps_outside_lfs(pythia, monkeypatch):
+    """Online, the Hub reports a sha256 only for LFS files; one kept in git itself is downloaded
+    (here: found in the cache at its commit, so nothing leaves the machine) and hashed, so its pin
+    is never size-only. The Hub's reply is the one thing stood in for: its two shapes, real values."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    profile = pythia["profile"]
+    cache = paths.expand(profile.world.hub_cache, profile.name)
+    repo = profile.world.dataset_repo
+    commit = pins.resolve_refs(pins.Hub(str(cache), True), repo, ["main"], "dataset")["main"]
+    names = pins._list_files(pins.Hub(str(cache), True), repo, commit, "document*", "dataset")
+    truth = pins._file_pins(pins.Hub(str(cache), True), repo, commit, names, "dataset")
+    lfs, plain = names[0], names[-1]
+    assert lfs != plain
+
+    def reply(self, repo_id, paths, repo_type=None, revision=None):
+        assert (repo_id, repo_type, revision) == (repo, "dataset", commit)
+        return [
+            RepoFile(
+                path=name,
+                size=truth[name].size,
+                oid="0" * 40,
+                lfs={"size": truth[name].size, "oid": truth[name].sha256, "pointerSize": 134}
+                if name == lfs
+                else None,
+            )
+            for name in paths
+        ]
+
+    monkeypatch.setattr(HfApi, "get_paths_info", reply)
+    online = pins._file_pins(pins.Hub(str(cache), False), repo, commit, [plain, lfs], "dataset")
+    assert list(online) == [plain, lfs]
+    assert online == {plain: truth[plain], lfs: truth[lfs]}
+    assert len(online[plain].sha256) == 64
+
+
 def test_pin_rewrites_the_same_manifest_from_the_cache(pythia):
     pythia_run = pythia
     profile = pythia_run["profile"]

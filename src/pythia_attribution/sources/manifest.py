@@ -198,19 +198,22 @@ def resolve_refs(hub: Hub, repo: str, names: list[str], repo_type: str = "model"
 
 
 def _file_pins(hub: Hub, repo: str, commit: str, names: list[str], repo_type: str) -> dict[str, FileEntry]:
-    """Size and sha256 of files at a commit: ``get_paths_info`` online, hashing the cache offline."""
-    if not hub.offline:
-        from huggingface_hub import HfApi
-
-        infos = HfApi().get_paths_info(repo, names, repo_type=repo_type, revision=commit)
-        return {i.path: FileEntry(i.size, i.lfs.sha256 if i.lfs else "") for i in infos}
+    """Size and sha256 of files at a commit. Online, ``get_paths_info`` gives both for files kept
+    in LFS; a file kept in git itself has only a git blob id there, so it is downloaded (such
+    files are small) and hashed, as every file is from the cache offline: no pin is size-only."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     from pythia_attribution.tables import sha256_file
 
-    out = {}
-    for name in names:
+    out, to_hash = {}, names
+    if not hub.offline:
+        from huggingface_hub import HfApi
+
+        infos = HfApi().get_paths_info(repo, names, repo_type=repo_type, revision=commit)
+        out = {i.path: FileEntry(i.size, i.lfs.sha256) for i in infos if getattr(i, "lfs", None)}
+        to_hash = [i.path for i in infos if not getattr(i, "lfs", None)]
+    for name in to_hash:
         try:
             local = Path(
                 hf_hub_download(
@@ -219,13 +222,13 @@ def _file_pins(hub: Hub, repo: str, commit: str, names: list[str], repo_type: st
                     repo_type=repo_type,
                     revision=commit,
                     cache_dir=hub.cache_dir,
-                    local_files_only=True,
+                    local_files_only=hub.offline,
                 )
             )
         except EntryNotFoundError:
             continue  # absent at this commit: left out, as get_paths_info leaves it out online
         out[name] = FileEntry(local.stat().st_size, sha256_file(local))
-    return out
+    return {name: out[name] for name in names if name in out}
 
 
 def _list_files(hub: Hub, repo: str, commit: str, pattern: str, repo_type: str) -> list[str]:
