@@ -162,21 +162,21 @@ def paper(session: nox.Session) -> None:
     """Render paper/ to HTML and PDF from the profile's tables: Quarto if on PATH, else pandoc + typst.
 
     Reads the tables only (run `nox -s all` first; a missing table names the session that makes it).
-    Builds the explorer first (results/<profile>/explorer/), which the paper links to.
+    Builds the explorer first (results/<profile>/explorer/), which the paper links to. Both are
+    skipped when made from the same tables, code and sources and still whole; `-- --force` redoes them.
     """
-    profile, _ = _profile_and_rest(session)
+    profile, rest = _profile_and_rest(session)
+    force = ["--force"] if "--force" in rest else []
     python = _python(session)
-    session.run(python, "-m", "pythia_attribution", "explorer", "--profile", profile, "-q", external=True)
-    quarto = shutil.which("quarto")
-    if quarto:
-        env = {
-            "PYTHIA_ATTRIBUTION_PROFILE": profile,
-            "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}",
-        }
-        session.run(quarto, "render", str(ROOT / "paper"), env=env, external=True)
-    else:
+    session.run(
+        python, "-m", "pythia_attribution", "explorer", "--profile", profile, "-q", *force, external=True
+    )
+    renderer = "quarto" if shutil.which("quarto") else "preview"
+    if renderer == "preview":
         session.log("quarto is not on PATH: rendering the pandoc 3 + typst preview")
-        session.run(python, "-m", "pythia_attribution.paper", "preview", "--profile", profile, external=True)
+    session.run(
+        python, "-m", "pythia_attribution.paper", renderer, "--profile", profile, *force, external=True
+    )
 
 
 @nox.session

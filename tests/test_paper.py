@@ -1,5 +1,6 @@
 """The manuscript: built from nano tables, numbers only from variables, references resolved."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -204,3 +205,54 @@ def test_same_tables_give_identical_assets(rendered, nano_run, tmp_path):
     assert names and names == generated(second)
     for name in [*names, Path(build.VARIABLES)]:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_a_rendering_made_from_the_same_inputs_is_not_rendered_again(nano_run, tmp_path, capsys):
+    """The second `nox -s paper` is a no-op: same tables, code, sources and commit, and the output
+    still what was written. A source edit changes what the output is made from; a damaged output is
+    rendered again."""
+    from pythia_attribution.paper.__main__ import main
+
+    folder = _paper_copy(tmp_path)
+    results = nano_run["results"]
+    args = ["preview", "--profile", "nano", "--paper-dir", str(folder), "--results", str(results), "-q"]
+    assert main(args) == 0
+    pdf = folder / build.OUTPUT / "index.pdf"
+    first = pdf.stat().st_ino, pdf.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "is up to date for profile nano" in capsys.readouterr().out
+    assert (pdf.stat().st_ino, pdf.stat().st_mtime_ns) == first
+
+    made_from = build.render_key("nano", folder, results, "preview")
+    source = folder / build.MANUSCRIPT
+    text = source.read_text()
+    source.write_text(text + "\nOne more sentence.\n")
+    assert build.render_key("nano", folder, results, "preview") != made_from
+    source.write_text(text)
+    assert build.render_key("nano", folder, results, "preview") == made_from
+    assert build.render_key("nano", folder, results, "quarto") != made_from
+
+    pdf.write_bytes(b"%PDF-1.7 cut short")
+    assert main(args) == 0
+    assert "is up to date" not in capsys.readouterr().out
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 50_000
+
+
+def test_what_a_derived_output_is_made_from_covers_every_stage_record(tmp_path):
+    from pythia_attribution import derived
+
+    results = tmp_path / "results"
+    (results / "probe").mkdir(parents=True)
+    (results / "explorer").mkdir()  # no record: not a stage, not part of the key
+    record = results / "probe" / paths.STAGE_RECORD
+    entry = {"size": 3, "sha256": "a" * 64, "digest": "b" * 64}
+    record.write_text(json.dumps({"outputs": {"probes.arrow": entry}}))
+    made_from = derived.key(results, ["pythia_attribution.explorer"], [])
+    (results / "explorer" / "index.html").write_text("a page")
+    assert derived.key(results, ["pythia_attribution.explorer"], []) == made_from
+    record.write_text(json.dumps({"outputs": {"probes.arrow": {**entry, "sha256": "c" * 64}}}))
+    assert derived.key(results, ["pythia_attribution.explorer"], []) != made_from
+    assert derived.key(results, ["pythia_attribution.explorer"], [], profile="other") != derived.key(
+        results, ["pythia_attribution.explorer"], []
+    )

@@ -173,10 +173,10 @@ def _run(args, command: str) -> int:
         if args.stage == "verify":
             return _verify(profile, args)
         if args.stage == "explorer":
-            from pythia_attribution.explorer import build
+            from pythia_attribution.explorer import build_if_stale
 
             root = paths.results_root() / profile.name
-            print(build(root, root / "explorer") / "index.html")
+            print(build_if_stale(root, root / "explorer", force=args.force) / "index.html")
             return 0
         if args.stage == "pin":
             from pythia_attribution.sources.fixture import pin_profile

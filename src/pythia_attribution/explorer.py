@@ -203,6 +203,24 @@ def build(results: Path, out: Path) -> Path:
     return out
 
 
+STAMP = ".built.json"  # inside the site: what it was made from, and the files written
+
+
+def build_if_stale(results: Path, out: Path, force: bool = False) -> Path:
+    """:func:`build`, unless the site in ``out`` was made from the same tables and code and is
+    whole (``derived``): a second ``nox -s paper`` then costs a second, not a rebuild."""
+    from pythia_attribution import derived
+
+    made_from = derived.key(results, [__name__], [], shown=_shown(results))
+    if not force and derived.is_current(out, out / STAMP, made_from):
+        log.info("explorer: up to date in %s, skipping (--force rebuilds it)", out)
+        return out
+    build(results, out)
+    written = [rel for rel in derived.files_under(out, ".") if rel != STAMP]
+    derived.write_stamp(out, written, out / STAMP, made_from)
+    return out
+
+
 def _truth_mark(pid: int, gt: dict) -> str:
     if gt.get("complete") is not None and pid in gt["complete"]:
         return '<span class="gt complete" title="holds a complete copy of the item">&#10003; complete</span>'

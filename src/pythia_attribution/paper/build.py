@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,8 @@ TYPST_HEADER = "header.typ"  # typst set-up shared by Quarto's typst format and 
 APOSTROPHES = "apostrophes.lua"  # a filter shared by Quarto (_quarto.yml) and the preview
 # what a copy of the manuscript folder needs to build (the rest is written by the assets step)
 SOURCES = (MANUSCRIPT, BIBLIOGRAPHY, ANCHORS, "_quarto.yml", TYPST_HEADER, APOSTROPHES)
+
+STAMP = ".rendered.json"  # what _output/, _generated/ and _variables.yml were made from
 
 SHORTCODE = re.compile(r"\{\{<\s*(\w+)\s*([^>]*?)\s*>\}\}")
 
@@ -103,6 +106,33 @@ def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
     tmp_vars.replace(paper_dir / VARIABLES)
     log.info("paper assets for profile %s written in %.1f s", profile, time.perf_counter() - started)
     return values
+
+
+def render_key(profile: str, paper_dir: Path, results: Path, renderer: str) -> str:
+    """What a rendering depends on (``derived.key``): the profile's tables as recorded, this
+    module and what it imports, the manuscript's sources, the preview's stylesheet and filter, the
+    installed versions, the commit the manuscript prints, and the renderer."""
+    from pythia_attribution import derived
+
+    package = Path(str(resources.files("pythia_attribution.paper")))
+    files = [paper_dir / name for name in SOURCES] + [
+        p for p in package.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")
+    ]
+    return derived.key(
+        results,
+        [__name__],
+        files,
+        profile=profile,
+        renderer=renderer,
+        build=build_info(profile),
+        paths=[str(Path(results).resolve()), str(Path(paper_dir).resolve())],
+    )
+
+
+def rendered_files(paper_dir: Path) -> list[str]:
+    from pythia_attribution import derived
+
+    return derived.files_under(paper_dir, OUTPUT, GENERATED, VARIABLES)
 
 
 def fill_unavailable(values: dict, paper_dir: Path) -> None:
@@ -246,6 +276,24 @@ def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
         shutil.rmtree(out)
     work.rename(out)
     return out / "index.html", out / "index.pdf"
+
+
+def quarto(profile: str, paper_dir: Path) -> None:
+    """``quarto render`` of the paper folder with the Quarto on PATH; its pre-render step
+    (``python -m pythia_attribution.paper assets``) runs with this interpreter and ``profile``."""
+    exe = shutil.which("quarto")
+    if exe is None:
+        raise PaperError(
+            "quarto is not on PATH; `python -m pythia_attribution.paper preview` needs no Quarto"
+        )
+    env = {
+        **os.environ,
+        "PYTHIA_ATTRIBUTION_PROFILE": profile,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.run([exe, "render", str(paper_dir)], env=env)
+    if proc.returncode != 0:
+        raise PaperError(f"quarto render {paper_dir} failed (exit {proc.returncode}); its messages are above")
 
 
 # Digits that may appear in the manuscript's own prose: names, not results.
