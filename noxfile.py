@@ -183,7 +183,8 @@ def paper(session: nox.Session) -> None:
 def explorer(session: nox.Session) -> None:
     """Write results/<profile>/explorer/: a static HTML site of every behavior's top sequences by
     method, from the tables (run `nox -s all` first; `nox -s paper` builds it too). Open its
-    index.html in a browser."""
+    index.html in a browser. Skipped when made from the same tables and code and still whole;
+    `-- --force` rebuilds it."""
     _stage(session, "explorer")
 
 
