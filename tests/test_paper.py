@@ -1,6 +1,7 @@
 """The manuscript: built from nano tables, numbers only from variables, references resolved."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -256,3 +257,35 @@ def test_what_a_derived_output_is_made_from_covers_every_stage_record(tmp_path):
     assert derived.key(results, ["pythia_attribution.explorer"], [], profile="other") != derived.key(
         results, ["pythia_attribution.explorer"], []
     )
+
+
+def test_quarto_runs_with_the_profile_and_this_interpreter_and_is_skipped_when_current(
+    nano_run, tmp_path, monkeypatch, capsys
+):
+    """`nox -s paper` with Quarto on PATH goes through `python -m pythia_attribution.paper quarto`.
+    No Quarto here: a stand-in on PATH records how it was called and writes an output, which is
+    what the wrapper's part (profile, interpreter, stamp) needs."""
+    from pythia_attribution.paper.__main__ import main
+
+    folder = _paper_copy(tmp_path)
+    calls = tmp_path / "calls.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "quarto"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$1 $2 $PYTHIA_ATTRIBUTION_PROFILE $(command -v python)" >> {calls}\n'
+        'mkdir -p "$2/_output" && echo "<html></html>" > "$2/_output/index.html"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(nano_run["results"].parent))
+    args = ["quarto", "--profile", "nano", "--paper-dir", str(folder), "-q"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "is up to date for profile nano" in capsys.readouterr().out
+    (line,) = calls.read_text().splitlines()
+    assert line == f"render {folder} nano {Path(sys.executable).parent / 'python'}"
+    (folder / build.OUTPUT / "index.html").write_text("changed")
+    assert main(args) == 0
+    assert len(calls.read_text().splitlines()) == 2
