@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = time.perf_counter()
         if args.command == "assets":
-            build.assets(args.profile, paper_dir, args.results)
+            build.assets(args.profile, paper_dir, results)
             return 0
         if args.command == "quarto" and args.results:
             raise build.PaperError(
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         stamp.unlink(missing_ok=True)  # a render that fails part-way leaves no claim behind
         if args.command == "preview":
-            values = build.assets(args.profile, paper_dir, args.results)
+            values = build.assets(args.profile, paper_dir, results)
             html, pdf = build.preview(paper_dir, values)
             done = f"wrote {html} and {pdf}"
         else:
