@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import logging
+import re
 
 import pyarrow.compute as pc
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
 
 from pythia_attribution import paths, stage, tables
-from pythia_attribution.cli import main
+from pythia_attribution.cli import main, run_summary
 from pythia_attribution.config import load_profile
 from pythia_attribution.train import checkpoint_steps, lr_at, param_groups
 
@@ -109,11 +111,41 @@ def test_probes_cover_every_behavior_and_checkpoint(nano_run):
         assert row["completion"].startswith(row["target"]), row["behavior_id"]
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 def test_second_run_is_a_noop(nano_run):
     before = {p: p.stat().st_mtime_ns for p in nano_run["results"].rglob("*") if p.is_file()}
-    assert main(["all", "--profile", str(nano_run["profile"]), "-q"]) == 0
+    logged = _Lines()
+    logger = logging.getLogger("pythia_attribution")
+    logger.addHandler(logged)
+    try:
+        assert main(["all", "--profile", str(nano_run["profile"])]) == 0
+    finally:
+        logger.removeHandler(logged)
     after = {p: p.stat().st_mtime_ns for p in nano_run["results"].rglob("*") if p.is_file()}
     assert before == after
+    # the closing line says so: nothing ran, every stage up to date, and where the tables are
+    (summary,) = [line for line in logged.lines if line.startswith("all: ")]
+    n = len(paths.STAGES)
+    where = re.escape(str(nano_run["results"]))
+    expected = rf"all: {n} stages of profile nano in \d+ s: 0 ran; {n} up to date -> {where}"
+    assert re.fullmatch(expected, summary), summary
+
+
+def test_run_summary_names_what_ran_and_what_was_current():
+    line = run_summary("micro", ("corpus", "train", "probe"), {"train": 261.36, "probe": 19.5}, 282.4)
+    assert line.startswith("all: 3 stages of profile micro in 282 s: 2 ran (train 261 s, probe 20 s); ")
+    assert "1 up to date (corpus) -> " in line
+    # a record without its seconds (an older version's) is named without them
+    line = run_summary("micro", ("corpus", "train"), {"corpus": None, "train": 1.0}, 7.0)
+    assert line.split(" -> ")[0] == "all: 2 stages of profile micro in 7 s: 2 ran (corpus, train 1 s)"
 
 
 def test_config_change_invalidates_downstream(nano_run):

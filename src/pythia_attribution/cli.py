@@ -190,9 +190,31 @@ def _run(args, command: str) -> int:
         stages = paths.STAGES if args.stage == "all" else (args.stage,)
         # every input's structure first: a misnamed causal method once surfaced after training
         check_inputs(profile, deep=False, stages={*paths.STAGES, *stages})
+        started = time.perf_counter()
+        ran = {}
         for name in stages:
+            before = stage.read_record(profile.name, name)
             stage.run(profile, name, force=args.force)
+            after = stage.read_record(profile.name, name)
+            if after is not None and after != before:
+                ran[name] = after.get("seconds")
+        if len(stages) > 1:
+            logging.getLogger(__name__).info(
+                "%s", run_summary(profile.name, stages, ran, time.perf_counter() - started)
+            )
     return 0
+
+
+def run_summary(profile: str, stages: tuple[str, ...], ran: dict[str, float | None], seconds: float) -> str:
+    """One line after ``all``: which stages ran (each with its recorded seconds), which were up to
+    date, the whole time, and where the tables are."""
+    done = ", ".join(f"{name} {s:.0f} s" if s is not None else name for name, s in ran.items())
+    current = [name for name in stages if name not in ran]
+    parts = [f"{len(ran)} ran" + (f" ({done})" if ran else "")]
+    if current:
+        parts.append(f"{len(current)} up to date" + (f" ({', '.join(current)})" if ran else ""))
+    where = paths.results_root() / profile
+    return f"all: {len(stages)} stages of profile {profile} in {seconds:.0f} s: {'; '.join(parts)} -> {where}"
 
 
 def _warn_oversubscribed(threads: int) -> None:
