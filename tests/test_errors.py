@@ -80,3 +80,76 @@ def test_a_behavior_id_in_two_files_stops_all_before_the_corpus(world, capsys, t
     err = _one_line(capsys)
     assert f"{folder / 'b.toml'}: duplicate behavior id 'same' (also in {folder / 'a.toml'})" in err, err
     assert not (tmp_path / "results" / "nano" / "corpus").exists()
+
+
+def _hub_unreachable(monkeypatch, tmp_path) -> None:
+    """This machine as one without a network: name resolution fails, as it does with no DNS."""
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(tmp_path / "results"))
+
+
+def test_pin_without_the_network_is_one_line(monkeypatch, tmp_path, capsys):
+    """Pinning needs the Hub; where it cannot be reached the error names the address, not a bug."""
+    from huggingface_hub import constants
+
+    _hub_unreachable(monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read from the environment at import
+    assert main(["pin", "--profile", "pythia-70m-deduped", "--threads", "1", "-q"]) == 2
+    err = _one_line(capsys)
+    assert err.startswith("error: cannot reach https://huggingface.co: "), err
+    assert "Name or service not known" in err and "(details: " in err
+    assert not (paths.project_root() / "data_manifests" / "pythia-70m-deduped.toml").exists()
+
+
+def test_pin_in_offline_mode_is_one_line(monkeypatch, tmp_path, capsys):
+    _hub_unreachable(monkeypatch, tmp_path)  # HF_HUB_OFFLINE=1 is set for every test
+    assert main(["pin", "--profile", "pythia-70m-deduped", "--threads", "1", "-q"]) == 2
+    err = _one_line(capsys)
+    assert err.startswith("error: the Hub is not reachable in offline mode: "), err
+    assert "HF_HUB_OFFLINE" in err
+
+
+def test_a_network_error_is_found_behind_what_it_caused():
+    import httpx2
+
+    from pythia_attribution.cli import describe_network_error
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/EleutherAI/pythia-70m-deduped/refs")
+    try:
+        try:
+            raise httpx2.ConnectError("[Errno 101] Network is unreachable", request=request)
+        except httpx2.ConnectError as exc:
+            raise ValueError("while listing the refs") from exc
+    except ValueError as exc:
+        said = describe_network_error(exc)
+    assert said.startswith("cannot reach https://huggingface.co: [Errno 101] Network is unreachable;"), said
+    assert describe_network_error(ValueError("not a network error")) is None
+
+
+def test_a_checkpoint_neither_cached_nor_reachable_says_why(monkeypatch, tmp_path):
+    """Not `world.offline`: the Hub was tried and not reached, and the error says that, not 'offline'."""
+    import dataclasses
+    import time
+
+    import pytest
+    from huggingface_hub import constants
+
+    from pythia_attribution.config import load_profile
+    from pythia_attribution.errors import ConfigError
+    from pythia_attribution.sources.hub import snapshot
+
+    _hub_unreachable(monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's backoff between tries
+    profile = load_profile("pythia-70m-deduped")
+    assert not profile.world.offline
+    world = dataclasses.replace(profile.world, hub_cache=str(tmp_path / "hub"))
+    profile = dataclasses.replace(profile, world=world)
+    said = r"not in the Hub cache .* and the Hub was not reached: .*Name or service"
+    with pytest.raises(ConfigError, match=said):
+        snapshot(profile, "EleutherAI/pythia-70m-deduped", "0" * 40)

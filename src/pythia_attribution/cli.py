@@ -1,8 +1,8 @@
 """Command line: ``python -m pythia_attribution <stage> --profile P``.
 
 Exit codes: 0 done; 1 an internal error (a bug: one line on stderr, the traceback in a log file
-it names); 2 bad input, a failed check or an operating-system error (one line naming the file,
-key or path); 3 another run holds the profile's results.
+it names); 2 bad input, a failed check, an operating-system error or an unreachable Hub (one line
+naming the file, key, path or address); 3 another run holds the profile's results.
 """
 
 from __future__ import annotations
@@ -127,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing half-written is kept (rerun to continue)", file=sys.stderr)
         return 130
-    except OSError as exc:
+    except Exception as exc:
         log_path = _log_traceback(args.profile, command)
-        print(f"error: {describe_os_error(exc)} (details: {log_path})", file=sys.stderr)
-        return EXIT_INPUT
-    except Exception as exc:  # a bug: one line, the traceback in a file
-        log_path = _log_traceback(args.profile, command)
+        network = describe_network_error(exc)
+        if network is not None or isinstance(exc, OSError):
+            print(f"error: {network or describe_os_error(exc)} (details: {log_path})", file=sys.stderr)
+            return EXIT_INPUT
+        # a bug: one line, the traceback in a file
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(
             f"internal error: {type(exc).__name__}: {first[:300]} (a bug; the traceback is in {log_path}, "
@@ -259,6 +260,40 @@ def _verify(profile: Profile, args) -> int:
         print(f"{problems} problem(s) in results/{profile.name}", file=sys.stderr)
         return EXIT_INPUT
     return 0
+
+
+def describe_network_error(exc: BaseException) -> str | None:
+    """One line for a failure to reach the Hub, naming the address and what to do, or None when
+    neither ``exc`` nor what it was raised from is one: no connection (DNS, refused, timed out),
+    an HTTP error the Hub answered with (missing repository or revision, gated, rate-limited),
+    offline mode, or a file neither cached nor downloadable."""
+    try:
+        import httpx2
+        from huggingface_hub import errors as hub
+    except ImportError:  # pragma: no cover - both come with the lock
+        return None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        said = " ".join(str(exc).split())[:300]
+        if isinstance(exc, hub.OfflineModeIsEnabled):
+            return f"the Hub is not reachable in offline mode: {said}"
+        if isinstance(exc, hub.LocalEntryNotFoundError):
+            return f"not in the Hub cache, and the Hub was not reached: {said}"
+        if isinstance(exc, hub.HfHubHTTPError):
+            return f"the Hub refused a request: {said}"
+        if isinstance(exc, httpx2.TransportError):
+            try:
+                url = exc.request.url
+                where = f"{url.scheme}://{url.host}"
+            except RuntimeError:  # no request attached
+                where = "the Hub"
+            return (
+                f"cannot reach {where}: {said or type(exc).__name__}; pinning and each artifact's first "
+                "download need the network (later runs read the Hub cache)"
+            )
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def describe_os_error(exc: OSError) -> str:

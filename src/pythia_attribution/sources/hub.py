@@ -63,10 +63,11 @@ def snapshot(
                 local_files_only=profile.world.offline,
             )
         )
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
+        said = " ".join(str(exc.__cause__ or exc).split())[:300]
+        why = "world.offline is set" if profile.world.offline else f"the Hub was not reached: {said}"
         raise ConfigError(
-            f"{repo}@{commit[:12]}: not in the Hub cache ({hub_cache(profile) or 'HF_HOME'}) and "
-            "world.offline is set"
+            f"{repo}@{commit[:12]}: not in the Hub cache ({hub_cache(profile) or 'HF_HOME'}) and {why}"
         ) from None
     if local.name != commit:
         raise ChecksumError(f"{repo}: asked for commit {commit}, the cache gave {local.name}")
