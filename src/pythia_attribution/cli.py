@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
             "               when made from the same tables and code and still whole (--force)\n\n"
             f"profiles: {', '.join(known_profiles()) or '(none found)'} (or a path to a profile .toml)\n"
             "outputs: results/<profile>/<stage>/<table>.arrow\n"
-            "exit codes: 0 done, 1 internal error (traceback in the log file named), 2 bad input or\n"
-            "failed check, 3 another run holds the profile's results (see --wait)\n\n"
+            "exit codes: 0 done, 1 internal error (traceback in the log file named), 2 bad input, a\n"
+            "failed check, an operating-system error or an unreachable Hub, 3 another run holds the\n"
+            "profile's results (see --wait)\n\n"
             "profile keys (experiments/profiles/*.toml), with defaults and allowed values:\n"
             + "\n".join(describe(Profile))
         ),
