@@ -153,3 +153,20 @@ def test_a_checkpoint_neither_cached_nor_reachable_says_why(monkeypatch, tmp_pat
     said = r"not in the Hub cache .* and the Hub was not reached: .*Name or service"
     with pytest.raises(ConfigError, match=said):
         snapshot(profile, "EleutherAI/pythia-70m-deduped", "0" * 40)
+
+
+def test_out_of_memory_is_a_batch_too_large_not_a_bug():
+    import pytest
+    import torch
+
+    from pythia_attribution.cli import describe_out_of_memory
+
+    with pytest.raises(RuntimeError) as refused:
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: torch's CPU allocator refuses it
+    said = describe_out_of_memory(refused.value)
+    assert said.startswith("out of memory on the host: ") and "attribute.token_batch_size" in said, said
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+    assert describe_out_of_memory(gpu).startswith(
+        "out of memory on the accelerator: CUDA out of memory. Tried to allocate 2.00 GiB.; lower"
+    )
+    assert describe_out_of_memory(RuntimeError("shapes do not match")) is None

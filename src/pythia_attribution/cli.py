@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         log_path = _log_traceback(args.profile, command)
-        network = describe_network_error(exc)
-        if network is not None or isinstance(exc, OSError):
-            print(f"error: {network or describe_os_error(exc)} (details: {log_path})", file=sys.stderr)
+        said = describe_network_error(exc) or describe_out_of_memory(exc)
+        if said is not None or isinstance(exc, OSError):
+            print(f"error: {said or describe_os_error(exc)} (details: {log_path})", file=sys.stderr)
             return EXIT_INPUT
         # a bug: one line, the traceback in a file
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -295,6 +295,26 @@ def describe_network_error(exc: BaseException) -> str | None:
             )
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+OOM_KEYS = "probe.batch_size, attribute.token_batch_size, memorization.batch_size, causal.finetune_batch"
+
+
+def describe_out_of_memory(exc: BaseException) -> str | None:
+    """One line for a tensor that did not fit (torch's ``OutOfMemoryError`` on an accelerator, its
+    CPU allocator's refusal on the host): not a bug, a batch too large for the machine. (Where the
+    kernel's OOM killer ends the process instead, there is nothing left to say anything.)"""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if isinstance(exc, torch.OutOfMemoryError):
+        where = "the accelerator"
+    elif isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        where = "the host"
+    else:
+        return None
+    said = " ".join(str(exc).split("\n")[0].split())[:200]
+    return f"out of memory on {where}: {said}; lower the running stage's batch size ({OOM_KEYS})"
 
 
 def describe_os_error(exc: OSError) -> str:
