@@ -24,9 +24,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(autouse=True, scope="session")
 def no_network():
-    """Fail fast if anything tries to reach the network. The loopback interface is this machine
-    (selenium drives chromedriver over it): allowed."""
-    original = socket.socket.connect
+    """Fail fast if anything tries to reach the network, a name lookup included (on a machine
+    without DNS a lookup fails by itself, and code that handles that failure would hide the
+    attempt). The loopback interface is this machine (selenium drives chromedriver over it):
+    allowed, and so are lookups of this machine's own names."""
+    original, original_lookup = socket.socket.connect, socket.getaddrinfo
+    local = {"127.0.0.1", "::1", "localhost", "", None, socket.gethostname()}
 
     def refuse(sock, address, *args, **kwargs):
         host = address[0] if isinstance(address, tuple) else address
@@ -34,9 +37,14 @@ def no_network():
             return original(sock, address, *args, **kwargs)
         raise RuntimeError("tests must not use the network")
 
-    socket.socket.connect = refuse
+    def lookup(host, *args, **kwargs):
+        if (host.decode() if isinstance(host, bytes) else host) in local:
+            return original_lookup(host, *args, **kwargs)
+        raise RuntimeError(f"tests must not use the network (a lookup of {host!r})")
+
+    socket.socket.connect, socket.getaddrinfo = refuse, lookup
     yield
-    socket.socket.connect = original
+    socket.socket.connect, socket.getaddrinfo = original, original_lookup
 
 
 @pytest.fixture(autouse=True)

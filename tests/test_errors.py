@@ -107,7 +107,11 @@ def test_pin_without_the_network_is_one_line(monkeypatch, tmp_path, capsys):
 
 
 def test_pin_in_offline_mode_is_one_line(monkeypatch, tmp_path, capsys):
-    _hub_unreachable(monkeypatch, tmp_path)  # HF_HUB_OFFLINE=1 is set for every test
+    from huggingface_hub import constants
+
+    _hub_unreachable(monkeypatch, tmp_path)
+    # HF_HUB_OFFLINE=1 is set for every test, but huggingface_hub reads it once, at its import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["pin", "--profile", "pythia-70m-deduped", "--threads", "1", "-q"]) == 2
     err = _one_line(capsys)
     assert err.startswith("error: the Hub is not reachable in offline mode: "), err
@@ -170,3 +174,14 @@ def test_out_of_memory_is_a_batch_too_large_not_a_bug():
         "out of memory on the accelerator: CUDA out of memory. Tried to allocate 2.00 GiB.; lower"
     )
     assert describe_out_of_memory(RuntimeError("shapes do not match")) is None
+
+
+def test_the_suite_refuses_name_lookups():
+    """The guard in conftest: a lookup of any name but this machine's fails the test at once."""
+    import socket
+
+    import pytest
+
+    with pytest.raises(RuntimeError, match="must not use the network"):
+        socket.getaddrinfo("huggingface.co", 443)
+    assert socket.getaddrinfo("localhost", 80)
