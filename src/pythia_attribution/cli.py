@@ -303,7 +303,7 @@ OOM_KEYS = "probe.batch_size, attribute.token_batch_size, memorization.batch_siz
 def describe_out_of_memory(exc: BaseException) -> str | None:
     """One line for a tensor that did not fit (torch's ``OutOfMemoryError`` on an accelerator, its
     CPU allocator's refusal on the host): not a bug, a batch too large for the machine. (Where the
-    kernel's OOM killer ends the process instead, there is nothing left to say anything.)"""
+    kernel's OOM killer ends the process instead, no process is left to report it.)"""
     torch = sys.modules.get("torch")
     if torch is None:
         return None
