@@ -59,12 +59,18 @@ STEPS = {
 
 
 def child(args) -> dict:
-    import bm25s
     import numpy as np
-    from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from pythia_attribution.attribute import baselines
-    from pythia_attribution.duplicates import TfidfCosines
+    # Only what this step runs, imported before the memory baseline is taken: the duplicates
+    # stage's module brings bergson and torch with it (about 12 s), which the other steps skip.
+    if args.step == "bm25":
+        from pythia_attribution.attribute import baselines
+    elif args.step == "bm25s":
+        import bm25s
+    elif args.step == "tfidf":
+        from pythia_attribution.duplicates import TfidfCosines
+    elif args.step == "tfidf_fit":
+        from sklearn.feature_extraction.text import TfidfVectorizer
 
     queries = synthetic_texts(args.queries, 24, args.vocab, seed=2)  # prompt + target length
     rng = np.random.default_rng(3)
