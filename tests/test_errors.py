@@ -82,23 +82,25 @@ def test_a_behavior_id_in_two_files_stops_all_before_the_corpus(world, capsys, t
     assert not (tmp_path / "results" / "nano" / "corpus").exists()
 
 
-def _hub_unreachable(monkeypatch, tmp_path) -> None:
-    """This machine as one without a network: name resolution fails, as it does with no DNS."""
+def _hub_unreachable(monkeypatch, tmp_path, offline: bool) -> None:
+    """This machine as one without a network: name resolution fails, as it does with no DNS.
+    ``offline``: huggingface_hub's offline mode, which it reads from HF_HUB_OFFLINE once, at its
+    import (the tests set that variable, but an earlier test may have imported the library)."""
     import socket
+
+    from huggingface_hub import constants
 
     def no_dns(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(tmp_path / "results"))
 
 
 def test_pin_without_the_network_is_one_line(monkeypatch, tmp_path, capsys):
     """Pinning needs the Hub; where it cannot be reached the error names the address, not a bug."""
-    from huggingface_hub import constants
-
-    _hub_unreachable(monkeypatch, tmp_path)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read from the environment at import
+    _hub_unreachable(monkeypatch, tmp_path, offline=False)
     assert main(["pin", "--profile", "pythia-70m-deduped", "--threads", "1", "-q"]) == 2
     err = _one_line(capsys)
     assert err.startswith("error: cannot reach https://huggingface.co: "), err
@@ -107,11 +109,7 @@ def test_pin_without_the_network_is_one_line(monkeypatch, tmp_path, capsys):
 
 
 def test_pin_in_offline_mode_is_one_line(monkeypatch, tmp_path, capsys):
-    from huggingface_hub import constants
-
-    _hub_unreachable(monkeypatch, tmp_path)
-    # HF_HUB_OFFLINE=1 is set for every test, but huggingface_hub reads it once, at its import
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hub_unreachable(monkeypatch, tmp_path, offline=True)
     assert main(["pin", "--profile", "pythia-70m-deduped", "--threads", "1", "-q"]) == 2
     err = _one_line(capsys)
     assert err.startswith("error: the Hub is not reachable in offline mode: "), err
@@ -141,14 +139,12 @@ def test_a_checkpoint_neither_cached_nor_reachable_says_why(monkeypatch, tmp_pat
     import time
 
     import pytest
-    from huggingface_hub import constants
 
     from pythia_attribution.config import load_profile
     from pythia_attribution.errors import ConfigError
     from pythia_attribution.sources.hub import snapshot
 
-    _hub_unreachable(monkeypatch, tmp_path)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    _hub_unreachable(monkeypatch, tmp_path, offline=False)
     monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's backoff between tries
     profile = load_profile("pythia-70m-deduped")
     assert not profile.world.offline
