@@ -168,9 +168,11 @@ def run(ctx) -> None:
         truth="ground-truth membership under the partial definition (a sequence touching a source document)",
     )
     ctx.write_table(paths.COMPOSITION_TABLE, comp, thresholds=thresholds)
-    for (family, method), g in comp.to_pandas().groupby(["family", "method"]):
+    frame = comp.to_pandas()
+    width = {key: max((len(v) for v in frame[key]), default=0) for key in ("family", "method")}
+    for (family, method), g in frame.groupby(["family", "method"]):
         shares = ", ".join(f"{r.category} {r.share:.2f}" for r in g.itertuples())
-        log.info("%-15s %-12s %s", family, method, shares)
+        log.info("%-*s %-*s %s", width["family"], family, width["method"], method, shares)
 
 
 def composition(table: pa.Table) -> pa.Table:
