@@ -97,3 +97,18 @@ def test_help_lists_stages_and_options(capsys):
     for stage in paths.STAGES:
         assert f"  {stage} " in out
     assert "--profile" in out and "corpus.seq_len" in out
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [("missing.toml", "no such file"), ("notes/README.md", "not a .toml file")],
+)
+def test_a_profile_path_that_is_not_a_profile_file_is_named(tmp_path, capsys, given, why):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("# not a profile\n")
+    text = str(tmp_path / given)
+    assert main(["check", "--profile", text]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith(f"error: --profile {text}: {why}; a profile is one of ")
+    assert "micro" in err and "or the path of a .toml file" in err
