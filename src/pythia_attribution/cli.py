@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pythia_attribution import paths
 from pythia_attribution.config import Profile, RuntimeConfig, describe, known_profiles, load_profile
-from pythia_attribution.errors import ConfigError, LockedError, UserError
+from pythia_attribution.errors import LockedError, UserError
 
 EXIT_BUG, EXIT_INPUT, EXIT_LOCKED = 1, 2, 3
 COMMANDS = ("all", "pin", "verify", "check", "index-shard", "explorer")
@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, command: str) -> int:
     from pythia_attribution.lock import profile_lock
 
-    check_profile_argument(args.profile)
     profile = load_profile(args.profile)
     if args.threads is not None:
         profile = dataclasses.replace(
@@ -331,22 +330,6 @@ def describe_os_error(exc: OSError) -> str:
         errno.ENOTDIR: "a part of the path is a file, not a folder",
     }.get(exc.errno or -1, "")
     return f"cannot use {where}: {what}" + (f"; {hint}" if hint else "")
-
-
-def check_profile_argument(text: str) -> None:
-    """``--profile`` is a shipped profile's name or the path of a .toml file: a path that is neither
-    (a missing .toml file, another kind of file) is named as such, not looked up as a name."""
-    path = Path(text)
-    if path.suffix == ".toml" and not path.is_file():
-        why = "no such file"
-    elif path.suffix != ".toml" and len(path.parts) > 1:  # a name has no folder (it may hold a dot)
-        why = "not a .toml file"
-    else:
-        return
-    raise ConfigError(
-        f"--profile {text}: {why}; a profile is one of {', '.join(known_profiles())} "
-        "or the path of a .toml file"
-    )
 
 
 def _log_traceback(profile: str, command: str) -> Path:

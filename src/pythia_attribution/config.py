@@ -581,10 +581,18 @@ def known_profiles() -> list[str]:
 
 
 def load_profile(name_or_path: str) -> Profile:
-    """Load ``experiments/profiles/<name>.toml``, or a profile file given by path."""
+    """Load ``experiments/profiles/<name>.toml``, or a profile file given by path. A path that is
+    neither (a missing .toml file, another kind of file) is named as such, not looked up as a name."""
     candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" and candidate.is_file():
-        path = candidate.resolve()
+    if candidate.suffix == ".toml" or len(candidate.parts) > 1:  # a name has no folder (it may hold a dot)
+        if candidate.suffix == ".toml" and candidate.is_file():
+            path = candidate.resolve()
+        else:
+            why = "not a .toml file" if candidate.suffix != ".toml" else "no such file"
+            raise ConfigError(
+                f"--profile {name_or_path}: {why}; a profile is one of {', '.join(known_profiles())} "
+                "or the path of a .toml file"
+            )
     else:
         path = paths.profiles_dir() / f"{name_or_path}.toml"
         if not path.is_file():
