@@ -51,7 +51,7 @@ def test_every_script_is_covered():
     covered = {
         "gpu_index.py", "scale.py", "second_moments.py", "attribution.py", "memorization.py",
         "threads.py", "allocator.py", "train_options.py", "stage_times.py", "text_scale.py",
-        "corpus_scale.py", "duplication_scale.py",
+        "corpus_scale.py", "duplication_scale.py", "tail_patch_state.py",
     }  # fmt: skip
     assert {p.name for p in BENCHMARKS.glob("*.py")} == covered
     assert {p.name for p in BENCHMARKS.glob("*.sh")} == {"slow_cores.sh"}
@@ -109,6 +109,7 @@ def test_duplication_scale_counts_both_ways_alike():
     "script, args, expected",
     [
         ("second_moments.py", ["--batches", "2", "--sample", "4"], "row cosine"),
+        ("tail_patch_state.py", ["--behaviors", "2"], "ranking estimated"),
         ("attribution.py", ["--sequences", "8"], "passes"),
         ("memorization.py", ["--rounds", "1"], "ratio test/forward"),
         ("threads.py", ["--threads", "1", "--steps", "1", "--rounds", "1"], "threads=1"),

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.compute as pc
+import pytest
 import torch
 
 from pythia_attribution import paths, tables
+from pythia_attribution.attribute import moments
 from pythia_attribution.attribute.candidates import load_candidates
-from pythia_attribution.causal import REFERENCE, TailPatch
+from pythia_attribution.causal import REFERENCE, TailPatch, estimated_state
+from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint
 
 
@@ -22,9 +25,19 @@ def _final(results):
     return results / paths.TRAIN / ckpts[-1]["path"], ckpts[-1]["step"]
 
 
-def _patch(results) -> TailPatch:
+def _estimated(results, model):
+    """The AdamW state tail-patch uses where none was saved: nano's trackstar_est estimate."""
+    ckpt, step = _final(results)
+    estimate = moments.state_path("adam_est", ckpt, results / paths.ATTRIBUTE / "indexes" / f"step{step}")
+    assert estimate.is_file()
+    return estimated_state(torch.load(estimate, weights_only=False), model, step, load_profile("nano").train)
+
+
+def _patch(results, state: str = "saved") -> TailPatch:
     ckpt, _ = _final(results)
     model, _ = load_checkpoint(ckpt)
+    if state == "estimated":
+        return TailPatch(model, _estimated(results, model), grad_clip=1.0)
     return TailPatch(model, torch.load(ckpt / "optimizer.pt", weights_only=False), grad_clip=1.0)
 
 
@@ -54,9 +67,45 @@ def test_the_step_is_torchs_adamw(nano_run):
         torch.testing.assert_close(ours[name], p.detach(), rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_a_planted_copy_moves_its_target_more_than_random_sequences(nano_run):
+def test_the_estimated_state_steps_as_torchs_adamw_from_zero_momentum(nano_run):
+    """Where no optimizer state was saved, the step is torch's AdamW from the estimated second
+    moments, a zero first moment and the recipe's final lr, with weight decay on the matrices only:
+    a zero gradient then moves the parameters by weight decay alone."""
     results = nano_run["results"]
-    patch = _patch(results)
+    patch = _patch(results, "estimated")
+    train = load_profile("nano").train
+    tokens = load_candidates(_read(results, paths.CORPUS, paths.CORPUS_TABLE)).tokens[3]
+    grads = patch.gradient(tokens)
+    ours = patch.step(grads)
+
+    ckpt, step = _final(results)
+    model, _ = load_checkpoint(ckpt)
+    state = _estimated(results, model)
+    params = dict(model.named_parameters())
+    decayed = {n for n, p in params.items() if p.ndim >= 2}
+    groups = [
+        {"params": [params[n] for n in sorted(decayed)], "weight_decay": train.weight_decay},
+        {"params": [params[n] for n in sorted(set(params) - decayed)], "weight_decay": 0.0},
+    ]
+    lr = train.lr * train.min_lr_ratio
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    for entry in state["state"].values():
+        p = params[entry["param_name"]]
+        assert not entry["exp_avg"].any() and float(entry["step"]) == step
+        optimizer.state[p] = {k: entry[k].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
+        p.grad = grads[entry["param_name"]].clone()
+    optimizer.step()
+    for name, p in params.items():
+        torch.testing.assert_close(ours[name], p.detach(), rtol=1e-5, atol=1e-7, msg=name)
+    still = patch.step(None)
+    for name, p in patch.params.items():
+        torch.testing.assert_close(still[name], p * (1 - lr * train.weight_decay) if name in decayed else p)
+
+
+@pytest.mark.parametrize("state", ["saved", "estimated"])
+def test_a_planted_copy_moves_its_target_more_than_random_sequences(nano_run, state):
+    results = nano_run["results"]
+    patch = _patch(results, state)
     _, step = _final(results)
     probes = _read(results, paths.PROBE, paths.PROBES_TABLE)
     final = probes.filter(pc.equal(probes["checkpoint"], step)).to_pylist()

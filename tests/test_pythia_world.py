@@ -204,6 +204,20 @@ def test_fixture_world_runs_every_stage_with_micros_schemas(nano_run, pythia):
     assert main(["all", "--profile", "pythia-fixture", "-q"]) == 0
 
 
+def test_tail_patch_steps_with_an_estimated_state_where_none_was_saved(pythia):
+    """The Hub's checkpoints carry no optimizer state, as Pythia's do not: tail-patch steps with
+    estimated second moments (causal.optimizer_state) and measures every method's top k."""
+    results = pythia["results"]
+    final = max(_read(results, paths.TRAIN, paths.CHECKPOINTS_TABLE)["step"].to_pylist())
+    assert not (results / paths.TRAIN / f"checkpoints/step{final}" / "optimizer.pt").exists()
+    table = _read(results, paths.CAUSAL, paths.TAIL_PATCH_TABLE)
+    attributed = set(_read(results, paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)["method"].to_pylist())
+    assert table.num_rows and set(table["method"].to_pylist()) == attributed  # no ground truth here
+    how = tables.provenance(paths.table_path(results / paths.CAUSAL, paths.TAIL_PATCH_TABLE))["step"]
+    assert "estimated second moments" in how and "a zero first moment" in how, how
+    assert np.isfinite(table["effect"].to_numpy()).all()
+
+
 def test_corpus_rows_are_the_shards_bytes(pythia):
     pythia_run = pythia
     profile = pythia_run["profile"]

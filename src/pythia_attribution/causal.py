@@ -13,6 +13,14 @@ step is the momentum the run carried (``beta1 * m``), the same whatever the sequ
 also takes that step with a zero gradient and reports each sequence's ``effect`` as the change
 beyond it. Rankings between methods are the same either way; the effect isolates the sequence.
 
+Where the checkpoint was saved without its optimizer state (real Pythia: pythia#152),
+``causal.optimizer_state = "estimated"`` steps with an estimated one (``estimated_state``): Adam's
+second moments estimated as ``trackstar_est``'s are (``attribute.moments``), a zero first moment
+(so the zero-gradient step is weight decay alone), and the training recipe's end-of-schedule
+learning rate, betas, eps and weight decay from the profile's ``train`` section. How far that
+moves the effects from the saved state's is measured on micro by
+``experiments/benchmarks/tail_patch_state.py``.
+
 The patched model depends on the training sequence only, so each distinct sequence is patched
 once and the behaviors that retrieved it are measured on that one patched model, in one batch.
 """
@@ -28,20 +36,22 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from pythia_attribution import evaluation, finetune, paths
-from pythia_attribution.attribute import metrics
+from pythia_attribution.attribute import metrics, moments
 from pythia_attribution.attribute.candidates import truth_sets
 from pythia_attribution.errors import ConfigError
-from pythia_attribution.model import load_checkpoint, set_threads
+from pythia_attribution.model import compute_device, load_checkpoint, set_threads
 
 log = logging.getLogger(__name__)
 REFERENCE = "ground_truth"
 
 
 class TailPatch:
-    """One AdamW step of the saved training state on a sequence, and target log-probabilities."""
+    """One AdamW step of the saved training state on a sequence, and target log-probabilities, on
+    the device the model is on."""
 
     def __init__(self, model, optimizer_state: dict, grad_clip: float):
         self.model = model
+        self.device = next(model.parameters()).device
         self.names = [n for n, _ in model.named_parameters()]
         self.params = {n: p.detach() for n, p in model.named_parameters()}
         group = optimizer_state["param_groups"][0]
@@ -54,8 +64,8 @@ class TailPatch:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise ConfigError(f"optimizer state has no moments for {missing[0]} ({len(missing)} parameters)")
-        self.m = {n: state[n]["exp_avg"].float() for n in self.names}
-        self.v = {n: state[n]["exp_avg_sq"].float() for n in self.names}
+        self.m = {n: state[n]["exp_avg"].float().to(self.device) for n in self.names}
+        self.v = {n: state[n]["exp_avg_sq"].float().to(self.device) for n in self.names}
         self.t = float(state[self.names[0]]["step"]) + 1
         self.grad_clip = grad_clip
         self.prefix = model.base_model_prefix + "."
@@ -66,7 +76,7 @@ class TailPatch:
 
     def gradient(self, tokens: np.ndarray) -> dict[str, torch.Tensor]:
         """The training loss gradient of one sequence, clipped as the run clipped it."""
-        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+        ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None].to(self.device)
         self.model.zero_grad(set_to_none=True)
         logits = self.model(input_ids=ids[:, :-1]).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[0, 1:]).backward()
@@ -100,7 +110,7 @@ class TailPatch:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         body = {k.removeprefix(self.prefix): v for k, v in params.items() if k.startswith(self.prefix)}
-        hidden = functional_call(self.model.base_model, body, (ids,)).last_hidden_state
+        hidden = functional_call(self.model.base_model, body, (ids.to(self.device),)).last_hidden_state
         which = [
             (i, pos)
             for i, (p, t) in enumerate(zip(prompts, targets, strict=True))
@@ -108,8 +118,8 @@ class TailPatch:
         ]
         picked = hidden[[i for i, _ in which], [pos for _, pos in which]]
         logp = (picked @ params[self.head].T).float().log_softmax(-1)
-        wanted = torch.tensor([tok for t in targets for tok in t])
-        per_token = logp[torch.arange(len(wanted)), wanted].numpy()
+        wanted = torch.tensor([tok for t in targets for tok in t], device=self.device)
+        per_token = logp[torch.arange(len(wanted), device=self.device), wanted].cpu().numpy()
         bounds = np.cumsum([0] + [len(t) for t in targets])
         return np.array(
             [per_token[a:b].sum(dtype=np.float64) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -145,46 +155,23 @@ def run(ctx) -> None:
                 wanted.append({"behavior_id": b, "method": REFERENCE, "rank": rank, "packed_id": int(pid)})
 
     rows: list[dict] = []
-    opt_path = ckpt_dir / "optimizer.pt"
-    if not opt_path.is_file() or not behaviors:
-        why = "no optimizer state at the final checkpoint" if behaviors else "no exhibited behavior"
+    state, how = None, "not run"
+    if behaviors:
+        model, _ = load_checkpoint(ckpt_dir, compute_device())
+        state, how = tail_patch_state(ctx, model, ckpt_dir, cands, final["step"])
+    if state is None:
+        why = how if behaviors else "no exhibited behavior"
         log.warning("causal: tail-patch skipped: %s", why)
     else:
-        model, _ = load_checkpoint(ckpt_dir)
-        patch = TailPatch(model, torch.load(opt_path, weights_only=False), ctx.profile.train.grad_clip)
-        prompts = [probes[b]["prompt_ids"] for b in behaviors]
-        targets = [probes[b]["target_ids"] for b in behaviors]
-        column = {b: i for i, b in enumerate(behaviors)}
-        before = patch.target_logprobs(patch.params, prompts, targets)
-        momentum = patch.target_logprobs(patch.step(None), prompts, targets) - before
-        needed: dict[int, set[str]] = {}
-        for w in wanted:
-            needed.setdefault(w["packed_id"], set()).add(w["behavior_id"])
-        delta: dict[tuple[int, str], float] = {}
-        log.info("tail-patch: %d distinct sequences for %d behaviors", len(needed), len(behaviors))
-        for pid in tqdm(sorted(needed), desc="tail-patch", unit="seq", mininterval=5):
-            which = sorted(needed[pid])  # only the behaviors that retrieved this sequence
-            cols = [column[b] for b in which]
-            params = patch.step(patch.gradient(cands.tokens[pid]))
-            after = patch.target_logprobs(params, [prompts[c] for c in cols], [targets[c] for c in cols])
-            for b, c, a in zip(which, cols, after, strict=True):
-                delta[(pid, b)] = float(a - before[c])
-        for w in wanted:
-            p = probes[w["behavior_id"]]
-            d = delta[(w["packed_id"], w["behavior_id"])]
-            m0 = float(momentum[column[w["behavior_id"]]])
-            rows.append(
-                {**w, "family": p["family"], "seq_idx": int(cands.first_seq_idx[w["packed_id"]]),
-                 "logp_before": float(before[column[w["behavior_id"]]]), "delta_logp": d,
-                 "delta_momentum": m0, "effect": d - m0}
-            )  # fmt: skip
+        patch = TailPatch(model, state, ctx.profile.train.grad_clip)
+        rows = tail_patch_rows(patch, cands, probes, behaviors, wanted)
     table = pa.Table.from_pylist(rows, TAIL_PATCH_SCHEMA)
     ctx.write_table(
         paths.TAIL_PATCH_TABLE,
         table,
         step=(
-            f"one AdamW step from step{final['step']} with the saved moments, lr and weight decay, the "
-            f"sequence's mean next-token loss, gradient clipping {ctx.profile.train.grad_clip}"
+            f"one AdamW step from step{final['step']} with {how}, the sequence's mean next-token loss, "
+            f"gradient clipping {ctx.profile.train.grad_clip}"
         ),
         effect="delta_logp minus delta_momentum (the same step with a zero gradient)",
         reference=f"{REFERENCE}: up to {cfg.top_k} {cfg.reference_truth} ground-truth sequences per behavior",
@@ -197,6 +184,104 @@ def run(ctx) -> None:
         ),
     )
     select_and_finetune(ctx, cands, view.ground_truth, view.checkpoints, ckpt_dir)
+
+
+def tail_patch_rows(
+    patch: TailPatch, cands, probes: dict, behaviors: list[str], wanted: list[dict]
+) -> list[dict]:
+    """The tail-patch table's rows: each ``wanted`` (behavior, method, rank, packed id) measured on
+    the model after one step on its sequence, beyond the zero-gradient step."""
+    prompts = [probes[b]["prompt_ids"] for b in behaviors]
+    targets = [probes[b]["target_ids"] for b in behaviors]
+    column = {b: i for i, b in enumerate(behaviors)}
+    before = patch.target_logprobs(patch.params, prompts, targets)
+    momentum = patch.target_logprobs(patch.step(None), prompts, targets) - before
+    needed: dict[int, set[str]] = {}
+    for w in wanted:
+        needed.setdefault(w["packed_id"], set()).add(w["behavior_id"])
+    delta: dict[tuple[int, str], float] = {}
+    log.info("tail-patch: %d distinct sequences for %d behaviors", len(needed), len(behaviors))
+    for pid in tqdm(sorted(needed), desc="tail-patch", unit="seq", mininterval=5):
+        which = sorted(needed[pid])  # only the behaviors that retrieved this sequence
+        cols = [column[b] for b in which]
+        params = patch.step(patch.gradient(cands.tokens[pid]))
+        after = patch.target_logprobs(params, [prompts[c] for c in cols], [targets[c] for c in cols])
+        for b, c, a in zip(which, cols, after, strict=True):
+            delta[(pid, b)] = float(a - before[c])
+    rows = []
+    for w in wanted:
+        p = probes[w["behavior_id"]]
+        d = delta[(w["packed_id"], w["behavior_id"])]
+        m0 = float(momentum[column[w["behavior_id"]]])
+        rows.append(
+            {**w, "family": p["family"], "seq_idx": int(cands.first_seq_idx[w["packed_id"]]),
+             "logp_before": float(before[column[w["behavior_id"]]]), "delta_logp": d,
+             "delta_momentum": m0, "effect": d - m0}
+        )  # fmt: skip
+    return rows
+
+
+def tail_patch_state(ctx, model, ckpt_dir, cands, step: int) -> tuple[dict | None, str]:
+    """The AdamW state tail-patch steps with (``causal.optimizer_state``) and what it is; ``None``
+    and the reason where the saved state is asked for and the checkpoint has none."""
+    if ctx.config.optimizer_state == "saved":
+        saved = moments.saved_state(ckpt_dir)
+        if saved is None:
+            return None, (
+                f"no optimizer state at step{step} (causal.optimizer_state = 'saved'; 'estimated' "
+                "estimates one)"
+            )
+        return torch.load(saved, weights_only=False), "the saved moments, lr and weight decay"
+    # the attribute stage's estimate when it made one at this checkpoint (trackstar_est), else one here
+    indexes = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}"
+    estimate = moments.state_path("adam_est", ckpt_dir, indexes)
+    if not estimate.is_file():
+        estimate = moments.estimate(
+            ctx.out_dir / "work" / "tail_patch" / moments.ESTIMATE, ckpt_dir, cands, step,
+            moments.Settings.of(ctx.profile),
+        )  # fmt: skip
+    train = ctx.profile.train
+    state = estimated_state(torch.load(estimate, weights_only=False), model, step, train)
+    return state, (
+        f"estimated second moments ({state['param_groups'][0]['estimated_from']}), a zero first moment, "
+        f"lr {train.lr * train.min_lr_ratio:g} (train.lr x train.min_lr_ratio), weight decay "
+        f"{train.weight_decay:g}"
+    )
+
+
+def estimated_state(second_moments: dict, model, step: int, train) -> dict:
+    """An AdamW state in the form the train stage saves (``TailPatch`` reads it), for a checkpoint
+    saved without one: the estimated second moments (``second_moments``: ``moments.estimate``'s
+    ``optimizer.pt``), a zero first moment, ``step`` steps taken, and the recipe in ``train`` (a
+    ``TrainConfig``) at the end of its schedule: lr x min_lr_ratio, betas, eps, weight decay on the
+    parameters the train stage decays (``train.param_groups``)."""
+    from pythia_attribution.train import param_groups
+
+    v = {entry["param_name"]: entry["exp_avg_sq"] for entry in second_moments["state"].values()}
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in v]
+    if missing:
+        raise ConfigError(f"estimated second moments have none for {missing[0]} ({len(missing)} parameters)")
+    state = {
+        i: {
+            "param_name": n,
+            "exp_avg": torch.zeros_like(v[n]),
+            "exp_avg_sq": v[n],
+            "step": torch.tensor(float(step)),
+        }
+        for i, n in enumerate(names)
+    }
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = [
+        {"param_names": [name_of[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
+        for g in param_groups(model, train.weight_decay)
+    ]
+    how = second_moments["param_groups"][0].get("estimated_from", "estimated")
+    first = {
+        "lr": train.lr * train.min_lr_ratio, "betas": (train.beta1, train.beta2), "eps": train.eps,
+        "weight_decay": train.weight_decay, "params": list(state), "estimated_from": how,
+    }  # fmt: skip
+    return {"state": state, "param_groups": [first], "param_groups_by_name": groups}
 
 
 def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:

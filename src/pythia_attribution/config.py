@@ -271,7 +271,7 @@ class TrainConfig:
     lr: float = doc("peak learning rate of AdamW", 3e-3, gt=0)
     min_lr_ratio: float = doc("cosine decay ends at lr * min_lr_ratio (Pythia: 0.1)", 0.1, ge=0, le=1)
     warmup_frac: float = doc("share of steps with linear warmup (Pythia: 0.01)", 0.02, ge=0, lt=1)
-    weight_decay: float = doc("AdamW weight decay on matrices (Pythia: 0.01)", 0.01, ge=0)
+    weight_decay: float = doc("AdamW weight decay on matrices (Pythia's configs: 0.1)", 0.01, ge=0)
     beta1: float = doc("AdamW beta1 (Pythia: 0.9)", 0.9, ge=0, lt=1)
     beta2: float = doc("AdamW beta2 (Pythia: 0.95)", 0.95, ge=0, lt=1)
     eps: float = doc("AdamW epsilon (Pythia: 1e-8)", 1e-8, gt=0)
@@ -366,6 +366,14 @@ class CausalConfig:
         "truth definition of the ground-truth reference sequences",
         "complete",
         choices=("complete", "partial", "target"),
+    )
+    optimizer_state: str = doc(
+        "tail-patch's AdamW state: 'saved' (the final checkpoint's optimizer.pt) or 'estimated' (for "
+        "checkpoints saved without one, as Pythia's are: Adam's second moments estimated as trackstar_est's "
+        "are, a zero first moment, and the train section's recipe at the end of its schedule: lr x "
+        "min_lr_ratio, betas, eps, weight decay, clipping)",
+        "saved",
+        choices=("saved", "estimated"),
     )
     finetune_families: list[str] = doc(
         "select-and-fine-tune: families whose behaviors form an evaluation set ([]: not run)",
