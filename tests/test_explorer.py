@@ -38,6 +38,7 @@ def test_every_behavior_has_a_page_readable_without_javascript(nano_run, site):
     index = (site / "index.html").read_text()
     assert all(f'href="behavior/{page_of[b]}"' in index for b in att["behavior_id"].unique())
     assert "https://" not in index and "http://" not in index  # offline: nothing fetched
+    assert "The step: one AdamW step from step" in index and "with the saved moments" in index
     for b, g in att.groupby("behavior_id"):
         page = (site / "behavior" / page_of[b]).read_text()
         assert "http://" not in page and "https://" not in page

@@ -181,7 +181,9 @@ def build(results: Path, out: Path) -> Path:
     families = sorted(attributions["family"].unique())
     sections = [_tracing_section(tracing, final, methods)]
     if causal is not None:
-        sections.append(_causal_section(causal))
+        tail_patch = paths.table_path(results / paths.CAUSAL, paths.TAIL_PATCH_TABLE)
+        step = tables.provenance(tail_patch).get("step", "") if tail_patch.is_file() else ""
+        sections.append(_causal_section(causal, step))
     if finetuned is not None and len(finetuned):
         sections.append(_finetune_section(finetuned))
     if left_out is not None and len(left_out):
@@ -313,14 +315,16 @@ def _tracing_section(tracing, final: int, methods: list[str]) -> str:
     )
 
 
-def _causal_section(causal) -> str:
+def _causal_section(causal, step: str) -> str:
+    """The tail-patch metrics; ``step``: how the step was taken (the tail-patch table's provenance)."""
     t = causal[causal["family"] == "all"].sort_values("effect", ascending=False)
     rows = [[r["method"], str(int(r["n_behaviors"])), _ci(r, "effect", 4), _ci(r, "positive")]
             for _, r in t.iterrows()]  # fmt: skip
+    how = f" The step: {html.escape(step)}." if step else ""
     return (
         "<h2>Tail-patch: does a step on the retrieved sequence raise the target?</h2>"
-        "<p>Mean change in the target's log-probability beyond the momentum-only step, over each method's "
-        "top k (ground_truth: the behavior's own complete copies).</p>"
+        "<p>Mean change in the target's log-probability beyond the same step with a zero gradient, over "
+        f"each method's top k (ground_truth: the behavior's own complete copies).{how}</p>"
         + _table_html(["method", "behaviors", "effect", "share positive"], rows)
     )
 
