@@ -3,6 +3,9 @@ target more than random sequences, and the tables cover every method and the ref
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
@@ -11,7 +14,7 @@ import torch
 from pythia_attribution import paths, tables
 from pythia_attribution.attribute import moments
 from pythia_attribution.attribute.candidates import load_candidates
-from pythia_attribution.causal import REFERENCE, TailPatch, estimated_state
+from pythia_attribution.causal import REFERENCE, TailPatch, estimated_state, tail_patch_state
 from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint
 
@@ -65,6 +68,32 @@ def test_the_step_is_torchs_adamw(nano_run):
     optimizer.step()
     for name, p in params.items():
         torch.testing.assert_close(ours[name], p.detach(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_without_the_attribute_stages_estimate_the_stage_makes_the_same_one(nano_run, tmp_path):
+    """Where the attribute stage ran no trackstar_est, tail-patch estimates the second moments
+    itself, as that stage would have, and leaves no scratch file among its outputs."""
+    results = nano_run["results"]
+    profile = load_profile("nano")
+    ckpt, step = _final(results)
+    model, _ = load_checkpoint(ckpt)
+    ctx = SimpleNamespace(
+        config=dataclasses.replace(profile.causal, optimizer_state="estimated"),
+        profile=profile,
+        inputs={paths.ATTRIBUTE: tmp_path / "attribute-without-estimate"},
+        out_dir=tmp_path / "causal.part",
+    )
+    cands = load_candidates(_read(results, paths.CORPUS, paths.CORPUS_TABLE))
+    state, how = tail_patch_state(ctx, model, ckpt, cands, step)
+    assert "estimated second moments" in how and not [p for p in ctx.out_dir.rglob("*") if p.is_file()]
+    reference = _estimated(results, model)
+    for i, entry in state["state"].items():
+        torch.testing.assert_close(entry["exp_avg_sq"], reference["state"][i]["exp_avg_sq"])
+    saved = dataclasses.replace(profile.causal, optimizer_state="saved")
+    assert (
+        tail_patch_state(SimpleNamespace(**{**vars(ctx), "config": saved}), model, tmp_path, cands, step)[0]
+        is None
+    )
 
 
 def test_the_estimated_state_steps_as_torchs_adamw_from_zero_momentum(nano_run):

@@ -28,6 +28,7 @@ once and the behaviors that retrieved it are measured on that one patched model,
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -235,13 +236,14 @@ def tail_patch_state(ctx, model, ckpt_dir, cands, step: int) -> tuple[dict | Non
     # the attribute stage's estimate when it made one at this checkpoint (trackstar_est), else one here
     indexes = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}"
     estimate = moments.state_path("adam_est", ckpt_dir, indexes)
+    scratch = ctx.out_dir / "work" / "tail_patch"
     if not estimate.is_file():
         estimate = moments.estimate(
-            ctx.out_dir / "work" / "tail_patch" / moments.ESTIMATE, ckpt_dir, cands, step,
-            moments.Settings.of(ctx.profile),
-        )  # fmt: skip
+            scratch / moments.ESTIMATE, ckpt_dir, cands, step, moments.Settings.of(ctx.profile)
+        )
     train = ctx.profile.train
     state = estimated_state(torch.load(estimate, weights_only=False), model, step, train)
+    shutil.rmtree(scratch, ignore_errors=True)  # the weights' size: not an output
     return state, (
         f"estimated second moments ({state['param_groups'][0]['estimated_from']}), a zero first moment, "
         f"lr {train.lr * train.min_lr_ratio:g} (train.lr x train.min_lr_ratio), weight decay "
