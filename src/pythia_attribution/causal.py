@@ -245,7 +245,7 @@ def tail_patch_state(ctx, model, ckpt_dir, cands, step: int) -> tuple[dict | Non
     state = estimated_state(torch.load(estimate, weights_only=False), model, step, train)
     shutil.rmtree(scratch, ignore_errors=True)  # the weights' size: not an output
     return state, (
-        f"estimated second moments ({state['param_groups'][0]['estimated_from']}), a zero first moment, "
+        f"second moments estimated from {state['param_groups'][0]['estimated_from']}, a zero first moment, "
         f"lr {train.lr * train.min_lr_ratio:g} (train.lr x train.min_lr_ratio), weight decay "
         f"{train.weight_decay:g}"
     )
