@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow as pa
+from scipy import stats
 
 from pythia_attribution import causal, evaluation, paths, tables
 from pythia_attribution.attribute import moments
@@ -35,19 +36,12 @@ from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, set_threads
 
 
-def method_means(rows: list[dict]) -> dict[str, float]:
-    """Per method: the mean over behaviors of each behavior's mean effect (the metrics table's)."""
-    per: dict[str, dict[str, list[float]]] = {}
-    for r in rows:
-        per.setdefault(r["method"], {}).setdefault(r["behavior_id"], []).append(r["effect"])
-    return {m: float(np.mean([np.mean(v) for v in b.values()])) for m, b in per.items()}
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    out = np.empty(len(x))
-    out[order] = np.arange(len(x))
-    return out
+def method_means(rows: list[dict], profile) -> dict[str, float]:
+    """Per method: the mean over behaviors of each behavior's mean effect, as the causal stage's
+    metrics table computes it (``causal.aggregate``, family ``all``)."""
+    table = pa.Table.from_pylist(rows, causal.TAIL_PATCH_SCHEMA)
+    metrics = causal.aggregate(table, profile.runtime.seed, profile.attribute.bootstrap).to_pylist()
+    return {r["method"]: r["effect"] for r in metrics if r["family"] == "all"}
 
 
 def main() -> None:
@@ -88,15 +82,9 @@ def main() -> None:
     wanted = [{k: r[k] for k in keys} for r in saved_rows]
 
     with tempfile.TemporaryDirectory() as tmp:
-        estimate = moments.state_path(
-            "adam_est", ckpt_dir, root / paths.ATTRIBUTE / "indexes" / f"step{final['step']}"
-        )
-        if not estimate.is_file():  # the attribute stage ran no trackstar_est: estimate here
-            estimate = moments.estimate(
-                Path(tmp) / moments.ESTIMATE, ckpt_dir, cands, final["step"], moments.Settings.of(profile)
-            )
-        state = causal.estimated_state(
-            torch.load(estimate, weights_only=False), model, final["step"], profile.train
+        indexes = root / paths.ATTRIBUTE / "indexes" / f"step{final['step']}"
+        state = causal.load_estimated_state(
+            model, ckpt_dir, indexes, Path(tmp), cands, final["step"], profile
         )
     start = time.perf_counter()
     patch = causal.TailPatch(model, state, profile.train.grad_clip)
@@ -112,15 +100,15 @@ def main() -> None:
         f"{state['param_groups'][0]['estimated_from']}, lr {state['param_groups'][0]['lr']:g}"
     )
     print(f"estimated patching: {seconds:.1f} s")
-    pearson = float(np.corrcoef(s, e)[0, 1])
-    spearman = float(np.corrcoef(ranks(s), ranks(e))[0, 1])
+    pearson = float(stats.pearsonr(s, e).statistic)
+    spearman = float(stats.spearmanr(s, e).statistic)
     same_sign = float(np.mean(np.sign(s) == np.sign(e)))
     ratio = float(np.median(e[s != 0] / s[s != 0]))
     print(
         f"per row: pearson {pearson:.3f}, spearman {spearman:.3f}, same sign {same_sign:.1%}, "
         f"median ratio estimated/saved {ratio:.3f}"
     )
-    ms, me = method_means(saved_rows), method_means(est_rows)
+    ms, me = method_means(saved_rows, profile), method_means(est_rows, profile)
     order_s = sorted(ms, key=lambda m: -ms[m])
     order_e = sorted(me, key=lambda m: -me[m])
     print("method                saved    estimated   rank saved  rank estimated")

@@ -233,22 +233,29 @@ def tail_patch_state(ctx, model, ckpt_dir, cands, step: int) -> tuple[dict | Non
                 "estimates one)"
             )
         return torch.load(saved, weights_only=False), "the saved moments, lr and weight decay"
-    # the attribute stage's estimate when it made one at this checkpoint (trackstar_est), else one here
     indexes = ctx.inputs[paths.ATTRIBUTE] / "indexes" / f"step{step}"
+    state = load_estimated_state(
+        model, ckpt_dir, indexes, ctx.out_dir / "work" / "tail_patch", cands, step, ctx.profile
+    )
+    group = state["param_groups"][0]
+    return state, (
+        f"second moments estimated from {group['estimated_from']}, a zero first moment, "
+        f"lr {group['lr']:g} (train.lr x train.min_lr_ratio), weight decay {group['weight_decay']:g}"
+    )
+
+
+def load_estimated_state(model, ckpt_dir, indexes, scratch, cands, step: int, profile) -> dict:
+    """``estimated_state`` from the attribute stage's estimate at the checkpoint (``indexes``: its
+    index folder; there when it ran trackstar_est), else from one made here in ``scratch``, which
+    is removed once loaded (the weights' size: not an output)."""
     estimate = moments.state_path("adam_est", ckpt_dir, indexes)
-    scratch = ctx.out_dir / "work" / "tail_patch"
     if not estimate.is_file():
         estimate = moments.estimate(
-            scratch / moments.ESTIMATE, ckpt_dir, cands, step, moments.Settings.of(ctx.profile)
+            scratch / moments.ESTIMATE, ckpt_dir, cands, step, moments.Settings.of(profile)
         )
-    train = ctx.profile.train
-    state = estimated_state(torch.load(estimate, weights_only=False), model, step, train)
-    shutil.rmtree(scratch, ignore_errors=True)  # the weights' size: not an output
-    return state, (
-        f"second moments estimated from {state['param_groups'][0]['estimated_from']}, a zero first moment, "
-        f"lr {train.lr * train.min_lr_ratio:g} (train.lr x train.min_lr_ratio), weight decay "
-        f"{train.weight_decay:g}"
-    )
+    state = estimated_state(torch.load(estimate, weights_only=False), model, step, profile.train)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return state
 
 
 def estimated_state(second_moments: dict, model, step: int, train) -> dict:
