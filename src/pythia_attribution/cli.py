@@ -182,7 +182,7 @@ def _run(args, command: str) -> int:
             print(build_if_stale(root, root / "explorer", force=args.force) / "index.html")
             return 0
         if args.stage == "pin":
-            from pythia_attribution.sources.fixture import pin_profile
+            from pythia_attribution.sources.hub import pin_profile
 
             print(pin_profile(profile))
             return 0

@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from importlib.metadata import distributions
 from pathlib import Path
 
 from pythia_attribution import outputs, paths
-from pythia_attribution.tables import sha256_file
+from pythia_attribution.tables import sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,7 @@ def is_current(root: Path, stamp: Path, want: str) -> bool:
 def write_stamp(root: Path, rels: Iterable[str], stamp: Path, made_from: str) -> None:
     """Record the files ``rels`` (relative to ``root``) as made from ``made_from``, atomically."""
     held = {"key": made_from, "outputs": {rel: outputs.describe(root, rel) for rel in sorted(rels)}}
-    tmp = stamp.with_name(stamp.name + ".tmp")
-    tmp.write_text(json.dumps(held, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, stamp)
+    write_text_atomic(stamp, json.dumps(held, indent=1, sort_keys=True) + "\n")
 
 
 def files_under(root: Path, *names: str) -> list[str]:

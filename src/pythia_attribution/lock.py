@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 
 from pythia_attribution import paths
 from pythia_attribution.errors import LockedError
+from pythia_attribution.tables import write_text_atomic
 
 LOCK_FILE = ".lock"
 HOLDER_FILE = ".lock.holder"
@@ -56,9 +57,7 @@ def profile_lock(profile: str, wait: float = 0.0, command: str = "") -> Iterator
             "command": command or " ".join(["python -m pythia_attribution", *sys.argv[1:]]),
             "started": time.time(),
         }
-        tmp = root / f"{HOLDER_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, root / HOLDER_FILE)
+        write_text_atomic(root / HOLDER_FILE, json.dumps(info) + "\n")
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -33,6 +33,16 @@ def volatile(why: str) -> dict[bytes, bytes]:
     return {VOLATILE_KEY: why.encode()}
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, so readers never see half."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_table(path: Path, table: pa.Table, provenance: dict) -> None:
     """Write ``table`` as an Arrow IPC file with ``provenance`` in its schema metadata."""
     metadata = dict(table.schema.metadata or {})

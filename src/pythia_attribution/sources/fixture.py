@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pythia_attribution import paths
 from pythia_attribution.errors import ConfigError
-from pythia_attribution.sources import manifest as pins
+from pythia_attribution.sources.hub import pin_profile
 
 log = logging.getLogger(__name__)
 
@@ -171,33 +171,6 @@ def build(profile, root: Path) -> None:
     )
     pq.write_table(table, evals / "data" / f"{world.evals_split}-00000-of-00001.parquet")
     log.info("fixture world: %d sequences, %d memorized at step%d", n_seq, len(index), final)
-
-
-def revision_names(profile) -> list[str]:
-    steps = {*profile.train.hub_steps}
-    if profile.corpus.source == "pythia-preshuffled":
-        steps.add(profile.corpus.pile.tokenizer_step)
-    return [f"step{s}" for s in sorted(steps)]
-
-
-def pin_profile(profile) -> Path:
-    """Resolve and write the profile's manifest (``python -m pythia_attribution pin``)."""
-    world = profile.world
-    if not world.manifest:
-        raise ConfigError(f"profile '{profile.name}': world.manifest is empty; nothing to pin")
-    out = paths.expand(world.manifest, profile.name)
-    from pythia_attribution.sources.hub import hub_cache
-
-    text = pins.pin_world(
-        world,
-        pins.Hub(hub_cache(profile), world.offline),
-        revision_names(profile),
-        "document*",
-        f"*{world.evals_split}*.parquet" if world.evals_split else "",
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pins.write_pins(out, text)
-    return out
 
 
 def ensure_world(profile) -> Path:

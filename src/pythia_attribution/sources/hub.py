@@ -21,6 +21,7 @@ from pythia_attribution.errors import ChecksumError, ConfigError
 from pythia_attribution.schemas import CHECKPOINT_SCHEMA, TRAINING_LOG_SCHEMA
 from pythia_attribution.sources import manifest as pins
 from pythia_attribution.sources.manifest import FileEntry
+from pythia_attribution.tables import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,31 @@ def world_manifest(profile) -> pins.HubManifest:
 
 def hub_cache(profile) -> str | None:
     return str(paths.expand(profile.world.hub_cache, profile.name)) if profile.world.hub_cache else None
+
+
+def revision_names(profile) -> list[str]:
+    steps = {*profile.train.hub_steps}
+    if profile.corpus.source == "pythia-preshuffled":
+        steps.add(profile.corpus.pile.tokenizer_step)
+    return [f"step{s}" for s in sorted(steps)]
+
+
+def pin_profile(profile) -> Path:
+    """Resolve and write the profile's manifest (``python -m pythia_attribution pin``)."""
+    world = profile.world
+    if not world.manifest:
+        raise ConfigError(f"profile '{profile.name}': world.manifest is empty; nothing to pin")
+    out = paths.expand(world.manifest, profile.name)
+    text = pins.pin_world(
+        world,
+        pins.Hub(hub_cache(profile), world.offline),
+        revision_names(profile),
+        "document*",
+        f"*{world.evals_split}*.parquet" if world.evals_split else "",
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, text)
+    return out
 
 
 def snapshot(

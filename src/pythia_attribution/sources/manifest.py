@@ -3,14 +3,13 @@
 ``data_manifests/pythia-*.toml`` (or the fixture world's ``manifest.toml``) maps every revision
 name a profile uses (``step0`` ... ``step143000``) to the immutable commit it resolved to, and
 every dataset file to its commit, size and sha256 (the Hub's LFS sha256: the Pile shards have
-no published hashes, pythia#183). ``write_pins`` resolves them (``nox -s pin``); every load
+no published hashes, pythia#183). ``pin_world`` resolves them (``nox -s pin``); every load
 checks what it gets against them and stops with one line naming the artifact on a mismatch.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,9 +296,3 @@ def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, 
         for name, entry in _file_pins(hub, repo, commit, names, "dataset").items():
             lines += ["", f'[{section}.files."{name}"]', f"size = {entry.size}", f'sha256 = "{entry.sha256}"']
     return "\n".join(lines) + "\n"
-
-
-def write_pins(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
