@@ -156,24 +156,25 @@ def run(ctx) -> None:
                 wanted.append({"behavior_id": b, "method": REFERENCE, "rank": rank, "packed_id": int(pid)})
 
     rows: list[dict] = []
-    state, how = None, "not run"
+    state, how = None, "no exhibited behavior"
     if behaviors:
         model, _ = load_checkpoint(ckpt_dir, compute_device())
         state, how = tail_patch_state(ctx, model, ckpt_dir, cands, final["step"])
     if state is None:
-        why = how if behaviors else "no exhibited behavior"
-        log.warning("causal: tail-patch skipped: %s", why)
+        log.warning("causal: tail-patch skipped: %s", how)
+        step = f"not run: {how}"
     else:
         patch = TailPatch(model, state, ctx.profile.train.grad_clip)
         rows = tail_patch_rows(patch, cands, probes, behaviors, wanted)
+        step = (
+            f"one AdamW step from step{final['step']} with {how}, the sequence's mean next-token loss, "
+            f"gradient clipping {ctx.profile.train.grad_clip}"
+        )
     table = pa.Table.from_pylist(rows, TAIL_PATCH_SCHEMA)
     ctx.write_table(
         paths.TAIL_PATCH_TABLE,
         table,
-        step=(
-            f"one AdamW step from step{final['step']} with {how}, the sequence's mean next-token loss, "
-            f"gradient clipping {ctx.profile.train.grad_clip}"
-        ),
+        step=step,
         effect="delta_logp minus delta_momentum (the same step with a zero gradient)",
         reference=f"{REFERENCE}: up to {cfg.top_k} {cfg.reference_truth} ground-truth sequences per behavior",
     )
