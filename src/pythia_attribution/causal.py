@@ -35,12 +35,16 @@ import pyarrow as pa
 import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from pythia_attribution import evaluation, finetune, paths
 from pythia_attribution.attribute import metrics, moments
 from pythia_attribution.attribute.candidates import truth_sets
+from pythia_attribution.behaviors import encoder
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import compute_device, load_checkpoint, set_threads
+from pythia_attribution.train import param_groups
+from pythia_attribution.variants import read_variants
 
 log = logging.getLogger(__name__)
 REFERENCE = "ground_truth"
@@ -265,8 +269,6 @@ def estimated_state(second_moments: dict, model, step: int, train) -> dict:
     ``optimizer.pt``), a zero first moment, ``step`` steps taken, and the recipe in ``train`` (a
     ``TrainConfig``) at the end of its schedule: lr x min_lr_ratio, betas, eps, weight decay on the
     parameters the train stage decays (``train.param_groups``)."""
-    from pythia_attribution.train import param_groups
-
     v = {entry["param_name"]: entry["exp_avg_sq"] for entry in second_moments["state"].values()}
     names = [n for n, _ in model.named_parameters()]
     missing = [n for n in names if n not in v]
@@ -298,11 +300,6 @@ def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:
     """The select-and-fine-tune tables (``finetune``), empty when no family is configured."""
     cfg = ctx.config
     if cfg.finetune_families:
-        from transformers import AutoTokenizer
-
-        from pythia_attribution.behaviors import encoder
-        from pythia_attribution.variants import read_variants
-
         encode = encoder(AutoTokenizer.from_pretrained(final_dir))
         paraphrases = {
             q.item_id: q
