@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pythia_attribution import paths
 from pythia_attribution.config import Profile, RuntimeConfig, describe, known_profiles, load_profile
-from pythia_attribution.errors import LockedError, UserError
+from pythia_attribution.errors import LockedError, UserError, one_line
 
 EXIT_BUG, EXIT_INPUT, EXIT_LOCKED = 1, 2, 3
 COMMANDS = ("all", "pin", "verify", "check", "index-shard", "explorer")
@@ -276,7 +276,7 @@ def describe_network_error(exc: BaseException) -> str | None:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        said = " ".join(str(exc).split())[:300]
+        said = one_line(exc)
         if isinstance(exc, hub.OfflineModeIsEnabled):
             return f"the Hub is not reachable in offline mode: {said}"
         if isinstance(exc, hub.LocalEntryNotFoundError):
@@ -313,7 +313,7 @@ def describe_out_of_memory(exc: BaseException) -> str | None:
         where = "the host"
     else:
         return None
-    said = " ".join(str(exc).split("\n")[0].split())[:200]
+    said = one_line(str(exc).split("\n")[0], 200)
     return f"out of memory on {where}: {said}; lower the running stage's batch size ({OOM_KEYS})"
 
 

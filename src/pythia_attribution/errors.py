@@ -1,6 +1,12 @@
 """User-facing errors: each becomes one line on stderr and a non-zero exit, never a traceback."""
 
 
+def one_line(said: object, limit: int = 300) -> str:
+    """``said`` (an exception, or another library's message) as one line of at most ``limit``
+    characters, for quoting inside a one-line error."""
+    return " ".join(str(said).split())[:limit]
+
+
 class UserError(Exception):
     """A problem with the user's input (profile, behavior file, manifest, missing table)."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pythia_attribution import paths
-from pythia_attribution.errors import ChecksumError, ConfigError
+from pythia_attribution.errors import ChecksumError, ConfigError, one_line
 from pythia_attribution.schemas import CHECKPOINT_SCHEMA, TRAINING_LOG_SCHEMA
 from pythia_attribution.sources import manifest as pins
 from pythia_attribution.sources.manifest import FileEntry
@@ -90,7 +90,7 @@ def snapshot(
             )
         )
     except LocalEntryNotFoundError as exc:
-        said = " ".join(str(exc.__cause__ or exc).split())[:300]
+        said = one_line(exc.__cause__ or exc)
         why = "world.offline is set" if profile.world.offline else f"the Hub was not reached: {said}"
         raise ConfigError(
             f"{repo}@{commit[:12]}: not in the Hub cache ({hub_cache(profile) or 'HF_HOME'}) and {why}"
