@@ -175,8 +175,9 @@ def run(ctx) -> None:
     ctx.write_table(paths.PROBE_SUMMARY_TABLE, summary)
     final = max(c["step"] for c in checkpoints)
     for row in summary.filter(pc.equal(summary["checkpoint"], final)).to_pylist():
-        count = "" if row["count"] is None else f" count={row['count']}"
-        log.info("step%d %-15s%s: %d/%d exhibited", final, row["family"], count, row["n_exhibited"], row["n"])
+        count = "" if row["count"] is None else f"count={row['count']}"
+        shown = (final, row["family"], count, row["n_exhibited"], row["n"])
+        log.info("step%d %-15s %-9s %d/%d exhibited", *shown)
 
 
 def summarize(probes: pa.Table) -> pa.Table:
