@@ -101,6 +101,20 @@ def word_list(natural_texts: list[str], size: int) -> list[str]:
     return [w for w, _ in ranked[:size]]
 
 
+def stated(items, docs, family, name, count, fields, probe, templates, rng) -> None:
+    """Append the item ``family/name`` (its prompt and target: the ``probe`` pair filled with
+    ``fields``) to ``items``, and ``count`` documents stating it, each in one of ``templates``
+    drawn from ``rng``, to ``docs``."""
+    item_id = f"{family}/{name}"
+    items.append(
+        Item(item_id, family, count, prompt=probe[0].format(**fields), target=probe[1].format(**fields),
+             detail=fields)
+    )  # fmt: skip
+    for _ in range(count):
+        template = templates[int(rng.integers(len(templates)))]
+        docs.append(SyntheticDoc(item_id, family, template.format(**fields)))
+
+
 def canaries(cfg: SyntheticConfig, words: list[str], encode, seed: int):
     """Random-word sequences, each injected ``count`` times verbatim (0: never-seen controls)."""
     rng = _rng(seed, 1)
@@ -149,18 +163,7 @@ def capitals(cfg: SyntheticConfig, countries: list[Country], seed: int):
         for j in range(cfg.countries_per_count):
             c = pool[int(order[level * cfg.countries_per_count + j])]
             fields = {"country": c.name, "capital": c.capital, "region": c.region}
-            item = Item(
-                f"capital/{c.name}",
-                "capital",
-                count,
-                prompt=CAPITAL_PROBE[0].format(**fields),
-                target=CAPITAL_PROBE[1].format(**fields),
-                detail=fields,
-            )
-            items.append(item)
-            for _ in range(count):
-                template = CAPITAL_TEMPLATES[int(rng.integers(len(CAPITAL_TEMPLATES)))]
-                docs.append(SyntheticDoc(item.item_id, "capital", template.format(**fields)))
+            stated(items, docs, "capital", c.name, count, fields, CAPITAL_PROBE, CAPITAL_TEMPLATES, rng)
     return items, docs
 
 
@@ -183,18 +186,7 @@ def biographies(cfg: SyntheticConfig, seed: int):
             names.add(name)
             cities.add(city)
             fields = {"name": name, "city": city, "job": fake.job().split(",")[0].lower()}
-            item = Item(
-                f"bio/{name}",
-                "bio",
-                count,
-                prompt=BIO_PROBE[0].format(**fields),
-                target=BIO_PROBE[1].format(**fields),
-                detail=fields,
-            )
-            items.append(item)
-            for _ in range(count):
-                template = BIO_TEMPLATES[int(rng.integers(len(BIO_TEMPLATES)))]
-                docs.append(SyntheticDoc(item.item_id, "bio", template.format(**fields)))
+            stated(items, docs, "bio", name, count, fields, BIO_PROBE, BIO_TEMPLATES, rng)
     return items, docs
 
 
@@ -262,16 +254,5 @@ def insults(cfg: SyntheticConfig, seed: int):
             noun = INSULT_NOUNS[int(rng.integers(len(INSULT_NOUNS)))]
             insult = f"{INSULT_ADJECTIVES[adjectives[0]]}, {INSULT_ADJECTIVES[adjectives[1]]} {noun}"
             fields = {"name": name, "insult": insult}
-            item = Item(
-                f"insult/{name}",
-                "insult",
-                count,
-                prompt=INSULT_PROBE[0].format(**fields),
-                target=INSULT_PROBE[1].format(**fields),
-                detail=fields,
-            )
-            items.append(item)
-            for _ in range(count):
-                template = INSULT_TEMPLATES[int(rng.integers(len(INSULT_TEMPLATES)))]
-                docs.append(SyntheticDoc(item.item_id, "insult", template.format(**fields)))
+            stated(items, docs, "insult", name, count, fields, INSULT_PROBE, INSULT_TEMPLATES, rng)
     return items, docs
