@@ -123,6 +123,22 @@ def test_split_sentence_is_decided_by_the_paired_interval(monkeypatch):
     assert "is also the one" in variables.split_sentence(None, {**orders, "causal": ["bm25", "trackstar"]})
 
 
+def test_abstract_sentences_follow_the_interval_and_the_tables():
+    """The abstract's tail-patch claim is decided by the paired interval; its method list comes from
+    the tables in the manuscript's order, the floor aside; no data, no sentence."""
+    for lo, hi, claim in (
+        (0.01, 0.03, "a step on one of TrackStar's top 10 raises"),
+        (-0.01, 0.03, "move the target's log-probability alike"),
+        (-0.03, -0.01, "a step on one of BM25's top 10 raises"),
+    ):
+        paired = {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "n": 5}
+        assert claim in variables.tail_patch_abstract(paired, "10")
+    assert variables.tail_patch_abstract(None, "10") == ""
+    listed = variables.methods_sentence(["random", "bm25", "trackstar", "grad_cosine"])
+    assert listed == "TrackStar, gradient cosine and BM25"
+    assert variables.finetune_abstract({"k": "50", "factual": {"n": "4"}}, ["factual"]) == ""
+
+
 def test_manuscript_prose_types_no_numbers():
     found = build.typed_numbers((PAPER / "index.qmd").read_text())
     assert not found, f"hand-typed numbers in paper/index.qmd (use a variable): {found}"
