@@ -61,9 +61,9 @@ def check_inputs(profile: Profile, deep: bool = True, stages: Collection[str] | 
             manifest.source(name)
         lines.append(f"ok      source manifest {manifest.path}")
     if profile.world.manifest:
-        from pythia_attribution.sources.manifest import load
+        from pythia_attribution.sources.hub import world_manifest
 
-        hub = load(paths.expand(profile.world.manifest, profile.name))
+        hub = world_manifest(profile)
         lines.append(f"ok      Hub manifest {hub.path}: {len(hub.revisions)} revisions pinned")
 
     folder = paths.resolve_input(profile.probe.behaviors_dir)

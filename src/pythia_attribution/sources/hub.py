@@ -39,7 +39,7 @@ def world_manifest(profile) -> pins.HubManifest:
     path = profile.world.manifest
     if not path:
         raise ConfigError(f"profile '{profile.name}': world.manifest is empty but a stage reads the Hub")
-    return pins.load(paths.expand(path, profile.name))
+    return pins.load(paths.expand(path, profile.name), profile.name)
 
 
 def hub_cache(profile) -> str | None:

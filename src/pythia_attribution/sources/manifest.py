@@ -124,11 +124,12 @@ def _repo_pins(data: dict, where: str) -> RepoPins:
     return RepoPins(str(data.get("repo", "")), _commit(str(data.get("commit", "")), f"{where}.commit"), files)
 
 
-def load(path: Path) -> HubManifest:
-    """Read a Hub manifest; a malformed one names the file and the key."""
+def load(path: Path, profile: str = "<profile>") -> HubManifest:
+    """Read a Hub manifest; a malformed one names the file and the key, a missing one the command
+    that writes it for ``profile``."""
     if not path.exists():
         raise ConfigError(
-            f"{path}: no Hub manifest; run `nox -s pin -- --profile <profile>` where the Hub is reachable"
+            f"{path}: no Hub manifest; run `nox -s pin -- --profile {profile}` where the Hub is reachable"
         )
     data = read_toml(path)  # malformed, not UTF-8 or unreadable: one line naming the file
     model = _table(data, "model", f"{path}: ")
