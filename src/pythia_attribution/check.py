@@ -80,8 +80,8 @@ def check_inputs(profile: Profile, deep: bool = True, stages: Collection[str] | 
         if not files:
             raise ConfigError(f"{folder}: no behavior files (*.toml)")
         lines.append(
-            f"ok      behaviors {folder}: {len(files)} files (structure only: run the corpus stage "
-            "to check them against the tokenizer)"
+            f"ok      behaviors {folder}: {len(files)} file{'s' * (len(files) != 1)} (structure only: run "
+            "the corpus stage to check them against the tokenizer)"
         )
         lines.extend(_check_variant_files(profile, None, None))
         return lines
