@@ -592,8 +592,7 @@ def finetune_abstract(out: dict, families: list[str]) -> str:
 
 def methods_sentence(methods: list[str]) -> str:
     """The attributed methods (``random``, the floor, aside) in the manuscript's method order."""
-    names = [style.method_name(m) for m in style.METHODS if m in methods and m != "random"]
-    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
+    return fmt.listing(style.method_name(m) for m in style.METHODS if m in methods and m != "random")
 
 
 def tail_patch_abstract(paired: dict | None, k: str) -> str:
