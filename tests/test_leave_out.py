@@ -15,7 +15,7 @@ from pythia_attribution import paths, tables, train
 from pythia_attribution.cli import main
 from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, pythia_config
-from pythia_attribution.paper import mdtables, variables
+from pythia_attribution.paper import mdtables, style, variables
 from pythia_attribution.paper.data import Study
 
 
@@ -110,6 +110,13 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     assert f"of the {cfg.random_draws} random removals" in text
     sentence = variables.leave_out_variables(study, {})["sentence"]
     assert f"over {cfg.random_draws} seeded draws" in sentence and "random_2" not in sentence
+    # the paired differences follow the ranking by mean drop, each method against the next one
+    mean = {m["run"]: m["delta_logp"] for m in metrics.filter(pc.equal(metrics["family"], "all")).to_pylist()}
+    first, second = sorted((m for m in cfg.methods if m != "random"), key=mean.__getitem__)
+    assert (
+        f"removing {style.method_name(first)}'s top sequences changes the target by" in sentence
+        and f"relative to removing {style.method_name(second)}'s" in sentence
+    ), sentence
 
     assert main(["leave_out", "--profile", str(profile), "--force", "-q"]) == 0
     again = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE).to_pylist()

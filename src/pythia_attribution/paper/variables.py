@@ -811,8 +811,12 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         f"{fmt.dec(median[m], 2)} ({style.method_name(m) if m != 'ground_truth' else 'complete copies'})"
         for m in [*methods, *(r for r in ("random", "ground_truth") if r in median)]
     )
+    # ranked by the mean drop, largest first; each method paired with the next in that ranking, so
+    # that the sentence says whether neighbours in the ranking are told apart by behavior
+    order = sorted([m for m in by_run if m != "ground_truth"], key=lambda m: by_run[m]["delta_logp"])
+    ranked = [m for m in order if m in methods]
     pairs = []
-    for a, b in zip(methods, methods[1:], strict=False):
+    for a, b in zip(ranked, ranked[1:], strict=False):
         paired = derive.leave_out_paired(study, a, b)
         if paired:
             pairs.append(
@@ -825,7 +829,6 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     floor = (
         f"the random method's top {cfg['top_k']}, by {effect('random')}, and " if "random" in by_run else ""
     )
-    order = sorted([m for m in by_run if m != "ground_truth"], key=lambda m: by_run[m]["delta_logp"])
     sentence = (
         f"**Leave-k-out retraining** (`nox -s leave_out`, outside `all`; @tbl-leave-out) retrains the model "
         f"from its initialization on the same batches with a set of sequences' loss weight set to zero, "
@@ -840,7 +843,7 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         f"(a canary losing its memorized continuation) do not sway, are {median_text}."
     )
     if pairs:
-        sentence += " Paired by behavior, " + "; ".join(pairs) + "."
+        sentence += " Paired by behavior with the next in that ranking: " + "; ".join(pairs) + "."
     if draws and "random" in by_run:
         sentence += " " + floor_sentence(by_run, [*methods, "ground_truth"], len(draws) + 1, cfg["top_k"])
     return {"ran": "yes", "sentence": sentence}
