@@ -1,5 +1,5 @@
-"""Every benchmark script (and ``experiments/planted_copy.py``) runs, at toy sizes, and prints
-its figures.
+"""Every benchmark script (and ``experiments/planted_copy.py`` and ``readme_tables.py``) runs, at
+toy sizes, and prints its figures.
 
 A benchmark is run by hand when its figures are wanted, often long after the code it calls last
 changed; ``scale.py`` stopped running when the ranking's interface changed and nothing noticed.
@@ -134,3 +134,84 @@ def test_planted_copy_prints_every_methods_rank(nano):
     ranks = {line.split()[0]: line.split(":")[1].split() for line in lines}
     assert {"trackstar_noadam", "grad_cosine", "bm25"} <= ranks.keys()
     assert ranks["trackstar_noadam"] == ["1"] * len(ranks["trackstar_noadam"])
+
+
+def _excerpt(results: Path) -> str:
+    """The README's three result tables as the README prints them, from a results folder."""
+    import polars as pl
+
+    from pythia_attribution import paths, tables
+
+    def frame(stage: str, table: str) -> pl.DataFrame:
+        return pl.from_arrow(tables.read_table(paths.table_path(results / stage, table)))
+
+    def ci(r: dict, column: str, d: int) -> str:
+        return f"{r[column]:.{d}f} [{r[f'{column}_lo']:.{d}f}, {r[f'{column}_hi']:.{d}f}]"
+
+    tracing = frame(paths.ATTRIBUTE, paths.TRACING_METRICS_TABLE)
+    tracing = tracing.filter(
+        (pl.col("family") == "all") & (pl.col("checkpoint") == pl.col("checkpoint").max())
+    )
+    mrr = {(r["method"], r["truth"]): r["mrr"] for r in tracing.iter_rows(named=True)}
+    lines = [
+        "| method | truth | MRR | recall@10 | precision@10 | top-1 is a source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in tracing.sort("method", "truth").iter_rows(named=True):
+        lines.append(f"| {r['method']} | {r['truth']} | {ci(r, 'mrr', 3)} | {ci(r, 'recall_at_10', 3)} | "
+                     f"{r['precision_at_10']:.3f} | {r['top1_hit']:.3f} |")  # fmt: skip
+    lines += ["", "| top 10 of | effect | share that raise it | MRR |", "|---|---|---|---|"]
+    for r in (
+        frame(paths.CAUSAL, paths.TAIL_PATCH_METRICS_TABLE)
+        .filter(pl.col("family") == "all")
+        .iter_rows(named=True)
+    ):
+        reference = r["method"] == "ground_truth"
+        label = f"complete ground-truth copies ({r['n_behaviors']} behaviors)" if reference else r["method"]
+        truths = ("partial", "complete", "target")
+        trio = "(reference)" if reference else " / ".join(f"{mrr[r['method'], t]:.3f}" for t in truths)
+        lines.append(f"| {label} | {ci(r, 'effect', 4)} | {100 * r['positive']:.1f}% | {trio} |")
+    select = frame(paths.CAUSAL, paths.FINETUNE_METRICS_TABLE)
+    families = select["family"].unique(maintain_order=True).to_list()
+    lines += ["", "| selection | " + " | ".join(f"{f}: copies | probe | paraphrase" for f in families) + " |",
+              "|---|" + "---|---|---|" * len(families)]  # fmt: skip
+    for method in select["method"].unique(maintain_order=True).to_list():
+        cells = ["complete copies (a random k)" if method == "ground_truth" else method]
+        for family in families:
+            of = select.filter((pl.col("family") == family) & (pl.col("method") == method))
+            rows = {r["prompt_kind"]: r for r in of.iter_rows(named=True)}
+            original, paraphrase = rows["original"], rows["paraphrase"]
+            cells += [f"{original['n_selected_truth']}/{original['n_selected']}",
+                      ci(original, "delta_logp", 2), ci(paraphrase, "delta_logp", 2)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def test_readme_tables_checks_every_figure_and_names_a_changed_one(nano, tmp_path):
+    profile, env = nano
+    results = Path(env["PYTHIA_ATTRIBUTION_RESULTS"]) / "nano"
+    readme = tmp_path / "README.md"
+    text = _excerpt(results)
+    readme.write_text("Prose.\n\n" + text, encoding="utf-8")
+    out = _run("readme_tables.py", "--results", str(results), "--readme", str(readme), env=env)
+    reports = [line for line in out.splitlines() if "figures checked" in line]
+    assert len(reports) == 3 and all(line.endswith(", 0 mismatches") for line in reports), out
+    assert all(int(line.split(" figures")[0].split()[-1]) > 0 for line in reports), out
+
+    # one figure off by one unit of its last digit, and a row for a method the tables do not hold
+    first = next(line for line in text.splitlines() if line.startswith("| ") and "[" in line)
+    cells = first.split(" | ")
+    value = cells[2].split()[0]
+    changed = f"{float(value) + 0.001:.3f}"
+    bad = text.replace(first, first.replace(f"| {value} [", f"| {changed} [", 1), 1)
+    bad = bad.replace("| bm25 | partial |", "| bm25_typo | partial |", 1)
+    readme.write_text(bad, encoding="utf-8")
+    script = str(EXPERIMENTS / "readme_tables.py")
+    done = subprocess.run(
+        [sys.executable, script, "--results", str(results), "--readme", str(readme)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    label = f"{cells[0].strip('| ')} / {cells[1]}"
+    assert f"MISMATCH tracing, {label}, column 3 ('{changed} [" in done.stdout, done.stdout
+    assert "MISMATCH tracing, bm25_typo / partial: no such row in the results" in done.stdout, done.stdout
