@@ -3,7 +3,7 @@ it is printed with.
 
     python experiments/readme_tables.py [--results results/micro] [--readme README.md]
 
-The README quotes three of the study's tables as Markdown tables: tracing (the attribute stage's
+The README quotes the study's tables as Markdown tables: tracing (the attribute stage's
 ``tracing_metrics.arrow``, every behavior, the final checkpoint), tail-patch (the causal stage's
 ``tail_patch_metrics.arrow``, every behavior) and select-and-fine-tune (the causal stage's
 ``select_finetune_metrics.arrow``). Each README row is matched to its table row by the method
@@ -16,7 +16,9 @@ the table holds; exits 1 on any mismatch, or when a README row names no table ro
 The cold runs are compared with each other table by table; this compares the README with them.
 Without it one README row (``trackstar_est``'s capitals in the select-and-fine-tune table) went
 unreproduced from ``32ea426`` to ``d743f43``. Run it after ``nox -s all`` on the default profile,
-and after editing the README's figures. The leave-k-out table (its own session) is not checked.
+and after editing the README's figures. The leave-k-out table (``nox -s leave_out``, its own
+session) is checked when its tables exist: every removal's row but its training seconds, and the
+further random draws' means, paired differences and ranks.
 """
 
 from __future__ import annotations
@@ -168,6 +170,42 @@ def select_finetune(readme: str, metrics: pl.DataFrame) -> Check:
     return check
 
 
+def leave_out(readme: str, metrics: pl.DataFrame, runs: pl.DataFrame, changes: pl.DataFrame) -> Check:
+    """The leave-k-out table: each removal's row (its training seconds, volatile, not checked), and
+    the further random draws' row (their means, paired differences and ranks; its ranges not)."""
+    check = Check("leave-k-out")
+    everything = {r["run"]: r for r in metrics.filter(pl.col("family") == "all").iter_rows(named=True)}
+    removed = {r["run"]: r for r in runs.iter_rows(named=True)}
+    medians = dict(changes.group_by("run").agg(pl.col("delta_logp").median()).iter_rows())
+    draws = sorted(
+        (r for r in removed if removed[r]["floor"] and r != "random"), key=lambda r: int(r.split("_")[-1])
+    )
+    for cells in markdown_rows(readme, "| removed | sequences (training rows) |"):
+        label = cells[0]
+        if label.startswith("random draws"):
+            if not draws:
+                check.unmatched(label)
+                continue
+            rows = [everything[d] for d in draws]
+            means, paired = [r["delta_logp"] for r in rows], [r["vs_random"] for r in rows]
+            ranks = [*(r["random_costlier_than"] for r in rows), rows[0]["random_runs"]]
+            expected = [None, None, means, None, None, paired, ranks, None]
+            check.row(label, cells, expected)
+            continue
+        run = "ground_truth" if "complete copies" in label else label.split("'s top")[0]
+        r = everything.get(run)
+        if r is None or run not in removed:
+            check.unmatched(label)
+            continue
+        sizes = [removed[run]["n_removed"], removed[run]["n_rows_removed"]]
+        lost = [r["lost"] * r["n_behaviors"], r["n_behaviors"]]
+        paired = None if run == "random" else interval(r, "vs_random")  # the floor's own row: blank
+        ranks = [r["random_costlier_than"], r["random_runs"]]
+        expected = [None, sizes, interval(r, "delta_logp"), [medians[run]], lost, paired, ranks, None]
+        check.row(label, cells, expected)
+    return check
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -188,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     select = read(args.results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE)
     if select is not None:
         done.append(select_finetune(readme, select))
+    lo = [read(args.results, paths.LEAVE_OUT, t) for t in (paths.LEAVE_OUT_METRICS_TABLE,
+          paths.LEAVE_OUT_RUNS_TABLE, paths.LEAVE_OUT_TABLE)]  # fmt: skip
+    if all(t is not None for t in lo):
+        done.append(leave_out(readme, *lo))
     ok = [check.report() for check in done]
     if not any(check.rows for check in done):
         print(f"{args.readme}: none of the result tables found")

@@ -4,8 +4,10 @@ contributes nothing, and the stage retrains once per run and reuses the models i
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -17,6 +19,8 @@ from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, pythia_config
 from pythia_attribution.paper import mdtables, style, variables
 from pythia_attribution.paper.data import Study
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _read(results, stage_name, table):
@@ -118,11 +122,69 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
         and f"relative to removing {style.method_name(second)}'s" in sentence
     ), sentence
 
+    # experiments/readme_tables.py reads the README's leave-k-out table the way the README prints it
+    frames = [
+        pl.from_arrow(t)
+        for t in (metrics, _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE), table)
+    ]
+    readme = _leave_out_markdown(*frames, cfg.top_k, draws)
+    check = _readme_tables().leave_out(readme, *frames)
+    assert not check.misses and check.rows == len(cfg.methods) + 2 and check.figures > 0, check.misses
+    row = readme.splitlines()[2]
+    median = row.split(" | ")[3]
+    changed = row.replace(f" | {median} | ", f" | {float(median) + 0.01:.2f} | ", 1)
+    check = _readme_tables().leave_out(readme.replace(row, changed), *frames)
+    assert [m.split(" (")[0] for m in check.misses] == [f"{row.split(' | ')[0].lstrip('| ')}, column 4"]
+
     assert main(["leave_out", "--profile", str(profile), "--force", "-q"]) == 0
     again = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE).to_pylist()
     assert all(r["adopted"] for r in again)
     assert _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_TABLE).equals(table)
     assert len(list(paths.retrained_dir("nano").iterdir())) == len(runs)
+
+
+def _readme_tables():
+    """``experiments/readme_tables.py`` as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", EXPERIMENTS / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _leave_out_markdown(metrics, runs, changes, k: int, draws: list[str]) -> str:
+    """The leave-k-out tables as the README's Markdown table prints them."""
+
+    def ci(r: dict, column: str) -> str:
+        return f"{r[column]:.2f} [{r[f'{column}_lo']:.2f}, {r[f'{column}_hi']:.2f}]"
+
+    every = {r["run"]: r for r in metrics.filter(pl.col("family") == "all").iter_rows(named=True)}
+    sizes = {r["run"]: r for r in runs.iter_rows(named=True)}
+    median = dict(changes.group_by("run").agg(pl.col("delta_logp").median()).iter_rows())
+    header = (
+        "| removed | sequences (training rows) | mean | median | lost | beyond random | draws | training |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for run in [r for r in every if r not in draws]:
+        r = every[run]
+        cells = [
+            f"up to {k} complete copies" if run == "ground_truth" else f"{run}'s top {k}",
+            f"{sizes[run]['n_removed']} ({sizes[run]['n_rows_removed']:,})",
+            ci(r, "delta_logp"),
+            f"{median[run]:.2f}",
+            f"{round(r['lost'] * r['n_behaviors'])}/{r['n_behaviors']}",
+            "" if run == "random" else ci(r, "vs_random"),
+            f"{r['random_costlier_than']} of {r['random_runs']}",
+            "1 s",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    rows = [every[d] for d in draws]
+    means = ", ".join(f"{r['delta_logp']:.2f}" for r in rows)
+    paired = ", ".join(f"{r['vs_random']:.2f}" for r in rows)
+    ranks = ", ".join(str(r["random_costlier_than"]) for r in rows) + f" of {rows[0]['random_runs']}"
+    lines.append(f"| random draws 2-{len(draws) + 1} | - | {means} | - | - | {paired} | {ranks} | - |")
+    return "\n".join(lines) + "\n"
 
 
 def test_the_floor_ranks_each_run_among_the_random_draws():
