@@ -33,7 +33,7 @@ import polars as pl
 from pythia_attribution import paths, tables
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-REFERENCE = "ground_truth"
+REFERENCE = "ground_truth"  # the stages' name for the ground-truth reference row (causal.REFERENCE)
 
 
 def figures(cell: str) -> list[tuple[float, int]]:
@@ -113,9 +113,15 @@ class Check:
         return not self.misses
 
 
-def tracing(readme: str, metrics: pl.DataFrame) -> Check:
+def at_final(tracing_metrics: pl.DataFrame) -> pl.DataFrame:
+    """The tracing metrics the README quotes: every behavior, the final checkpoint."""
+    return tracing_metrics.filter(
+        (pl.col("family") == "all") & (pl.col("checkpoint") == pl.col("checkpoint").max())
+    )
+
+
+def tracing(readme: str, final: pl.DataFrame) -> Check:
     check = Check("tracing")
-    final = metrics.filter((pl.col("family") == "all") & (pl.col("checkpoint") == pl.col("checkpoint").max()))
     method = ""
     for cells in markdown_rows(readme, "| method | truth | MRR |"):
         method = cells[0] or method
@@ -129,12 +135,9 @@ def tracing(readme: str, metrics: pl.DataFrame) -> Check:
     return check
 
 
-def tail_patch(readme: str, metrics: pl.DataFrame, tracing_metrics: pl.DataFrame) -> Check:
+def tail_patch(readme: str, metrics: pl.DataFrame, final: pl.DataFrame) -> Check:
     check = Check("tail-patch")
     everything = metrics.filter(pl.col("family") == "all")
-    final = tracing_metrics.filter(
-        (pl.col("family") == "all") & (pl.col("checkpoint") == pl.col("checkpoint").max())
-    )
     for cells in markdown_rows(readme, "| top 10 of | effect |"):
         method = REFERENCE if cells[0].startswith("complete ground-truth copies") else cells[0]
         r = one(everything, method=method)
@@ -192,7 +195,7 @@ def leave_out(readme: str, metrics: pl.DataFrame, runs: pl.DataFrame, changes: p
             expected = [None, None, means, None, None, paired, ranks, None]
             check.row(label, cells, expected)
             continue
-        run = "ground_truth" if "complete copies" in label else label.split("'s top")[0]
+        run = REFERENCE if "complete copies" in label else label.split("'s top")[0]
         r = everything.get(run)
         if r is None or run not in removed:
             check.unmatched(label)
@@ -219,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     tracing_metrics = read(args.results, paths.ATTRIBUTE, paths.TRACING_METRICS_TABLE)
     if tracing_metrics is None:
         sys.exit(f"{args.results}: no attribute stage results (run `nox -s all` first)")
-    done = [tracing(readme, tracing_metrics)]
+    final = at_final(tracing_metrics)
+    done = [tracing(readme, final)]
     tail = read(args.results, paths.CAUSAL, paths.TAIL_PATCH_METRICS_TABLE)
     if tail is not None:
-        done.append(tail_patch(readme, tail, tracing_metrics))
+        done.append(tail_patch(readme, tail, final))
     select = read(args.results, paths.CAUSAL, paths.FINETUNE_METRICS_TABLE)
     if select is not None:
         done.append(select_finetune(readme, select))

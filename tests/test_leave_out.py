@@ -128,12 +128,13 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
         for t in (metrics, _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE), table)
     ]
     readme = _leave_out_markdown(*frames, cfg.top_k, draws)
-    check = _readme_tables().leave_out(readme, *frames)
+    readme_tables = _readme_tables()
+    check = readme_tables.leave_out(readme, *frames)
     assert not check.misses and check.rows == len(cfg.methods) + 2 and check.figures > 0, check.misses
     row = readme.splitlines()[2]
     median = row.split(" | ")[3]
     changed = row.replace(f" | {median} | ", f" | {float(median) + 0.01:.2f} | ", 1)
-    check = _readme_tables().leave_out(readme.replace(row, changed), *frames)
+    check = readme_tables.leave_out(readme.replace(row, changed), *frames)
     assert [m.split(" (")[0] for m in check.misses] == [f"{row.split(' | ')[0].lstrip('| ')}, column 4"]
 
     assert main(["leave_out", "--profile", str(profile), "--force", "-q"]) == 0
