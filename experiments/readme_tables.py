@@ -31,9 +31,9 @@ from pathlib import Path
 import polars as pl
 
 from pythia_attribution import paths, tables
+from pythia_attribution.attribute.methods import REFERENCE
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-REFERENCE = "ground_truth"  # the stages' name for the ground-truth reference row (causal.REFERENCE)
 
 
 def figures(cell: str) -> list[tuple[float, int]]:

@@ -345,6 +345,21 @@ def test_a_method_a_later_stage_cannot_use_stops_the_run_before_the_first_stage(
     assert not list((tmp_path / "results" / "nano").glob("*/*.arrow"))
 
 
+def test_a_method_named_like_the_reference_row_is_refused(world, capsys, tmp_path):
+    # the causal tables name the ground-truth sequences' row "ground_truth"; a method of that name
+    # would be merged with it there
+    methods = tmp_path / "methods.toml"
+    text = (paths.project_root() / "experiments" / "methods.toml").read_text()
+    methods.write_text(text + '\n[ground_truth]\nkind = "bm25"\n')
+    bad = world.parent / "nano.toml"
+    profile = _set_key(world.read_text(), "attribute", f'methods_file = "{methods}"')
+    methods_line = next(line for line in profile.splitlines() if line.startswith("methods = ["))
+    profile = profile.replace(methods_line, methods_line.replace("[", '["ground_truth", ', 1), 1)
+    bad.write_text(profile)
+    assert main(["check", "--profile", str(bad), "-q"]) == 2
+    assert f"{methods}: 'ground_truth' names the causal evaluations' reference row" in _one_line(capsys)
+
+
 def test_a_prompt_longer_than_the_context_is_refused_before_probing(nano_copy, tmp_path, capsys):
     folder = tmp_path / "behaviors"
     shutil.copytree(paths.project_root() / "experiments" / "behaviors", folder)

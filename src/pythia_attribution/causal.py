@@ -40,6 +40,7 @@ from transformers import AutoTokenizer
 from pythia_attribution import evaluation, finetune, paths
 from pythia_attribution.attribute import metrics, moments
 from pythia_attribution.attribute.candidates import truth_sets
+from pythia_attribution.attribute.methods import REFERENCE
 from pythia_attribution.behaviors import encoder
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import compute_device, load_checkpoint, set_threads
@@ -47,7 +48,6 @@ from pythia_attribution.train import param_groups
 from pythia_attribution.variants import read_variants
 
 log = logging.getLogger(__name__)
-REFERENCE = "ground_truth"
 
 
 class TailPatch:

@@ -39,14 +39,13 @@ from tqdm.auto import tqdm
 
 from pythia_attribution import evaluation, paths
 from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments
-from pythia_attribution.attribute.methods import load_methods
+from pythia_attribution.attribute.methods import REFERENCE, load_methods
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.model import load_checkpoint
 from pythia_attribution.probe import teacher_forced
 from pythia_attribution.train import param_groups
 
 log = logging.getLogger(__name__)
-REFERENCE = "ground_truth"
 PROMPTS = ("original", "paraphrase")
 
 

@@ -37,13 +37,13 @@ from transformers import GPTNeoXForCausalLM
 from pythia_attribution import evaluation, paths, stage, tables, train
 from pythia_attribution import model as model_module
 from pythia_attribution.attribute import metrics
+from pythia_attribution.attribute.methods import REFERENCE
 from pythia_attribution.config import to_jsonable
 from pythia_attribution.errors import ConfigError
 from pythia_attribution.model import load_checkpoint, set_threads
 from pythia_attribution.probe import teacher_forced
 
 log = logging.getLogger(__name__)
-REFERENCE = "ground_truth"
 RANDOM = "random"
 
 

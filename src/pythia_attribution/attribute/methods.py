@@ -13,6 +13,10 @@ QUERIES = ("mean", "difference")
 HESSIANS = ("none", "autocorrelation")
 # where Adam's second moments come from when optimizer_normalize is set (attribute/moments.py)
 SECOND_MOMENTS = {"saved": "adam", "estimated": "adam_est"}
+# the name of the causal evaluations' reference row: the ground-truth sequences themselves, selected
+# (tail-patch, select-and-fine-tune) or removed (leave-k-out) like a method's top k. Not a method
+# of methods.toml, so no method may take it.
+REFERENCE = "ground_truth"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ def load_methods(path: Path, names: list[str]) -> list[Method]:
     for name in names:
         if name not in data:
             raise ConfigError(f"{path}: no method named '{name}' (known: {', '.join(data)})")
+        if name == REFERENCE:
+            raise ConfigError(
+                f"{path}: '{REFERENCE}' names the causal evaluations' reference row (the ground-truth "
+                "sequences); give the method another name"
+            )
         if not isinstance(data[name], dict):
             raise ConfigError(f"{path}: method '{name}' must be a table ([{name}]), got {data[name]!r:.60}")
         method = from_dict(Method, {"name": name, **data[name]}, str(path), prefix=f"{name}.")

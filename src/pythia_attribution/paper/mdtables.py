@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from pythia_attribution import paths
+from pythia_attribution.attribute.methods import REFERENCE
 from pythia_attribution.paper import derive, fmt, style
 from pythia_attribution.paper.data import Study
 from pythia_attribution.paper.variables import DATA_ABSENT
@@ -274,8 +275,8 @@ def finetune(study: Study) -> str:
     rows = []
     for family in [f for f in style.FAMILIES if f in set(fm["family"])]:
         sub = fm.filter(pl.col("family") == family)
-        methods = derive.ordered_methods([m for m in sub["method"].unique() if m != "ground_truth"])
-        for i, m in enumerate([*methods, "ground_truth"]):
+        methods = derive.ordered_methods([m for m in sub["method"].unique() if m != REFERENCE])
+        for i, m in enumerate([*methods, REFERENCE]):
             cells = []
             for kind in ("original", "paraphrase"):
                 r = sub.filter((pl.col("method") == m) & (pl.col("prompt_kind") == kind))
@@ -291,7 +292,7 @@ def finetune(study: Study) -> str:
             first = sub.filter(pl.col("method") == m).row(0, named=True)
             label = f"{style.family_label(family)} (n = {first['n_behaviors']}, step {first['from_step']})"
             rows.append(
-                [label if i == 0 else "", style.method_label(m) if m != "ground_truth" else "Complete copies",
+                [label if i == 0 else "", style.method_label(m) if m != REFERENCE else "Complete copies",
                  f"{first['n_selected_truth']}/{first['n_selected']}", *cells]
             )  # fmt: skip
     return pipe_table(
@@ -329,8 +330,8 @@ def leave_out(study: Study) -> str:
     lo_rows = study.frame(paths.LEAVE_OUT_TABLE)
     everything = lm.filter(pl.col("family") == "all")
     draws = [run for run, r in runs.items() if r["floor"] and run != "random"]  # the floor's further draws
-    shown = [m for m in everything["run"] if m != "ground_truth" and m not in draws]
-    order = [*derive.ordered_methods(shown), "ground_truth"]
+    shown = [m for m in everything["run"] if m != REFERENCE and m not in draws]
+    order = [*derive.ordered_methods(shown), REFERENCE]
     n_floor = sum(r["floor"] for r in runs.values())
     rows = []
     for run in [m for m in order if m in runs]:
@@ -344,7 +345,7 @@ def leave_out(study: Study) -> str:
         else:
             among = f"{r['random_costlier_than']} of {r['random_runs']}" if r["random_runs"] else ""
         cells = [
-            style.method_label(run) if run != "ground_truth" else "Complete copies",
+            style.method_label(run) if run != REFERENCE else "Complete copies",
             f"{runs[run]['n_removed']} ({runs[run]['n_rows_removed']})",
             f"{fmt.dec(r['delta_logp'], 2)} {fmt.interval(r['delta_logp_lo'], r['delta_logp_hi'], 2)}",
             fmt.dec(lo_rows.filter(pl.col("run") == run)["delta_logp"].median(), 2),

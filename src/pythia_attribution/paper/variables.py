@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import polars as pl
 
 from pythia_attribution import paths
+from pythia_attribution.attribute.methods import REFERENCE
 from pythia_attribution.paper import derive, fmt, style
 from pythia_attribution.paper.data import Study
 
@@ -231,7 +232,7 @@ def compute(study: Study, build: dict) -> dict:
             }
         for key, ordered in orders.items():
             causal[f"order_{key}"] = ", ".join(style.method_name(m) for m in ordered)
-        pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", "ground_truth")]
+        pairs = [("trackstar", "bm25"), ("trackstar", "grad_cosine"), ("trackstar", REFERENCE)]
         pairs += [("trackstar", "trackstar_noadam"), ("trackstar", "trackstar_est"), ("trackstar", "ekfac")]
         for a, b in [*pairs, ("trackstar", "residual_diff"), ("trackstar", "residual_change")]:
             paired = derive.causal_paired(study, a, b)
@@ -567,7 +568,7 @@ def finetune_variables(study: Study) -> dict:
                     "exhibited": fmt.pct(r["exhibited_after"]),
                     "before": fmt.pct(r["exhibited_before"]),
                 }
-            methods = [m for m in rows["method"].to_list() if m != "ground_truth"]
+            methods = [m for m in rows["method"].to_list() if m != REFERENCE]
             fam[f"order_{kind}"] = ", ".join(style.method_name(m) for m in methods)
         out[family] = fam
     out["abstract"] = finetune_abstract(out, sorted(fm["family"].unique()))
@@ -809,11 +810,11 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     median = dict(zip(medians["run"], medians["delta_logp"], strict=True))
     median_text = fmt.listing(
         f"{fmt.dec(median[m], 2)} ({style.method_name(m) if m != 'ground_truth' else 'complete copies'})"
-        for m in [*methods, *(r for r in ("random", "ground_truth") if r in median)]
+        for m in [*methods, *(r for r in ("random", REFERENCE) if r in median)]
     )
     # ranked by the mean drop, largest first; each method paired with the next in that ranking, so
     # that the sentence says whether neighbours in the ranking are told apart by behavior
-    order = sorted([m for m in by_run if m != "ground_truth"], key=lambda m: by_run[m]["delta_logp"])
+    order = sorted([m for m in by_run if m != REFERENCE], key=lambda m: by_run[m]["delta_logp"])
     ranked = [m for m in order if m in methods]
     pairs = []
     for a, b in zip(ranked, ranked[1:], strict=False):
@@ -845,7 +846,7 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     if pairs:
         sentence += " Paired by behavior with the next in that ranking: " + "; ".join(pairs) + "."
     if draws and "random" in by_run:
-        sentence += " " + floor_sentence(by_run, [*methods, "ground_truth"], len(draws) + 1, cfg["top_k"])
+        sentence += " " + floor_sentence(by_run, [*methods, REFERENCE], len(draws) + 1, cfg["top_k"])
     return {"ran": "yes", "sentence": sentence}
 
 
@@ -855,7 +856,7 @@ def floor_sentence(by_run: dict, runs: list[str], n_floor: int, k: int) -> str:
     r = by_run["random"]
 
     def name(m: str) -> str:
-        return style.method_name(m) if m != "ground_truth" else "the complete copies"
+        return style.method_name(m) if m != REFERENCE else "the complete copies"
 
     beyond = [
         m for m in runs if m in by_run and by_run[m]["random_costlier_than"] == by_run[m]["random_runs"]
