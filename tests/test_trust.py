@@ -264,6 +264,16 @@ def test_compare_reports_a_changed_value(nano_copy):
     assert verify.compare(results, reference, stages=(paths.PROBE,)) == [
         "probe/behavior_summary.arrow: values differ in n"
     ]
+    # runs of two commits differ in provenance; the values are still compared
+    other = {**tables.provenance(table), "fingerprint": "0" * 64}
+    tables.write_table(path, changed, other)
+    assert verify.compare(results, reference, stages=(paths.PROBE,)) == [
+        "probe/behavior_summary.arrow: provenance differs in fingerprint; values differ in n"
+    ]
+    tables.write_table(path, table, other)
+    assert verify.compare(results, reference, stages=(paths.PROBE,)) == [
+        "probe/behavior_summary.arrow: provenance differs in fingerprint; values identical"
+    ]
 
 
 # ---- bad input: one line, non-zero, nothing half-written ------------------------------------

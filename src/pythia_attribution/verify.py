@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from pythia_attribution import outputs, paths, stage, tables
 from pythia_attribution.config import Profile
 from pythia_attribution.errors import CorruptOutputError, MissingInputError
@@ -151,11 +153,19 @@ def _ignored(rel: Path) -> bool:
 
 
 def _table_difference(a: Path, b: Path) -> str | None:
+    """How two tables differ: their provenance (volatile keys aside) and their values (volatile
+    columns aside), both compared, since runs of two commits differ in provenance and the
+    question then is whether the values moved; None when neither differs."""
     ta, tb = tables.read_table(a), tables.read_table(b)
     prov_a, prov_b = (tables.stable_provenance(tables.provenance(t)) for t in (ta, tb))
     keys = sorted(k for k in set(prov_a) | set(prov_b) if prov_a.get(k) != prov_b.get(k))
-    if keys:
-        return f"provenance differs in {', '.join(keys)}"
+    values = _value_difference(ta, tb)
+    if not keys:
+        return values
+    return f"provenance differs in {', '.join(keys)}; {values or 'values identical'}"
+
+
+def _value_difference(ta: pa.Table, tb: pa.Table) -> str | None:
     volatile = tables.volatile_columns(ta.schema)
     ta, tb = (t.drop_columns(volatile).replace_schema_metadata(None) for t in (ta, tb))
     if ta.schema != tb.schema:
