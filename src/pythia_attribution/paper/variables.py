@@ -809,7 +809,7 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
     )
     median = dict(zip(medians["run"], medians["delta_logp"], strict=True))
     median_text = fmt.listing(
-        f"{fmt.dec(median[m], 2)} ({style.method_name(m) if m != 'ground_truth' else 'complete copies'})"
+        f"{fmt.dec(median[m], 2)} ({style.method_name(m) if m != REFERENCE else 'complete copies'})"
         for m in [*methods, *(r for r in ("random", REFERENCE) if r in median)]
     )
     # ranked by the mean drop, largest first; each method paired with the next in that ranking, so
@@ -838,8 +838,8 @@ def leave_out_variables(study: Study, causal: dict) -> dict:
         f"run per method ({fmt.count(int(runs['seconds'].mean()))} s of training each here). Removing them "
         f"changes the behaviors' target log-probability at the final step by {listing}; removing "
         f"{floor}up to {cfg['top_k']} of each "
-        f"behavior's own {cfg['reference_truth']} ground-truth copies, by {effect('ground_truth')}"
-        f"{versus('ground_truth')}. By the size of the mean drop the methods rank "
+        f"behavior's own {cfg['reference_truth']} ground-truth copies, by {effect(REFERENCE)}"
+        f"{versus(REFERENCE)}. By the size of the mean drop the methods rank "
         f"{', '.join(style.method_name(m) for m in order)}; the medians, which a few large drops "
         f"(a canary losing its memorized continuation) do not sway, are {median_text}."
     )
