@@ -266,6 +266,11 @@ def top_examples(study: Study, per_behavior: int = 2, method: str = "trackstar")
     )
 
 
+def run_label(method: str) -> str:
+    """A causal table's row label: the method's, or "Complete copies" for the reference row."""
+    return style.method_label(method) if method != REFERENCE else "Complete copies"
+
+
 def finetune(study: Study) -> str:
     """Select-and-fine-tune: per family and method, the change of the targets on both prompt kinds."""
     fm = study.frame(paths.FINETUNE_METRICS_TABLE)
@@ -292,7 +297,7 @@ def finetune(study: Study) -> str:
             first = sub.filter(pl.col("method") == m).row(0, named=True)
             label = f"{style.family_label(family)} (n = {first['n_behaviors']}, step {first['from_step']})"
             rows.append(
-                [label if i == 0 else "", style.method_label(m) if m != REFERENCE else "Complete copies",
+                [label if i == 0 else "", run_label(m),
                  f"{first['n_selected_truth']}/{first['n_selected']}", *cells]
             )  # fmt: skip
     return pipe_table(
@@ -345,7 +350,7 @@ def leave_out(study: Study) -> str:
         else:
             among = f"{r['random_costlier_than']} of {r['random_runs']}" if r["random_runs"] else ""
         cells = [
-            style.method_label(run) if run != REFERENCE else "Complete copies",
+            run_label(run),
             f"{runs[run]['n_removed']} ({runs[run]['n_rows_removed']})",
             f"{fmt.dec(r['delta_logp'], 2)} {fmt.interval(r['delta_logp_lo'], r['delta_logp_hi'], 2)}",
             fmt.dec(lo_rows.filter(pl.col("run") == run)["delta_logp"].median(), 2),
