@@ -190,8 +190,21 @@ def explorer(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite offline (includes the nano pipeline end to end)."""
-    session.run(_python(session), "-m", "pytest", *session.posargs, external=True)
+    """Run the test suite offline (includes the nano pipeline end to end), in two pytest-xdist
+    workers where two CPUs are usable (`-- -n N` chooses another count, `-- -n 0` none)."""
+    args = list(session.posargs)
+    if not any(a in ("-n", "--numprocesses") or a.startswith(("-n", "--numprocesses=")) for a in args):
+        args = ["-n", str(_test_workers()), *args]
+    session.run(_python(session), "-m", "pytest", *args, external=True)
+
+
+def _test_workers() -> int:
+    """Two workers where two CPUs are usable, else none. Most tests run one thread (nano's
+    profile) or wait on subprocesses, so one process left a 2-core machine's second core idle:
+    CI's suite took 1,014 s in one process and 672 s in two (docs/performance.md). Each worker
+    runs whole test files (`--dist loadfile` in pyproject.toml), so a file's shared fixtures are
+    built once, and builds nano once for itself."""
+    return 2 if len(os.sched_getaffinity(0)) >= 2 else 0
 
 
 @nox.session
