@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import socket
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -45,6 +46,18 @@ def no_network():
     socket.socket.connect, socket.getaddrinfo = refuse, lookup
     yield
     socket.socket.connect, socket.getaddrinfo = original, original_lookup
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts with torch at the one thread of the nano profile, whose tables the tests
+    recompute in-process bit for bit: the count is process-wide, weights depend on it, and under
+    pytest-xdist a worker may have run the 2-thread fixture world's stages since its nano run
+    (test_leave_out's retraining then differed from nano's checkpoint). Torch is imported by then
+    wherever it matters: by the session's nano run."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

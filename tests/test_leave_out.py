@@ -29,6 +29,7 @@ def _read(results, stage_name, table):
 
 def _setup(nano_run):
     profile = load_profile(str(nano_run["profile"]))
+    torch.set_num_threads(profile.runtime.threads)  # the count the stage trained with
     corpus = _read(nano_run["results"], paths.CORPUS, paths.CORPUS_TABLE)
     tokens, batch_size = train.corpus_tokens(corpus)
     ckpts = _read(nano_run["results"], paths.TRAIN, paths.CHECKPOINTS_TABLE).to_pylist()
