@@ -154,13 +154,15 @@ def pythia_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("PYTHIA_ATTRIBUTION_RESULTS", str(root / "results"))
     mp.setenv("PYTHIA_ATTRIBUTION_CACHE", str(root / "cache"))
-    assert main(["all", "--profile", "pythia-fixture", "-q"]) == 0
-    yield {
+    try:
+        assert main(["all", "--profile", "pythia-fixture", "-q"]) == 0
+    finally:  # the tests that follow in this process keep their own (nano's) folders
+        mp.undo()
+    return {
         "root": root,
         "results": root / "results" / "pythia-fixture",
         "profile": load_profile("pythia-fixture"),
     }
-    mp.undo()
 
 
 @pytest.fixture
