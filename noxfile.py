@@ -193,7 +193,7 @@ def tests(session: nox.Session) -> None:
     """Run the test suite offline (includes the nano pipeline end to end), in two pytest-xdist
     workers where two CPUs are usable (`-- -n N` chooses another count, `-- -n 0` none)."""
     args = list(session.posargs)
-    if not any(a in ("-n", "--numprocesses") or a.startswith(("-n", "--numprocesses=")) for a in args):
+    if not any(a.startswith(("-n", "--numprocesses")) for a in args):
         args = ["-n", str(_test_workers()), *args]
     session.run(_python(session), "-m", "pytest", *args, external=True)
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from pythia_attribution import paths
+from pythia_attribution.config import load_profile
 
 FIXTURES = Path(__file__).parent / "fixtures"
+NANO_THREADS = load_profile("nano").runtime.threads
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -49,15 +51,15 @@ def no_network():
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Every test starts with torch at the one thread of the nano profile, whose tables the tests
-    recompute in-process bit for bit: the count is process-wide, weights depend on it, and under
-    pytest-xdist a worker may have run the 2-thread fixture world's stages since its nano run
-    (test_leave_out's retraining then differed from nano's checkpoint). Torch is imported by then
-    wherever it matters: by the session's nano run."""
+def nano_torch_threads():
+    """Every test starts with torch at the nano profile's thread count, since the tests recompute
+    nano's tables in-process bit for bit: the count is process-wide, weights depend on it, and
+    under pytest-xdist a worker may have run the 2-thread fixture world's stages since its nano
+    run (test_leave_out's retraining then differed from nano's checkpoint). Torch is imported by
+    then wherever it matters: by the session's nano run."""
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(NANO_THREADS)
 
 
 @pytest.fixture(autouse=True)
