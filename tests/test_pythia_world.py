@@ -3,6 +3,7 @@ at pinned commits, memorized-evals, and the whole pipeline and paper through the
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 
 import numpy as np
@@ -332,6 +333,29 @@ def test_pin_stops_when_two_revisions_serve_the_same_weights(pythia, tmp_path):
         pins.load(edited)
 
 
+SIZES = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+EVALS_SPLITS = [
+    *(f"{kind}.{size}" for kind in ("duped", "deduped") for size in SIZES),
+    *(f"{kind}.12b.{step}" for kind in ("duped", "deduped") for step in range(23000, 123001, 20000)),
+    "deduped.1b.new",
+]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["data/{split}-00000-of-00002-0a1b2c3d4e5f6789.parquet", "data/{split}-00001-of-00002.parquet",
+     "{split}.parquet", "{split}/train-00000-of-00001.parquet"],
+)  # fmt: skip
+def test_pin_takes_exactly_the_memorized_evals_split_files(layout):
+    """Every split of EleutherAI/pythia-memorized-evals (the reference's list) selects its own file
+    and no other, in each of the Hub's parquet layouts, although many split names contain others
+    (``duped.70m`` in ``deduped.70m``, ``deduped.1b`` in ``deduped.1b.new``, ``duped.12b`` in
+    ``duped.12b.23000``): a substring match would pin, and load, several splits as one."""
+    files = [layout.format(split=s) for s in EVALS_SPLITS] + ["README.md", "data/duped.70m.json"]
+    for split in EVALS_SPLITS:
+        assert [f for f in files if pins.in_split(f, split)] == [layout.format(split=split)], split
+
+
 def test_pin_names_a_revision_without_safetensors_weights(pythia, tmp_path):
     profile, cache, snaps = _world_cache_copy(pythia, tmp_path)
     (snaps["step64"] / "model.safetensors").unlink()
@@ -351,7 +375,9 @@ def test_online_pin_hashes_a_file_the_hub_keeps_outside_lfs(pythia, monkeypatch)
     cache = paths.expand(profile.world.hub_cache, profile.name)
     repo = profile.world.dataset_repo
     commit = pins.resolve_refs(pins.Hub(str(cache), True), repo, ["main"], "dataset")["main"]
-    names = pins._list_files(pins.Hub(str(cache), True), repo, commit, "document*", "dataset")
+    names = pins._list_files(
+        pins.Hub(str(cache), True), repo, commit, lambda n: fnmatch.fnmatch(n, "document*"), "dataset"
+    )
     truth = pins._file_pins(pins.Hub(str(cache), True), repo, commit, names, "dataset")
     lfs, plain = names[0], names[-1]
     assert lfs != plain

@@ -64,7 +64,7 @@ def pin_profile(profile) -> Path:
         pins.Hub(hub_cache(profile), world.offline),
         revision_names(profile),
         "document*",
-        f"*{world.evals_split}*.parquet" if world.evals_split else "",
+        world.evals_split,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, text)

@@ -10,6 +10,8 @@ checks what it gets against them and stops with one line naming the artifact on 
 from __future__ import annotations
 
 import fnmatch
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,7 +233,7 @@ def _file_pins(hub: Hub, repo: str, commit: str, names: list[str], repo_type: st
     return {name: out[name] for name in names if name in out}
 
 
-def _list_files(hub: Hub, repo: str, commit: str, pattern: str, repo_type: str) -> list[str]:
+def _list_files(hub: Hub, repo: str, commit: str, match: Callable[[str], bool], repo_type: str) -> list[str]:
     from huggingface_hub import HfApi, snapshot_download
 
     if hub.offline:
@@ -243,7 +245,22 @@ def _list_files(hub: Hub, repo: str, commit: str, pattern: str, repo_type: str) 
         names = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
     else:
         names = HfApi().list_repo_files(repo, repo_type=repo_type, revision=commit)
-    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in names if match(n))
+
+
+def in_split(name: str, split: str) -> bool:
+    """Whether parquet file ``name`` of a dataset repository belongs to split ``split``.
+
+    The Hub's layouts for a split's files: ``<split>.parquet``, ``<split>-00000-of-00003[-hash].parquet``
+    (``push_to_hub``) at any depth, or any parquet file in a folder named ``<split>``. A substring
+    test is not enough for the memorized-evals splits: ``duped.70m`` is inside ``deduped.70m``,
+    ``deduped.1b`` begins ``deduped.1b.new``, and ``duped.12b`` begins ``duped.12b.23000``.
+    """
+    parts = name.split("/")
+    if not parts[-1].endswith(".parquet"):
+        return False
+    shard = re.compile(re.escape(split) + r"(-\d+-of-\d+(-[0-9a-f]+)?)?\.parquet")
+    return split in parts[:-1] or shard.fullmatch(parts[-1]) is not None
 
 
 @dataclass(frozen=True)
@@ -255,8 +272,10 @@ class Hub:
     offline: bool
 
 
-def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, evals_pattern: str) -> str:
-    """The manifest text for ``world`` (a WorldConfig): every revision and file it needs, pinned."""
+def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, evals_split: str) -> str:
+    """The manifest text for ``world`` (a WorldConfig): every revision and file it needs, pinned:
+    the dataset files matching ``dataset_pattern`` (fnmatch) and the parquet files of the memorized-evals
+    split ``evals_split`` (``in_split``; '' pins none)."""
     lines = [
         "# Pinned Hub identities, written by `python -m pythia_attribution pin` (nox -s pin).",
         "# Runs verify what they load against this file and stop on any mismatch.",
@@ -283,16 +302,19 @@ def pin_world(world, hub: Hub, revision_names: list[str], dataset_pattern: str, 
             f"weights_size = {entry.size}",
         ]
     check_distinct_weights(revisions, world.model_repo)  # before anything is written
-    for section, repo, pattern in (
-        ("dataset", world.dataset_repo, dataset_pattern),
-        ("evals", world.evals_repo, evals_pattern),
-    ):
-        if not repo or not pattern:
+    wanted = [
+        ("dataset", world.dataset_repo, dataset_pattern, f"file matches '{dataset_pattern}'",
+         lambda n: fnmatch.fnmatch(n, dataset_pattern)),
+        ("evals", world.evals_repo, evals_split, f"parquet file of split '{evals_split}'",
+         lambda n: in_split(n, evals_split)),
+    ]  # fmt: skip
+    for section, repo, selector, what, match in wanted:
+        if not repo or not selector:
             continue
         commit = resolve_refs(hub, repo, ["main"], "dataset")["main"]
-        names = _list_files(hub, repo, commit, pattern, "dataset")
+        names = _list_files(hub, repo, commit, match, "dataset")
         if not names:
-            raise ConfigError(f"{repo}@{commit[:12]}: no file matches '{pattern}'")
+            raise ConfigError(f"{repo}@{commit[:12]}: no {what}")
         lines += ["", f"[{section}]", f'repo = "{repo}"', f'commit = "{commit}"']
         for name, entry in _file_pins(hub, repo, commit, names, "dataset").items():
             lines += ["", f'[{section}.files."{name}"]', f"size = {entry.size}", f'sha256 = "{entry.sha256}"']
