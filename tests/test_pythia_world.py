@@ -246,6 +246,36 @@ def test_corpus_rows_are_the_shards_bytes(pythia):
     # the memorized-evals sample is in the candidates
     split = _read(pythia_run["results"], paths.MEMORIZATION, paths.EVALS_RESCORE_TABLE)
     assert len(split) > 0 and np.isin(split["seq_idx"].to_numpy(), seq).any()
+    # and every listed candidate's tokens were checked against the split's, in both stages
+    listed = tables.provenance(pythia_run["results"] / paths.MEMORIZATION / paths.EVALS_RESCORE_TABLE)
+    checked = tables.provenance(pythia_run["results"] / paths.CORPUS / paths.CORPUS_TABLE)["summary"]
+    assert checked["evals_tokens_checked"] >= profile.corpus.pile.memorized
+    assert listed["candidates_listed_tokens_match"] == listed["candidates_listed"] > 0
+
+
+def test_a_memorized_split_from_another_ordering_stops():
+    """The split's ``index`` must name our training sequences: its stored first tokens are checked
+    against each listed candidate's own, and one disagreement stops naming the sequence."""
+    from pythia_attribution.sources.memorized_evals import check_tokens
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 50_000, size=(6, 2049)).astype(np.uint16)
+    seq_idxs = np.array([3, 5, 9, 12, 20, 31])
+    split = pa.table(
+        {"index": [5, 12, 40], "tokens": [tokens[1, :64].tolist(), tokens[3, :64].tolist(), [7] * 64]}
+    )
+    assert check_tokens(split, seq_idxs, tokens, np.arange(6), "evals") == 2
+    # rows may be any permutation of the sequences (packed ids at micro scale)
+    perm = np.array([5, 4, 3, 2, 1, 0])
+    assert check_tokens(split, seq_idxs, tokens[perm], np.argsort(perm), "evals") == 2
+    assert check_tokens(split, np.array([1, 2]), tokens[:2], np.arange(2), "evals") == 0
+    shifted = split.set_column(
+        1, "tokens", pa.array([tokens[2, :64].tolist(), tokens[3, :64].tolist(), [7] * 64])
+    )
+    with pytest.raises(
+        ChecksumError, match=r"^evals: the split lists training sequence 5 with .* \(1 of 2 listed"
+    ):
+        check_tokens(shifted, seq_idxs, tokens, np.arange(6), "evals")
 
 
 def test_checkpoints_are_the_pinned_commits(pythia):

@@ -132,7 +132,7 @@ def run(ctx) -> None:
     summary_table = pa.Table.from_pylist(summary, MEMORIZATION_SUMMARY_SCHEMA)
     ctx.write_table(paths.MEMORIZATION_SUMMARY_TABLE, summary_table)
     if cfg.source == "memorized-evals":
-        rescore_evals(ctx, ckpt_dirs[steps[-1]], steps[-1], row_seq, results[steps[-1]][0][row_packed])
+        rescore_evals(ctx, ckpt_dirs[steps[-1]], steps[-1], cands, results[steps[-1]][0][cands.row_packed])
 
     # 3. Duplication of each packed sequence's window, and memorized fraction against it.
     distinct = distinct_rows(windows)  # both counts start from the distinct windows
@@ -359,14 +359,18 @@ def checkpoint_dir(ctx, step: int) -> Path:
     raise ConfigError(f"no checkpoint step{step} in checkpoints.arrow")
 
 
-def rescore_evals(ctx, ckpt_dir: Path, step: int, row_seq: np.ndarray, row_memorized: np.ndarray) -> None:
-    """Source memorized-evals: re-score a seeded sample of the split's listed sequences with the
-    final checkpoint (their 64 tokens are in the split) before trusting it, and compare with our own
-    test on the candidates that the split lists."""
-    from pythia_attribution.sources.memorized_evals import load_split
+def rescore_evals(ctx, ckpt_dir: Path, step: int, cands, row_memorized: np.ndarray) -> None:
+    """Source memorized-evals: check that the split's listed candidates are ours token for token,
+    re-score a seeded sample of the split's listed sequences with the final checkpoint (their 64
+    tokens are in the split) before trusting it, and compare with our own test on the candidates
+    that the split lists."""
+    from pythia_attribution.sources.memorized_evals import check_tokens, load_split
 
     cfg = ctx.config
     split = load_split(ctx.profile)
+    row_seq = cands.row_seq_idx
+    where = f"{ctx.profile.world.evals_repo} split {ctx.profile.world.evals_split}"
+    tokens_checked = check_tokens(split, row_seq, cands.tokens, cands.row_packed, where)
     rng = np.random.default_rng(np.random.SeedSequence([ctx.profile.runtime.seed, 400]))
     take = np.sort(rng.choice(len(split), size=min(cfg.rescore_sample, len(split)), replace=False))
     sample = split.take(pa.array(take))
@@ -394,6 +398,7 @@ def rescore_evals(ctx, ckpt_dir: Path, step: int, row_seq: np.ndarray, row_memor
         agreement=agreement,
         candidates_listed=int(listed.sum()),
         candidates_listed_and_memorized=int(row_memorized[listed].sum()),
+        candidates_listed_tokens_match=tokens_checked,
         note="seeded sample of the memorized-evals split re-scored with the final checkpoint",
     )
     log.info(

@@ -8,6 +8,7 @@ the current checkpoint before it is trusted (the memorization stage does that).
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -39,3 +40,36 @@ def load_split(profile) -> pa.Table:
             )
         )
     return pa.concat_tables(parts).sort_by("index")
+
+
+def check_tokens(
+    split: pa.Table, seq_idxs: np.ndarray, tokens: np.ndarray, rows: np.ndarray, where: str
+) -> int:
+    """Check that the split's ``index`` names the same training sequences as our ``seq_idx``.
+
+    For every sequence of ``seq_idxs`` (sorted) that the split lists, the split's stored tokens (its
+    first 64) must equal the sequence's own first tokens, ``tokens[rows[i]]`` (any width) being
+    the row of ``seq_idxs[i]``. A mismatch means the split was computed on another dataset or
+    another ordering (a ``duped`` split against the deduplicated Pile, say), so its sequences are
+    not ours: stop, naming the first one. Returns how many listed sequences were compared.
+    """
+    listed = split["index"].to_numpy()
+    positions = np.flatnonzero(np.isin(seq_idxs, listed))
+    if not len(positions):
+        return 0
+    theirs = split["tokens"].take(pa.array(np.searchsorted(listed, seq_idxs[positions]))).to_pylist()
+    width = max(map(len, theirs))
+    ours = tokens[rows[positions], :width].astype(np.int64)  # only the compared columns are copied
+    differ = [
+        i
+        for i, (our_row, their_row) in enumerate(zip(ours, theirs, strict=True))
+        if not their_row or not np.array_equal(our_row[: len(their_row)], their_row[: len(our_row)])
+    ]
+    if differ:
+        first = differ[0]
+        raise ChecksumError(
+            f"{where}: the split lists training sequence {int(seq_idxs[positions[first]])} with "
+            f"tokens that are not that sequence's own ({len(differ)} of {len(positions)} listed "
+            "candidates differ); the split is for another dataset or ordering than corpus.pile's"
+        )
+    return len(positions)

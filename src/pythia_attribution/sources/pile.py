@@ -340,11 +340,12 @@ def run(ctx) -> None:
     pile = PreshuffledPile(
         url, manifest.dataset, width, paths.cache_root() / "pile-sequences", cfg.pile.fetch_threads
     )
-    memorized = np.zeros(0, dtype=np.int64)
+    split = None
     if cfg.pile.memorized:
         from pythia_attribution.sources.memorized_evals import load_split
 
-        memorized = load_split(profile)["index"].to_numpy()
+        split = load_split(profile)
+    memorized = split["index"].to_numpy() if split is not None else np.zeros(0, dtype=np.int64)
     chosen = select(cfg.pile, batch, pile.n_sequences, memorized, profile.runtime.seed)
     log.info("%d candidate sequences of %d (%s)", len(chosen), pile.n_sequences, url)
     _, tok_dir = checkpoint(profile, int(cfg.pile.tokenizer_step), manifest)
@@ -353,12 +354,20 @@ def run(ctx) -> None:
     n = len(chosen)
     scratch = ctx.out_dir / "scratch"
     corpus = corpus_table(pile, chosen, tokenizer, batch, cfg.pile.fetch_batch, scratch)
+    evals_checked = 0
+    if split is not None:  # the split's index must name these very sequences: their tokens agree
+        from pythia_attribution.sources.memorized_evals import check_tokens
+
+        tokens = corpus.column("input_ids").chunk(0).flatten().to_numpy().reshape(n, width)  # the map
+        where = f"{manifest.evals.repo} split {profile.world.evals_split}"
+        evals_checked = check_tokens(split, chosen, tokens, np.arange(n), where)
     meta = {
         "n_packed": n,
         "n_dataset_sequences": int(pile.n_sequences),
         "seq_len": cfg.seq_len,
         "batch_size": batch,
         "dataset": f"{manifest.dataset.repo}@{manifest.dataset.commit}",
+        "evals_tokens_checked": evals_checked,
         "note": "packed_id numbers the selected sequences; epoch is not derived (0)",
     }
     ctx.write_table(paths.CORPUS_TABLE, corpus, summary=meta)
