@@ -4,7 +4,7 @@
 #   docker run --gpus all --shm-size=2g -v "$PWD/cache:/cache" -v "$PWD/results:/repro/results" \
 #       repro nox -s all -- --profile pythia-70m-deduped
 #   docker run -v "$PWD/results:/repro/results" -e PYTHIA_ATTRIBUTION_PROFILE=pythia-70m-deduped \
-#       repro quarto render paper
+#       repro quarto render paper/pythia.qmd
 # is the whole run (README, "Real scale"). torch and faiss bring CUDA as wheels (requirements/cuda.lock),
 # so the base image needs nothing but Python; the NVIDIA Container Toolkit injects the driver.
 #

@@ -42,8 +42,8 @@ def test_preview_renders_from_nano_tables(rendered):
     page = html.read_text()
     qmd = (folder / "index.qmd").read_text()
     n_figs = qmd.count("{#fig-")
-    tables_md = "".join(p.read_text() for p in (folder / "_generated" / "tables").glob("*.md"))
-    n_tbls = tables_md.count("{#tbl-")
+    included = re.findall(r"\{\{< include (_generated/tables/[\w-]+\.md) >\}\}", qmd)
+    n_tbls = "".join((folder / name).read_text() for name in included).count("{#tbl-")
     assert n_figs >= 8 and n_tbls >= 5
     # every figure and table is numbered, in order, and every reference became a link
     for i in range(1, n_figs + 1):
@@ -139,9 +139,31 @@ def test_abstract_sentences_follow_the_interval_and_the_tables():
     assert variables.finetune_abstract({"k": "50", "factual": {"n": "4"}}, ["factual"]) == ""
 
 
-def test_manuscript_prose_types_no_numbers():
-    found = build.typed_numbers((PAPER / "index.qmd").read_text())
-    assert not found, f"hand-typed numbers in paper/index.qmd (use a variable): {found}"
+@pytest.mark.parametrize("manuscript", sorted(set(build.MANUSCRIPTS.values())))
+def test_manuscript_prose_types_no_numbers(manuscript):
+    found = build.typed_numbers((PAPER / manuscript).read_text())
+    assert not found, f"hand-typed numbers in paper/{manuscript} (use a variable): {found}"
+
+
+def test_quarto_rendering_another_worlds_manuscript_stops(monkeypatch, tmp_path):
+    """Quarto's pre-render step names the manuscript that reports the profile's world when Quarto
+    renders another (`quarto render paper` renders index.qmd; a real-scale profile needs pythia.qmd)."""
+    monkeypatch.delenv("QUARTO_USE_FILE_FOR_PROJECT_INPUT_FILES", raising=False)
+    monkeypatch.setenv("QUARTO_PROJECT_INPUT_FILES", "/repro/paper/index.qmd\n")
+    with pytest.raises(
+        build.PaperError, match=r"^profile 'pythia-70m-deduped' is reported by paper/pythia.qmd"
+    ):
+        build.check_quarto_target("pythia.qmd", "pythia-70m-deduped")
+    build.check_quarto_target("index.qmd", "micro")
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("paper/pythia.qmd\n")
+    monkeypatch.delenv("QUARTO_PROJECT_INPUT_FILES")
+    monkeypatch.setenv("QUARTO_USE_FILE_FOR_PROJECT_INPUT_FILES", str(listing))
+    build.check_quarto_target("pythia.qmd", "pythia-70m-deduped")
+    with pytest.raises(build.PaperError, match="run `quarto render paper/index.qmd`"):
+        build.check_quarto_target("index.qmd", "micro")
+    monkeypatch.delenv("QUARTO_USE_FILE_FOR_PROJECT_INPUT_FILES")
+    build.check_quarto_target("index.qmd", "micro")  # not under Quarto: nothing to check
 
 
 def test_typed_number_check_finds_digits_outside_variables():
@@ -291,7 +313,7 @@ def test_quarto_runs_with_the_profile_and_this_interpreter_and_is_skipped_when_c
     fake.write_text(
         "#!/bin/sh\n"
         f'echo "$1 $2 $PYTHIA_ATTRIBUTION_PROFILE $(command -v python)" >> {calls}\n'
-        'mkdir -p "$2/_output" && echo "<html></html>" > "$2/_output/index.html"\n'
+        'mkdir -p "$(dirname "$2")/_output" && echo "<html></html>" > "$(dirname "$2")/_output/index.html"\n'
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -301,7 +323,7 @@ def test_quarto_runs_with_the_profile_and_this_interpreter_and_is_skipped_when_c
     assert main(args) == 0
     assert "is up to date for profile nano" in capsys.readouterr().out
     (line,) = calls.read_text().splitlines()
-    assert line == f"render {folder} nano {Path(sys.executable).parent / 'python'}"
+    assert line == f"render {folder / 'index.qmd'} nano {Path(sys.executable).parent / 'python'}"
     (folder / build.OUTPUT / "index.html").write_text("changed")
     assert main(args) == 0
     assert len(calls.read_text().splitlines()) == 2

@@ -247,8 +247,9 @@ def test_corpus_rows_are_the_shards_bytes(pythia):
     split = _read(pythia_run["results"], paths.MEMORIZATION, paths.EVALS_RESCORE_TABLE)
     assert len(split) > 0 and np.isin(split["seq_idx"].to_numpy(), seq).any()
     # and every listed candidate's tokens were checked against the split's, in both stages
-    listed = tables.provenance(pythia_run["results"] / paths.MEMORIZATION / paths.EVALS_RESCORE_TABLE)
-    checked = tables.provenance(pythia_run["results"] / paths.CORPUS / paths.CORPUS_TABLE)["summary"]
+    results = pythia_run["results"]
+    listed = tables.provenance(paths.table_path(results / paths.MEMORIZATION, paths.EVALS_RESCORE_TABLE))
+    checked = tables.provenance(paths.table_path(results / paths.CORPUS, paths.CORPUS_TABLE))["summary"]
     assert checked["evals_tokens_checked"] >= profile.corpus.pile.memorized
     assert listed["candidates_listed_tokens_match"] == listed["candidates_listed"] > 0
 
@@ -453,6 +454,19 @@ def test_paper_builds_from_the_fixture_worlds_tables(pythia, tmp_path):
         shutil.copy(paths.project_root() / "paper" / name, folder / name)
     values = build.assets("pythia-fixture", folder, results=pythia["results"])
     html, pdf = build.preview(folder, values)
-    assert pdf.read_bytes().startswith(b"%PDF") and "{{<" not in html.read_text()
-    assert "tracing" in " ".join(values["unavailable"])  # no ground truth on the Pile
+    # the Pile's world is reported by its own manuscript, with every number it quotes computed
+    assert values["build"]["manuscript"] == "pythia.qmd" and pdf.name == "pythia.pdf"
+    page = html.read_text()
+    assert pdf.read_bytes().startswith(b"%PDF") and "{{<" not in page and "n/a" not in page
+    used = {
+        m.group(2)
+        for m in build.SHORTCODE.finditer((folder / "pythia.qmd").read_text())
+        if m.group(1) == "var"
+    }
+    missing = sorted(used & set(values.get("unavailable", {})))
+    assert not missing, missing  # (micro's sections, which pythia.qmd does not quote, may be absent)
     assert values["build"]["profile"] == "pythia-fixture"
+    world = values["world"]
+    assert world["model_repo"] == pythia["profile"].world.model_repo and world["layers"] == "2"
+    assert world["n_checkpoints"] == str(len(pythia["profile"].train.hub_steps))
+    assert "the first tokens of all" in world["evals"] and "Table 1:" in page

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog=(
             "assets:  figures, tables and _variables.yml into paper/ (Quarto's pre-render step)\n"
             "preview: assets, then HTML and PDF in paper/_output/ with pandoc 3 and typst (no Quarto)\n"
-            "quarto:  `quarto render paper` (which runs assets first), the quarto on PATH\n"
+            "quarto:  `quarto render paper/<manuscript>` (which runs assets first), the quarto on PATH\n"
+            "The manuscript follows the profile's world: index.qmd (micro-Pile), pythia.qmd (the Pile).\n"
             "preview and quarto skip when paper/_output/ was rendered from the same tables, code,\n"
             "sources and commit and is whole (paper/.rendered.json); --force renders again.\n"
             "The profile defaults to $PYTHIA_ATTRIBUTION_PROFILE, else micro."
@@ -67,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             html, pdf = build.preview(paper_dir, values)
             done = f"wrote {html} and {pdf}"
         else:
-            build.quarto(args.profile, paper_dir)
-            done = f"rendered {paper_dir} with Quarto"
+            from pythia_attribution.paper.data import Study
+
+            name = build.manuscript(Study(results, args.profile))
+            build.quarto(args.profile, paper_dir, name)
+            done = f"rendered {paper_dir / name} with Quarto"
         derived.write_stamp(paper_dir, build.rendered_files(paper_dir), stamp, made_from)
         print(f"{done} from profile {args.profile} in {time.perf_counter() - started:.1f} s")
     except UserError as exc:

@@ -1,8 +1,12 @@
 """Build the manuscript: assets from the tables (Quarto's pre-render), and the pandoc/typst preview.
 
+A profile's tables are reported by the manuscript of the world they come from (``MANUSCRIPTS``,
+by ``corpus.source``): ``index.qmd`` for micro-Pile, whose synthetic items give a ground truth,
+and ``pythia.qmd`` for the Pile's own training sequences, which have none.
+
 ``assets`` writes, inside the paper folder, ``_generated/figures/*.{png,svg}``,
 ``_generated/tables/*.md`` and ``_variables.yml`` (every number the prose quotes). ``preview``
-renders ``index.qmd`` to ``_output/index.html`` and ``_output/index.pdf`` without Quarto: the
+renders the manuscript to ``_output/<name>.html`` and ``_output/<name>.pdf`` without Quarto: the
 ``{{< var >}}`` / ``{{< include >}}`` shortcodes are expanded here (an unknown variable or a
 missing include is an error naming the line), then pandoc 3 (pypandoc-binary) runs the
 cross-reference filter and citeproc with ``--fail-if-warnings`` (a dangling ``@fig-``/``@tbl-``/
@@ -12,6 +16,7 @@ compiles the PDF on A4.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -26,7 +31,7 @@ import yaml
 
 from pythia_attribution import paths
 from pythia_attribution.errors import UserError
-from pythia_attribution.paper import figures, mdtables, variables
+from pythia_attribution.paper import figures, mdtables, pile_world, variables
 from pythia_attribution.paper.data import Study
 
 log = logging.getLogger(__name__)
@@ -34,13 +39,16 @@ log = logging.getLogger(__name__)
 GENERATED = "_generated"
 VARIABLES = "_variables.yml"
 OUTPUT = "_output"
-MANUSCRIPT = "index.qmd"
+MANUSCRIPT = "index.qmd"  # micro-Pile's manuscript, and Quarto's default render target
+# which manuscript reports a world, by the corpus source its tables were built from
+MANUSCRIPTS = {"micro-pile": MANUSCRIPT, "pythia-preshuffled": "pythia.qmd"}
 BIBLIOGRAPHY = "references.bib"
 ANCHORS = "anchors.yml"  # published numbers, hand-curated with their sources
 TYPST_HEADER = "header.typ"  # typst set-up shared by Quarto's typst format and the preview
 APOSTROPHES = "apostrophes.lua"  # a filter shared by Quarto (_quarto.yml) and the preview
 # what a copy of the manuscript folder needs to build (the rest is written by the assets step)
-SOURCES = (MANUSCRIPT, BIBLIOGRAPHY, ANCHORS, "_quarto.yml", TYPST_HEADER, APOSTROPHES)
+SOURCES = (*dict.fromkeys(MANUSCRIPTS.values()), BIBLIOGRAPHY, ANCHORS, "_quarto.yml")
+SOURCES += (TYPST_HEADER, APOSTROPHES)
 
 STAMP = ".rendered.json"  # what _output/, _generated/ and _variables.yml were made from
 
@@ -53,6 +61,33 @@ class PaperError(UserError):
 
 def default_paper_dir() -> Path:
     return paths.project_root() / "paper"
+
+
+def manuscript(study: Study) -> str:
+    """The manuscript that reports ``study``'s world (``MANUSCRIPTS``, by its corpus source)."""
+    source = study.config(paths.CORPUS_TABLE, "corpus").get("source", "micro-pile")
+    if source not in MANUSCRIPTS:
+        raise PaperError(f"no manuscript reports corpus source '{source}' (known: {', '.join(MANUSCRIPTS)})")
+    return MANUSCRIPTS[source]
+
+
+def check_quarto_target(name: str, profile: str) -> None:
+    """Stop a Quarto render of the wrong manuscript for this profile's world. As Quarto's
+    pre-render step, ``assets`` sees the files being rendered in ``QUARTO_PROJECT_INPUT_FILES``
+    (or the file named by ``QUARTO_USE_FILE_FOR_PROJECT_INPUT_FILES``)."""
+    listing = os.environ.get("QUARTO_PROJECT_INPUT_FILES")
+    if listing is None and os.environ.get("QUARTO_USE_FILE_FOR_PROJECT_INPUT_FILES"):
+        with contextlib.suppress(OSError):
+            listing = Path(os.environ["QUARTO_USE_FILE_FOR_PROJECT_INPUT_FILES"]).read_text()
+    if not listing:
+        return
+    rendering = {Path(line.strip()).name for line in listing.splitlines() if line.strip()}
+    if name not in rendering:
+        raise PaperError(
+            f"profile {profile!r} is reported by paper/{name}, but Quarto renders "
+            f"{', '.join(sorted(rendering))}: run `quarto render paper/{name}` "
+            f"(or `nox -s paper -- --profile {profile}`)"
+        )
 
 
 def build_info(profile: str) -> dict:
@@ -79,15 +114,18 @@ def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
     (part / "figures").mkdir(parents=True)
     (part / "tables").mkdir()
     try:
-        values = variables.compute(study, build_info(profile))
+        name = manuscript(study)
+        check_quarto_target(name, profile)
+        values = variables.compute(study, build_info(profile) | {"manuscript": name})
         # the explorer (nox -s explorer) beside the results, as a link from the rendered paper
         values["build"]["explorer"] = os.path.relpath(
             study.results / "explorer" / "index.html", paper_dir / OUTPUT
         )
-        fill_unavailable(values, paper_dir)
         anchors = paper_dir / ANCHORS
         if anchors.is_file():
             values["anchors"] = yaml.safe_load(anchors.read_text())
+        pile_world.published_memorization(values)
+        fill_unavailable(values, paper_dir / name)
         log.info("drawing %d figures", len(figures.FIGURES))
         figures.write_all(study, part / "figures")
         mdtables.write_all(study, part / "tables")
@@ -135,7 +173,7 @@ def rendered_files(paper_dir: Path) -> list[str]:
     return derived.files_under(paper_dir, OUTPUT, GENERATED, VARIABLES)
 
 
-def fill_unavailable(values: dict, paper_dir: Path) -> None:
+def fill_unavailable(values: dict, manuscript_path: Path) -> None:
     """Give every variable the manuscript quotes that this profile's tables cannot provide the
     value "n/a" (so Quarto and the preview both render), and list it under ``unavailable``.
 
@@ -145,23 +183,22 @@ def fill_unavailable(values: dict, paper_dir: Path) -> None:
     nothing unavailable, so a missing variable there fails.
     """
     missing = values.setdefault("unavailable", {})
-    for qmd in sorted(paper_dir.glob("*.qmd")):
-        for match in SHORTCODE.finditer(qmd.read_text()):
-            if match.group(1) != "var":
-                continue
-            name = match.group(2).strip()
-            keys = name.split(".")
-            if keys[0] not in values and keys[0] not in missing:
-                continue  # unknown section: expand() reports it
-            node = values
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-                if not isinstance(node, dict):
-                    break
-            else:
-                if keys[-1] not in node:
-                    node[keys[-1]] = "n/a"
-                    missing.setdefault(name, "not in this profile's tables")
+    for match in SHORTCODE.finditer(manuscript_path.read_text()):
+        if match.group(1) != "var":
+            continue
+        name = match.group(2).strip()
+        keys = name.split(".")
+        if keys[0] not in values and keys[0] not in missing:
+            continue  # unknown section: expand() reports it
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            if keys[-1] not in node:
+                node[keys[-1]] = "n/a"
+                missing.setdefault(name, "not in this profile's tables")
     if not missing:
         values.pop("unavailable")
 
@@ -206,7 +243,8 @@ def _run_pandoc(args: list[str], cwd: Path) -> None:
 
 
 def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
-    """Render ``index.qmd`` to HTML and PDF (typst) in ``paper_dir/_output``; return both paths."""
+    """Render the manuscript the variables name (``build.manuscript``) to HTML and PDF (typst) in
+    ``paper_dir/_output``, named after it; return both paths."""
     import typst
 
     paper_dir = Path(paper_dir).resolve()
@@ -215,15 +253,17 @@ def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
         if not var_file.is_file():
             raise PaperError(f"{var_file} is missing; run `python -m pythia_attribution.paper assets` first")
         values = yaml.safe_load(var_file.read_text())
+    name = values.get("build", {}).get("manuscript", MANUSCRIPT)
+    stem = Path(name).stem
     flat = variables.flatten(values)
-    text = expand((paper_dir / MANUSCRIPT).read_text(), flat, paper_dir, MANUSCRIPT)
+    text = expand((paper_dir / name).read_text(), flat, paper_dir, name)
     out = paper_dir / OUTPUT
     work = paper_dir / (OUTPUT + ".part")
     if work.exists():
         shutil.rmtree(work)
     work.mkdir()
     try:
-        source = work / "index.md"
+        source = work / f"{stem}.md"
         source.write_text(text)
         pkg = resources.files("pythia_attribution.paper")
         lua, css = (Path(str(pkg / name)) for name in ("crossref.lua", "preview.css"))
@@ -253,34 +293,35 @@ def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
                 str(css),
                 "--to=html5",
                 "-o",
-                str(work / "index.html"),
+                str(work / f"{stem}.html"),
             ],
             paper_dir,
         )
-        typ = paper_dir / ".index.preview.typ"
+        typ = paper_dir / f".{stem}.preview.typ"
         _run_pandoc(
             [*common, "--to=typst", "-V", "papersize=a4", "--include-in-header", str(header), "-o", str(typ)],
             paper_dir,
         )
         try:
-            typst.compile(str(typ), output=str(work / "index.pdf"), root=str(paper_dir))
+            typst.compile(str(typ), output=str(work / f"{stem}.pdf"), root=str(paper_dir))
         except Exception as exc:  # typst raises its own error type with the diagnostics
             raise PaperError(f"typst failed on {typ}:\n{exc}") from exc
-        shutil.move(typ, work / "index.typ")
+        shutil.move(typ, work / f"{stem}.typ")
         source.unlink()
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-        (paper_dir / ".index.preview.typ").unlink(missing_ok=True)
+        (paper_dir / f".{stem}.preview.typ").unlink(missing_ok=True)
         raise
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
-    return out / "index.html", out / "index.pdf"
+    return out / f"{stem}.html", out / f"{stem}.pdf"
 
 
-def quarto(profile: str, paper_dir: Path) -> None:
-    """``quarto render`` of the paper folder with the Quarto on PATH; its pre-render step
-    (``python -m pythia_attribution.paper assets``) runs with this interpreter and ``profile``."""
+def quarto(profile: str, paper_dir: Path, name: str = MANUSCRIPT) -> None:
+    """``quarto render`` of manuscript ``name`` in the paper folder with the Quarto on PATH; the
+    project's pre-render step (``python -m pythia_attribution.paper assets``) runs with this
+    interpreter and ``profile``."""
     exe = shutil.which("quarto")
     if exe is None:
         raise PaperError(
@@ -291,9 +332,10 @@ def quarto(profile: str, paper_dir: Path) -> None:
         "PYTHIA_ATTRIBUTION_PROFILE": profile,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    proc = subprocess.run([exe, "render", str(paper_dir)], env=env)
+    target = paper_dir / name
+    proc = subprocess.run([exe, "render", str(target)], env=env)
     if proc.returncode != 0:
-        raise PaperError(f"quarto render {paper_dir} failed (exit {proc.returncode}); its messages are above")
+        raise PaperError(f"quarto render {target} failed (exit {proc.returncode}); its messages are above")
 
 
 # Digits that may appear in the manuscript's own prose: names, not results.

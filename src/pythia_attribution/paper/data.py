@@ -48,8 +48,9 @@ NEEDED: dict[str, str] = {
     paths.WORD_ORDER_METRICS_TABLE: paths.ANALYSES,
     paths.WORD_ORDER_TABLE: paths.ANALYSES,
 }
-# tables the paper uses when their stage has run (stages outside `all`)
+# tables the paper uses when they were written: by stages outside `all`, or by one source only
 OPTIONAL: dict[str, str] = {
+    paths.EVALS_RESCORE_TABLE: paths.MEMORIZATION,  # memorization.source = "memorized-evals"
     paths.LEAVE_OUT_TABLE: paths.LEAVE_OUT,
     paths.LEAVE_OUT_RUNS_TABLE: paths.LEAVE_OUT,
     paths.LEAVE_OUT_METRICS_TABLE: paths.LEAVE_OUT,

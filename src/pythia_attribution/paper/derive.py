@@ -7,6 +7,7 @@ import re
 import polars as pl
 
 from pythia_attribution import paths
+from pythia_attribution.attribute.methods import REFERENCE
 from pythia_attribution.paper import style
 from pythia_attribution.paper.data import Study
 
@@ -274,11 +275,13 @@ def interval_level(note: str, what: str) -> str:
 
 def causal_orders(study: Study) -> dict[str, list[str]]:
     """The methods, best first, by tail-patch effect (``causal``) and by tracing MRR under each
-    truth definition (``TRUTH_ORDER``), over the methods present in both tables (the
-    ground-truth reference is not ranked)."""
+    truth definition (``TRUTH_ORDER``), over the methods present in both tables, or in the
+    tail-patch table alone where nothing was traced (no ground truth); the ground-truth reference
+    is not ranked."""
     tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
-    methods = list(set(tp["method"].to_list()) & set(tm["method"].to_list()))
+    methods = set(tp["method"].to_list())
+    methods = list(methods & set(tm["method"].to_list()) if tm.height else methods - {REFERENCE})
     frames = {"causal": tp.filter(pl.col("method").is_in(methods)).sort("effect", descending=True)}
     for truth in TRUTH_ORDER:
         sub = tm.filter((pl.col("truth") == truth) & pl.col("method").is_in(methods))

@@ -109,9 +109,11 @@ def behaviors(study: Study) -> str:
 
 
 def causal(study: Study) -> str:
-    """Tail-patch effect next to tracing MRR, per method, and the two rankings."""
+    """Tail-patch effect next to tracing MRR, per method, and the two rankings (tail-patch alone
+    where the world has no ground truth to trace)."""
     tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
     tm = study.frame(paths.TRACING_METRICS_TABLE).filter(pl.col("family") == "all")
+    truths = derive.TRUTH_ORDER if tm.height else ()
     prov = study.provenance(paths.TAIL_PATCH_METRICS_TABLE)
     level = derive.interval_level(prov.get("bootstrap", ""), "tail_patch_metrics")
     orders = derive.causal_orders(study)
@@ -134,23 +136,54 @@ def causal(study: Study) -> str:
                 fmt.pct(r["positive"]),
                 rank(m, "causal"),
             ]
-            + [f"{fmt.dec(mrr[t][0])} ({rank(m, t)})" if mrr[t] else "n/a" for t in derive.TRUTH_ORDER]
+            + [f"{fmt.dec(mrr[t][0])} ({rank(m, t)})" if mrr[t] else "n/a" for t in truths]
         )
-    k = study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]
+    causal_cfg = study.config(paths.TAIL_PATCH_TABLE, "causal")
+    k = causal_cfg["top_k"]
+    state = (
+        "Adam's second moments estimated from the last training steps' minibatches, a zero first moment"
+        if causal_cfg.get("optimizer_state") == "estimated"
+        else "the run's AdamW state"
+    )
+    beside = (
+        "Beside it, tracing MRR under each truth definition; Rank and the bracketed numbers are each "
+        "criterion's ranking of the methods (ground truth, a reference rather than a method, is not ranked)."
+        if truths
+        else "Rank: the methods ordered by effect."
+    )
     return pipe_table(
-        ["Method", "n", "Tail-patch effect", "> 0", "Rank"] + [f"MRR {t} (rank)" for t in derive.TRUTH_ORDER],
+        ["Method", "n", "Tail-patch effect", "> 0", "Rank"] + [f"MRR {t} (rank)" for t in truths],
         rows,
-        f"Tail-patch: the change in the target's log-probability after one training step (the run's "
-        f"AdamW state, final learning rate) on each of a method's top {k} sequences, beyond the same step "
+        f"Tail-patch: the change in the target's log-probability after one training step ({state}, "
+        f"final learning rate) on each of a method's top {k} sequences, beyond the same step "
         f"with a zero gradient, averaged over the top {k} and then over n behaviors ({level} "
         'percentile-bootstrap intervals); "> 0": the share of a behavior\'s top-k sequences whose step '
-        "raises the target, averaged over behaviors. "
-        f"Beside it, tracing MRR under each truth definition; Rank and the bracketed numbers are each "
-        f"criterion's ranking of the methods (ground truth, a reference rather than a method, is not "
-        f"ranked).",
+        f"raises the target, averaged over behaviors. {beside}",
         "tbl-causal",
-        "lrrrr" + "r" * len(derive.TRUTH_ORDER),
-        [5, 1, 6, 2, 2] + [3] * len(derive.TRUTH_ORDER),
+        "lrrrr" + "r" * len(truths),
+        [5, 1, 6, 2, 2] + [3] * len(truths),
+    )
+
+
+def checkpoints(study: Study) -> str:
+    """The checkpoints the study reads: revision, the commit it is pinned to (Hub checkpoints) or the
+    sha256 of the weights (trained ones), and how many training sequences each has seen."""
+    rows = [
+        [
+            r["revision"] or f"step{r['step']}",
+            f"`{(r['commit'] or r['model_sha256'])[:12]}`",
+            fmt.count(r["sequences_seen"]),
+        ]
+        for r in study.frame(paths.CHECKPOINTS_TABLE).sort("step").iter_rows(named=True)
+    ]
+    return pipe_table(
+        ["Revision", "Commit", "Sequences seen"],
+        rows,
+        "The checkpoints probed, each pinned to the commit its revision resolved to (checked against "
+        "the manifest, weights by sha256), and how many training sequences it has been trained on.",
+        "tbl-checkpoints",
+        "llr",
+        [3, 4, 3],
     )
 
 
@@ -445,6 +478,7 @@ log = logging.getLogger(__name__)
 
 TABLES = {
     "corpus": corpus,
+    "checkpoints": checkpoints,
     "behaviors": behaviors,
     "tracing": tracing,
     "causal": causal,

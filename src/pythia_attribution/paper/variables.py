@@ -13,7 +13,7 @@ import polars as pl
 
 from pythia_attribution import paths
 from pythia_attribution.attribute.methods import REFERENCE
-from pythia_attribution.paper import derive, fmt, style
+from pythia_attribution.paper import derive, fmt, pile_world, style
 from pythia_attribution.paper.data import Study
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,10 @@ def compute(study: Study, build: dict) -> dict:
 
     with _section(v, "memorization"):
         v["memorization"] = _memorization(study, final)
+
+    if pile_world.is_pile_world(study):  # pythia.qmd's own section
+        with _section(v, "world"):
+            v["world"] = pile_world.world_variables(study, final)
     return v
 
 

@@ -135,6 +135,31 @@ def checkpoint(profile, step: int, manifest: pins.HubManifest | None = None) -> 
     return revision.commit, local
 
 
+def model_facts(snapshot_dir: Path) -> dict:
+    """The architecture of a Hub checkpoint as the paper reports it: from its ``config.json`` and
+    the tensor shapes in its safetensors header (parameters counted, not derived from a formula)."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    config = json.loads((snapshot_dir / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    with safe_open(str(snapshot_dir / pins.WEIGHTS), framework="np") as weights:
+        names = weights.keys()  # noqa: SIM118 - a safe_open handle is not iterable
+        params = sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
+    return {
+        "architecture": ",".join(config.get("architectures", [])),
+        "layers": config["num_hidden_layers"],
+        "hidden": config["hidden_size"],
+        "heads": config["num_attention_heads"],
+        "vocab": config["vocab_size"],
+        "context": config.get("max_position_embeddings", 0),
+        "rotary_pct": rope.get("partial_rotary_factor", config.get("rotary_pct", 0.0)),
+        "params": params,
+    }
+
+
 def run(ctx) -> None:
     """Train stage, source ``hub``: record the pinned checkpoints (nothing is trained)."""
     cfg = ctx.config
@@ -163,7 +188,13 @@ def run(ctx) -> None:
     final = max(cfg.hub_steps)
     if trained > final:
         log.warning("candidates reach step %d, after the final checkpoint step%d", trained - 1, final)
-    ctx.write_table(paths.CHECKPOINTS_TABLE, pa.Table.from_pylist(rows, CHECKPOINT_SCHEMA), n_steps=final)
+    ctx.write_table(
+        paths.CHECKPOINTS_TABLE,
+        pa.Table.from_pylist(rows, CHECKPOINT_SCHEMA),
+        n_steps=final,
+        model_repo=manifest.model_repo,
+        model=model_facts(Path(rows[-1]["path"])),
+    )
     ctx.write_table(
         paths.TRAINING_LOG_TABLE,
         TRAINING_LOG_SCHEMA.empty_table(),

@@ -1,0 +1,196 @@
+"""The variables of ``pythia.qmd``: a study of a Pythia model over its own training sequences.
+
+The Pile has no planted items, so there is nothing to trace against; what the tables do hold is
+the model (from its checkpoint), the candidate selection, the behaviors over the pinned checkpoints,
+what each method retrieves, the tail-patch effect of stepping on it, and the memorized-evals split
+checked against the candidates. Every value is a formatted string, as in ``variables``.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from pythia_attribution import paths
+from pythia_attribution.paper import derive, fmt, style
+from pythia_attribution.paper.data import Study
+
+
+def is_pile_world(study: Study) -> bool:
+    """Whether the corpus is a selection of a preshuffled dataset's training sequences."""
+    return "dataset" in study.provenance(paths.CORPUS_TABLE).get("summary", {})
+
+
+def share(k: int, n: int) -> str:
+    """A small share with three significant digits (22,500 of 146 million is 0.0154%)."""
+    return f"{100 * k / n:.3g}%" if n else "n/a"
+
+
+def selection_sentence(pile: dict, batch: int) -> str:
+    """How ``corpus.pile`` chose the candidates, in words."""
+    parts = []
+    for first, last in pile.get("steps", []):
+        n = (last - first) * batch
+        parts.append(f"the {fmt.count(n)} sequences of steps {fmt.count(first)} to {fmt.count(last - 1)}")
+    if pile.get("seq_idxs"):
+        parts.append(f"{fmt.count(len(pile['seq_idxs']))} sequences listed by index")
+    if pile.get("memorized"):
+        listed = fmt.count(pile["memorized"])
+        parts.append(f"a seeded sample of {listed} sequences the memorized-evals split lists")
+    if pile.get("sample"):
+        until = pile.get("sample_until_step") or 0
+        before = f" of those trained before step {fmt.count(until)}" if until else ""
+        parts.append(f"a seeded uniform sample of {fmt.count(pile['sample'])}{before}")
+    return fmt.listing(parts)
+
+
+def learning_sentence(study: Study) -> str:
+    """How many behaviors each checkpoint exhibits: '0/5 at step 0, 2/5 at step 32 and ...'."""
+    per = (
+        study.frame(paths.PROBE_SUMMARY_TABLE)
+        .group_by("checkpoint")
+        .agg(pl.col("n_exhibited").sum(), pl.col("n").sum())
+        .sort("checkpoint")
+    )
+    return fmt.listing(
+        f"{fmt.ratio(r['n_exhibited'], r['n'])} at step {fmt.count(r['checkpoint'])}"
+        for r in per.iter_rows(named=True)
+    )
+
+
+def causal_sentences(study: Study) -> dict:
+    """Tail-patch: the methods by effect, the random floor, and which methods beat it (paired by
+    behavior, decided by the interval)."""
+    tp = study.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all")
+    ranked = tp.sort("effect", descending=True)
+    order = ", ".join(
+        f"{style.method_name(r['method'])} {fmt.sci(r['effect'])} "
+        + fmt.interval_sci(r["effect_lo"], r["effect_hi"])
+        for r in ranked.iter_rows(named=True)
+    )
+    methods = [m for m in ranked["method"].to_list() if m != "random"]
+    above, below = [], []
+    for m in methods:
+        paired = derive.causal_paired(study, m, "random") if "random" in ranked["method"].to_list() else None
+        if paired and paired["lo"] > 0:
+            above.append(style.method_name(m))
+        elif paired and paired["hi"] < 0:
+            below.append(style.method_name(m))
+    floor = (
+        f"Paired by behavior against random sequences, the step raises the target more for "
+        f"{fmt.listing(above) if above else 'no method'}"
+        + (f" and less for {fmt.listing(below)}" if below else "")
+        + "; for the others the interval of the difference includes zero."
+    )
+    return {
+        "order": order,
+        "versus_random": floor if "random" in ranked["method"].to_list() else "No random floor was run.",
+        "n": str(int(tp["n_behaviors"].max())) if tp.height else "0",
+        "top_k": str(study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]),
+    }
+
+
+def composition_sentence(study: Study) -> str:
+    """Per method, the share of its top k that duplicates the query exactly or nearly."""
+    comp = derive.pooled_composition(study)
+    parts = []
+    for m in derive.ordered_methods(comp["method"].unique()):
+        g = comp.filter(pl.col("method") == m)
+        dup = g.filter(pl.col("category").is_in(["exact", "near_duplicate"]))["share"].sum()
+        parts.append(f"{style.method_name(m)} {fmt.pct(dup)}")
+    return fmt.listing(parts)
+
+
+def world_variables(study: Study, final: int) -> dict:
+    corpus = study.provenance(paths.CORPUS_TABLE)
+    summary = corpus["summary"]
+    corpus_cfg = corpus["config"]["corpus"]
+    ckpt_prov = study.provenance(paths.CHECKPOINTS_TABLE)
+    model = ckpt_prov["model"]
+    ckpts = study.frame(paths.CHECKPOINTS_TABLE).sort("step")
+    attribute_cfg = study.config(paths.ATTRIBUTIONS_TABLE, "attribute")
+    causal_cfg = study.config(paths.TAIL_PATCH_TABLE, "causal")
+    probes = study.frame(paths.PROBES_TABLE).filter(pl.col("checkpoint") == final)
+    repo, commit = summary["dataset"].split("@")
+    n_candidates, n_dataset = int(summary["n_packed"]), int(summary["n_dataset_sequences"])
+    out = {
+        "model_repo": ckpt_prov["model_repo"],
+        "params": fmt.millions(model["params"]),
+        "layers": str(model["layers"]),
+        "hidden": str(model["hidden"]),
+        "heads": str(model["heads"]),
+        "context": fmt.count(model["context"]),
+        "vocab": fmt.count(model["vocab"]),
+        "rotary": fmt.pct(model["rotary_pct"]),
+        "n_checkpoints": str(ckpts.height),
+        "steps": fmt.listing(fmt.count(s) for s in ckpts["step"].to_list()),
+        "final_step": fmt.count(final),
+        "final_sequences": fmt.count(int(ckpts["sequences_seen"].max())),
+        "dataset": repo,
+        "dataset_commit": commit[:12],
+        "n_dataset": fmt.count(n_dataset),
+        "n_candidates": fmt.count(n_candidates),
+        "candidate_share": share(n_candidates, n_dataset),
+        "seq_len": str(summary["seq_len"]),
+        "batch": fmt.count(summary["batch_size"]),
+        "selection": selection_sentence(corpus_cfg["pile"], int(summary["batch_size"])),
+        "tokens_checked": fmt.count(summary.get("evals_tokens_checked", 0)),
+        "n_behaviors": str(probes["behavior_id"].n_unique()),
+        "n_families": str(probes["family"].n_unique()),
+        "exhibited_final": fmt.ratio(int(probes["exhibited"].sum()), probes["behavior_id"].n_unique()),
+        "learning": learning_sentence(study),
+        "methods": fmt.listing(
+            style.method_name(m)
+            for m in derive.ordered_methods(study.frame(paths.ATTRIBUTIONS_TABLE)["method"].unique())
+            if m != "random"
+        ),
+        "top_k": str(attribute_cfg["top_k"]),
+        "projection_dim": str(attribute_cfg["projection_dim"]),
+        "moment_batches": str(attribute_cfg.get("moment_batches", "n/a")),
+        "tail_patch_state": (
+            "Adam's second moments estimated as for TrackStar with estimated state, a zero first moment"
+            if causal_cfg.get("optimizer_state") == "estimated"
+            else "the final checkpoint's saved AdamW state"
+        ),
+        "causal": causal_sentences(study),
+        "composition": composition_sentence(study),
+    }
+    out |= evals_variables(study)
+    return out
+
+
+def evals_variables(study: Study) -> dict:
+    """The memorized-evals split: its size, the re-scored sample's agreement, the candidates it lists."""
+    if not study.has(paths.EVALS_RESCORE_TABLE):
+        return {
+            "evals_split": "",
+            "evals": "The memorization stage tested the candidates itself (no memorized-evals split).",
+        }
+    prov = study.provenance(paths.EVALS_RESCORE_TABLE)
+    rescore = study.frame(paths.EVALS_RESCORE_TABLE)
+    return {
+        "evals_split": prov["split"],
+        "evals": (
+            f"The split `{prov['split']}` lists {fmt.count(prov['n_listed'])} sequences as memorized. "
+            f"Re-scored with the step {fmt.count(int(rescore['checkpoint'].max()))} checkpoint, "
+            f"{fmt.pct(prov['agreement'])} of a seeded sample of {fmt.count(rescore.height)} of them are "
+            f"memorized by the same test; of the {fmt.count(prov['candidates_listed'])} candidates it lists, "
+            f"{fmt.count(prov['candidates_listed_and_memorized'])} are memorized by our own test, and "
+            f"the first tokens of all {fmt.count(prov['candidates_listed_tokens_match'])} equal the "
+            "split's (its sequence indexes are ours)."
+        ),
+    }
+
+
+def published_memorization(values: dict) -> None:
+    """The sentence comparing the candidates' memorized share with the published share of the
+    model's split (``anchors.pythia_memorized.by_split``), once the anchors are loaded."""
+    world = values.get("world")
+    if world is None:
+        return
+    split = world.get("evals_split", "")
+    rate = values.get("anchors", {}).get("pythia_memorized", {}).get("by_split", {}).get(split)
+    world["published"] = (
+        f"{rate} of all training sequences memorized for the split `{split}`"
+        if rate
+        else f"no published share for the split `{split}`"
+    )
