@@ -504,3 +504,28 @@ def test_outputs_set_aside_by_an_interrupted_swap_are_put_back(nano_copy, capsys
     assert not set_aside.exists()
     assert (results / paths.DUPLICATES / paths.STAGE_RECORD).read_text() == record  # not recomputed
     assert main(["verify", "--profile", nano_copy["profile"], "-q"]) == 0
+
+
+def test_compare_takes_the_explorer_stamp_by_what_it_lists(tmp_path):
+    """The explorer's build stamp holds a key over the code and the commit, so two runs of different
+    commits differ there by design: ``compare`` (``verify --against``) reads it for the files it
+    lists, each compared on its own, and reports a page that changed."""
+    from pythia_attribution import derived, explorer
+
+    assert verify.EXPLORER_STAMP == explorer.STAMP
+    runs = []
+    for key in ("made-by-commit-a", "made-by-commit-b"):
+        site = tmp_path / key / "explorer"
+        (site / "behavior").mkdir(parents=True)
+        (site / "index.html").write_text("<html>index</html>")
+        (site / "behavior" / "x.html").write_text("<html>x</html>")
+        derived.write_stamp(site, ["index.html", "behavior/x.html"], site / explorer.STAMP, key)
+        runs.append(tmp_path / key)
+    assert verify.compare(*runs) == []
+    site = runs[1] / "explorer"
+    (site / "behavior" / "x.html").write_text("<html>y</html>")
+    derived.write_stamp(site, ["index.html", "behavior/x.html"], site / explorer.STAMP, "made-by-commit-b")
+    assert verify.compare(*runs) == [
+        "explorer/.built.json: lists other files or other contents",
+        "explorer/behavior/x.html: bytes differ",
+    ]
