@@ -126,9 +126,10 @@ def assets(profile: str, paper_dir: Path, results: Path | None = None) -> dict:
             values["anchors"] = yaml.safe_load(anchors.read_text())
         pile_world.published_memorization(values)
         fill_unavailable(values, paper_dir / name)
-        log.info("drawing %d figures", len(figures.FIGURES))
-        figures.write_all(study, part / "figures")
-        mdtables.write_all(study, part / "tables")
+        figure_names, table_names = used_assets(paper_dir / name)
+        log.info("drawing %d figures for %s", len(figure_names), name)
+        figures.write_all(study, part / "figures", figure_names)
+        mdtables.write_all(study, part / "tables", table_names)
         tmp_vars = paper_dir / (VARIABLES + ".tmp")
         tmp_vars.write_text(
             "# Written by `python -m pythia_attribution.paper assets` from the tables of profile "
@@ -173,6 +174,23 @@ def rendered_files(paper_dir: Path) -> list[str]:
     return derived.files_under(paper_dir, OUTPUT, GENERATED, VARIABLES)
 
 
+ASSET = re.compile(r"_generated/(figures|tables)/([\w-]+)\.(?:svg|png|md)")
+
+
+def used_assets(manuscript_path: Path) -> tuple[list[str], list[str]]:
+    """The figures and tables a manuscript shows (what the assets step draws for it); one it
+    names that no code draws is an error naming it."""
+    found: dict[str, list[str]] = {"figures": [], "tables": []}
+    for kind, name in ASSET.findall(manuscript_path.read_text()):
+        known = figures.FIGURES if kind == "figures" else mdtables.TABLES
+        if name not in known:
+            raise PaperError(
+                f"{manuscript_path.name}: no code draws _generated/{kind}/{name} ({kind}: {', '.join(known)})"
+            )
+        found[kind].append(name)
+    return sorted(set(found["figures"])), sorted(set(found["tables"]))
+
+
 def fill_unavailable(values: dict, manuscript_path: Path) -> None:
     """Give every variable the manuscript quotes that this profile's tables cannot provide the
     value "n/a" (so Quarto and the preview both render), and list it under ``unavailable``.
@@ -183,6 +201,7 @@ def fill_unavailable(values: dict, manuscript_path: Path) -> None:
     nothing unavailable, so a missing variable there fails.
     """
     missing = values.setdefault("unavailable", {})
+    absent: dict[str, list[str]] = {}
     for match in SHORTCODE.finditer(manuscript_path.read_text()):
         if match.group(1) != "var":
             continue
@@ -199,6 +218,13 @@ def fill_unavailable(values: dict, manuscript_path: Path) -> None:
             if keys[-1] not in node:
                 node[keys[-1]] = "n/a"
                 missing.setdefault(name, "not in this profile's tables")
+                absent.setdefault(keys[0], []).append(name)
+    for section, names in absent.items():
+        why = missing.get(section, "not in this profile's tables")
+        log.warning(
+            "paper: %d variable(s) of section '%s' read n/a in %s (%s), e.g. %s",
+            len(names), section, manuscript_path.name, why, names[0],
+        )  # fmt: skip
     if not missing:
         values.pop("unavailable")
 

@@ -79,6 +79,7 @@ def _category_fill(categories: list[str]):
         labels={c: style.category_label(c) for c in order},
         breaks=order,
         name="Retrieved sequence is",
+        guide=guide_legend(nrow=2),  # in one row the last label ran past the page's width
     )
 
 
@@ -110,6 +111,8 @@ def learning(study: Study):
         + _theme()
         + guides(colour=guide_legend(nrow=2))
     )
+    if set(data["dose"].astype(str)) <= {derive.NATURAL}:  # no designed dose (the Pile): no legend
+        plot += theme(legend_position="none")
     return plot, (style.FIGURE_WIDTH_IN, 4.2)
 
 
@@ -465,8 +468,8 @@ FIGURES = {
 }
 
 
-def write_all(study: Study, folder: Path) -> list[Path]:
-    """Draw every figure into ``folder`` as ``<name>.png`` and ``<name>.svg``."""
+def write_all(study: Study, folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Draw every figure (or those of ``names``) into ``folder`` as ``<name>.png`` and ``<name>.svg``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,6 +477,8 @@ def write_all(study: Study, folder: Path) -> list[Path]:
     matplotlib.rcParams["svg.fonttype"] = "path"
     written = []
     for name, draw in FIGURES.items():
+        if names is not None and name not in names:
+            continue
         try:
             written += _save(folder, name, *draw(study))
         except (*DATA_ABSENT, PlotnineError) as exc:

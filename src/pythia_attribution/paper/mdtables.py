@@ -168,19 +168,25 @@ def causal(study: Study) -> str:
 def checkpoints(study: Study) -> str:
     """The checkpoints the study reads: revision, the commit it is pinned to (Hub checkpoints) or the
     sha256 of the weights (trained ones), and how many training sequences each has seen."""
+    ckpts = study.frame(paths.CHECKPOINTS_TABLE).sort("step")
+    pinned = bool((ckpts["commit"].fill_null("") != "").all())
     rows = [
         [
             r["revision"] or f"step{r['step']}",
-            f"`{(r['commit'] or r['model_sha256'])[:12]}`",
+            f"`{(r['commit'] if pinned else r['model_sha256'])[:12]}`",
             fmt.count(r["sequences_seen"]),
         ]
-        for r in study.frame(paths.CHECKPOINTS_TABLE).sort("step").iter_rows(named=True)
+        for r in ckpts.iter_rows(named=True)
     ]
+    identity = (
+        "each pinned to the commit its revision resolved to (checked against the manifest, weights by sha256)"
+        if pinned
+        else "each identified by the sha256 of its weights"
+    )
     return pipe_table(
-        ["Revision", "Commit", "Sequences seen"],
+        ["Revision", "Commit" if pinned else "Weights (sha256)", "Sequences seen"],
         rows,
-        "The checkpoints probed, each pinned to the commit its revision resolved to (checked against "
-        "the manifest, weights by sha256), and how many training sequences it has been trained on.",
+        f"The checkpoints probed, {identity}, and how many training sequences each has been trained on.",
         "tbl-checkpoints",
         "llr",
         [3, 4, 3],
@@ -490,9 +496,12 @@ TABLES = {
 }
 
 
-def write_all(study: Study, folder: Path) -> list[Path]:
+def write_all(study: Study, folder: Path, names: list[str] | None = None) -> list[Path]:
+    """Write every table (or those of ``names``) into ``folder`` as ``<name>.md``."""
     written = []
     for name, make in TABLES.items():
+        if names is not None and name not in names:
+            continue
         out = folder / f"{name}.md"
         try:
             text = make(study)

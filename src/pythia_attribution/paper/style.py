@@ -42,7 +42,7 @@ CATEGORIES: dict[str, tuple[str, str]] = {
 MEMORIZATION_GROUPS: dict[str, str] = {"early": "Memorized early", "late": "Memorized late"}
 SETTINGS: dict[str, str] = {
     "final": "At the final checkpoint",
-    "first_memorized": "At first memorization, over what was trained before",
+    "first_memorized": "At first memorization,\nover what was trained before",  # one line overran its strip
 }
 
 # injected-count ramp (light to dark, cividis-like) and the two non-dose curves

@@ -43,7 +43,9 @@ def _section(v: dict, name: str):
     except DATA_ABSENT as exc:
         v.pop(name, None)
         v.setdefault("unavailable", {})[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
-        log.warning("paper: no data for section '%s' in this profile (%s)", name, v["unavailable"][name])
+        # said once the manuscript is known (build.fill_unavailable): a section another world's
+        # manuscript quotes is expected to be absent here
+        log.debug("paper: no data for section '%s' in this profile (%s)", name, v["unavailable"][name])
 
 
 def model_parameters(train: dict, vocab: int) -> int:
@@ -85,7 +87,7 @@ def compute(study: Study, build: dict) -> dict:
             "lr": f"{train_cfg['lr']:g}",
             "steps": fmt.count(final),
             "n_checkpoints": str(ckpts.height),
-            "final_loss": fmt.dec(log.filter(pl.col("step") == log["step"].max())["loss"][0], 2),
+            "final_loss": fmt.dec(log.filter(pl.col("step") == pl.col("step").max())["loss"][0], 2),
             "tokens_seen": fmt.millions(int(ckpts["tokens_seen"].max())),
         }
     with _section(v, "corpus"):
