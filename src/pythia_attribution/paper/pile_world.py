@@ -136,7 +136,7 @@ def world_variables(study: Study, final: int) -> dict:
         "tokens_checked": fmt.count(summary.get("evals_tokens_checked", 0)),
         "n_behaviors": str(probes["behavior_id"].n_unique()),
         "n_families": str(probes["family"].n_unique()),
-        "exhibited_final": fmt.ratio(int(probes["exhibited"].sum()), probes["behavior_id"].n_unique()),
+        "exhibited_final": fmt.count(int(probes["exhibited"].sum())),
         "learning": learning_sentence(study),
         "methods": fmt.listing(
             style.method_name(m)
@@ -167,16 +167,22 @@ def evals_variables(study: Study) -> dict:
         }
     prov = study.provenance(paths.EVALS_RESCORE_TABLE)
     rescore = study.frame(paths.EVALS_RESCORE_TABLE)
+    listed = int(prov["candidates_listed"])
+    candidates = (
+        f"of the {fmt.count(listed)} candidates it lists, "
+        f"{fmt.count(prov['candidates_listed_and_memorized'])} are memorized by our own test, and "
+        f"the first tokens of all {fmt.count(prov['candidates_listed_tokens_match'])} equal the "
+        "split's (its sequence indexes are ours)"
+        if listed
+        else "it lists none of the candidates"
+    )
     return {
         "evals_split": prov["split"],
         "evals": (
             f"The split `{prov['split']}` lists {fmt.count(prov['n_listed'])} sequences as memorized. "
             f"Re-scored with the step {fmt.count(int(rescore['checkpoint'].max()))} checkpoint, "
             f"{fmt.pct(prov['agreement'])} of a seeded sample of {fmt.count(rescore.height)} of them are "
-            f"memorized by the same test; of the {fmt.count(prov['candidates_listed'])} candidates it lists, "
-            f"{fmt.count(prov['candidates_listed_and_memorized'])} are memorized by our own test, and "
-            f"the first tokens of all {fmt.count(prov['candidates_listed_tokens_match'])} equal the "
-            "split's (its sequence indexes are ours)."
+            f"memorized by the same test; {candidates}."
         ),
     }
 

@@ -23,7 +23,7 @@ METHODS: dict[str, tuple[str, str]] = {
 FAMILIES: dict[str, str] = {
     "factual": "Factual recall",
     "fictional_fact": "Fictional facts",
-    "memorized": "Memorized canaries",
+    "memorized": "Memorized sequences",
     "stereotype": "Stereotyped association",
     "toxic": "Toxic language (proxy)",
     "style": "Distinctive style",
