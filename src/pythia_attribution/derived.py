@@ -27,6 +27,10 @@ from pathlib import Path
 from pythia_attribution import outputs, paths
 from pythia_attribution.tables import sha256_file, write_text_atomic
 
+# The explorer's stamp, inside its site: what it was made from, and the files written (here, not in
+# explorer.py, so that verify can read it without importing the attribute stage)
+EXPLORER_STAMP = ".built.json"
+
 log = logging.getLogger(__name__)
 
 

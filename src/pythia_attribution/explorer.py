@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pythia_attribution import paths, tables
+from pythia_attribution import derived, paths, tables
 from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
 from pythia_attribution.errors import MissingInputError
 
@@ -205,14 +205,12 @@ def build(results: Path, out: Path) -> Path:
     return out
 
 
-STAMP = ".built.json"  # inside the site: what it was made from, and the files written
+STAMP = derived.EXPLORER_STAMP
 
 
 def build_if_stale(results: Path, out: Path, force: bool = False) -> Path:
     """:func:`build`, unless the site in ``out`` was made from the same tables and code and is
     whole (``derived``): a second ``nox -s paper`` then costs a second, not a rebuild."""
-    from pythia_attribution import derived
-
     made_from = derived.key(results, [__name__], [], shown=_shown(results))
     if not force and derived.is_current(out, out / STAMP, made_from):
         log.info("explorer: up to date in %s, skipping (--force rebuilds it)", out)

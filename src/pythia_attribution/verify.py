@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pythia_attribution import outputs, paths, stage, tables
+from pythia_attribution import derived, outputs, paths, stage, tables
 from pythia_attribution.config import Profile
 from pythia_attribution.errors import CorruptOutputError, MissingInputError
 
 RECORD_VOLATILE = ("seconds", "peak_rss_mib", "git_commit", "git_dirty")
-EXPLORER_STAMP = ".built.json"  # explorer.STAMP (explorer imports the attribute stage; verify need not)
 
 
 @dataclass
@@ -139,7 +138,7 @@ def compare(a: Path, b: Path, stages: tuple[str, ...] | None = None) -> list[str
             keys = sorted(k for k in set(ra) | set(rb) if k not in RECORD_VOLATILE and ra.get(k) != rb.get(k))
             if keys:
                 diffs.append(f"{rel}: differs in {', '.join(keys)}")
-        elif parts[-1] == EXPLORER_STAMP:
+        elif parts[-1] == derived.EXPLORER_STAMP:
             # a build stamp: its key covers the code and the commit; the files it lists are
             # compared one by one above and below, so only its list of them (by digest) counts
             sa, sb = (outputs.digests(json.loads(p.read_text())["outputs"]) for p in (pa_, pb_))

@@ -279,10 +279,10 @@ def preview(paper_dir: Path, values: dict | None = None) -> tuple[Path, Path]:
         if not var_file.is_file():
             raise PaperError(f"{var_file} is missing; run `python -m pythia_attribution.paper assets` first")
         values = yaml.safe_load(var_file.read_text())
-    name = values.get("build", {}).get("manuscript", MANUSCRIPT)
-    stem = Path(name).stem
+    qmd = values.get("build", {}).get("manuscript", MANUSCRIPT)
+    stem = Path(qmd).stem
     flat = variables.flatten(values)
-    text = expand((paper_dir / name).read_text(), flat, paper_dir, name)
+    text = expand((paper_dir / qmd).read_text(), flat, paper_dir, qmd)
     out = paper_dir / OUTPUT
     work = paper_dir / (OUTPUT + ".part")
     if work.exists():

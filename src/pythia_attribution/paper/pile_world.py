@@ -67,10 +67,11 @@ def causal_sentences(study: Study) -> dict:
         + fmt.interval_sci(r["effect_lo"], r["effect_hi"])
         for r in ranked.iter_rows(named=True)
     )
-    methods = [m for m in ranked["method"].to_list() if m != "random"]
+    methods = ranked["method"].to_list()
+    has_floor = "random" in methods
     above, below = [], []
-    for m in methods:
-        paired = derive.causal_paired(study, m, "random") if "random" in ranked["method"].to_list() else None
+    for m in methods if has_floor else []:
+        paired = derive.causal_paired(study, m, "random") if m != "random" else None
         if paired and paired["lo"] > 0:
             above.append(style.method_name(m))
         elif paired and paired["hi"] < 0:
@@ -80,10 +81,12 @@ def causal_sentences(study: Study) -> dict:
         f"{fmt.listing(above) if above else 'no method'}"
         + (f" and less for {fmt.listing(below)}" if below else "")
         + "; for the others the interval of the difference includes zero."
+        if has_floor
+        else "No random floor was run."
     )
     return {
         "order": order,
-        "versus_random": floor if "random" in ranked["method"].to_list() else "No random floor was run.",
+        "versus_random": floor,
         "n": str(int(tp["n_behaviors"].max())) if tp.height else "0",
         "top_k": str(study.config(paths.TAIL_PATCH_TABLE, "causal")["top_k"]),
     }
