@@ -100,6 +100,25 @@ def test_numbers_and_method_names_in_sentences():
     }
 
 
+def test_the_primary_gradient_method_is_trackstar_where_it_ran_else_a_variant():
+    assert derive.primary_method(["bm25", "grad_cosine", "trackstar", "trackstar_est"]) == "trackstar"
+    assert derive.primary_method(["bm25", "grad_cosine", "trackstar_est"]) == "trackstar_est"
+    assert derive.primary_method(["ekfac", "grad_cosine"]) == "grad_cosine"
+    assert derive.primary_method(["bm25", "activation"]) is None
+
+
+def test_tokenwise_window_holds_the_most_absolute_score_earliest_on_a_tie():
+    import polars as pl
+
+    scores = [0.1, -0.2, 0.0, 3.0, -1.0, 0.5, 0.0, 0.0, 2.0, 0.1]
+    example = pl.DataFrame({"position": list(range(10)), "score": scores})
+    assert derive.tokenwise_window(example, 3)["position"].to_list() == [3, 4, 5]  # |3|+|-1|+|.5|
+    assert derive.tokenwise_window(example, 10).equals(example)  # short enough: whole
+    assert derive.tokenwise_window(example, 64).equals(example)
+    tie = pl.DataFrame({"position": [0, 1, 2, 3], "score": [1.0, 0.0, 0.0, -1.0]})
+    assert derive.tokenwise_window(tie, 1)["position"].to_list() == [0]
+
+
 def test_two_group_bootstrap_brackets_the_difference_and_is_seeded():
     early, late = np.linspace(2.0, 4.0, 66), np.linspace(0.0, 1.0, 34)  # means 3.0 and 0.5
     lo, hi = derive.bootstrap_diff_ci(early, late, seed=1234, n_boot=500)

@@ -470,3 +470,8 @@ def test_paper_builds_from_the_fixture_worlds_tables(pythia, tmp_path):
     assert world["model_repo"] == pythia["profile"].world.model_repo and world["layers"] == "2"
     assert world["n_checkpoints"] == str(len(pythia["profile"].train.hub_steps))
     assert "the first tokens of all" in world["evals"] and "Table 1:" in page
+    # where the score sits: without a saved optimizer state TrackStar runs with an estimated one,
+    # and the tokens and layer-thirds views show that variant
+    where = values["where"]
+    assert where["method"] == "TrackStar with estimated Adam state" and "Where the score sits" in page
+    assert where["n_behaviors"] == world["exhibited_final"]

@@ -173,6 +173,17 @@ def canary_learned_from(study: Study) -> int | None:
 
 GRADIENT_PREFERENCE = ("trackstar", "grad_cosine", "ekfac")
 
+# The gradient method that single-method figures and sentences show: TrackStar with the training
+# run's optimizer state where it ran; where it could not (Pythia's state is not public), its
+# variants, then the methods without a Hessian approximation.
+PRIMARY_GRADIENT = ("trackstar", "trackstar_est", "trackstar_noadam", "grad_cosine", "ekfac")
+
+
+def primary_method(methods) -> str | None:
+    """The first of ``PRIMARY_GRADIENT`` among ``methods``; None when no gradient method is there."""
+    present = set(methods)
+    return next((m for m in PRIMARY_GRADIENT if m in present), None)
+
 
 def surprising_case(study: Study) -> dict | None:
     """The rank-1 sequence of a gradient method with the least lexical overlap with its query.
@@ -370,12 +381,14 @@ def query_run_shares(study: Study) -> pl.DataFrame:
     )
 
 
-def tokenwise_example(study: Study, method: str = "trackstar") -> pl.DataFrame:
-    """The tokens of the example sequence of the tokenwise figure: the method's top-1 sequence, for
-    the behavior whose top-1 repeats the most tokens of the query, then puts the largest share of its
-    score on them (families with natural-language items first: a canary's random words make a poor
-    picture)."""
-    tok = study.frame(paths.TOKENWISE_TABLE).filter((pl.col("method") == method) & (pl.col("rank") == 1))
+def tokenwise_example(study: Study, method: str | None = None) -> pl.DataFrame:
+    """The tokens of the example sequence of the tokenwise figure: the method's (default:
+    ``primary_method``'s) top-1 sequence, for the behavior whose top-1 repeats the most tokens of the
+    query, then puts the largest share of its score on them (families with natural-language items
+    first: a canary's random words make a poor picture)."""
+    tok = study.frame(paths.TOKENWISE_TABLE)
+    method = method or primary_method(tok["method"].unique())
+    tok = tok.filter((pl.col("method") == method) & (pl.col("rank") == 1))
     if tok.is_empty():
         return tok
     shares = (
@@ -389,6 +402,17 @@ def tokenwise_example(study: Study, method: str = "trackstar") -> pl.DataFrame:
     )
     best = shares["behavior_id"][0]
     return tok.filter(pl.col("behavior_id") == best).sort("position")
+
+
+def tokenwise_window(example: pl.DataFrame, width: int) -> pl.DataFrame:
+    """The ``width`` consecutive tokens of ``example`` (one sequence, by position) that hold the
+    largest sum of absolute token scores, the earliest on a tie; all of it when it is no longer. A
+    2,048-token Pythia sequence does not fit on a page; micro's 128-token ones do, whole."""
+    if example.height <= width:
+        return example
+    sums = example["score"].abs().rolling_sum(width)  # null until a window is full
+    end = sums.arg_max()  # the first maximum
+    return example.slice(end - width + 1, width)
 
 
 def topk_shared(study: Study, method: str, reference: str, k: int) -> float | None:

@@ -33,6 +33,7 @@ from plotnine import (
     scale_color_cmap_d,
     scale_color_manual,
     scale_fill_manual,
+    scale_x_continuous,
     scale_x_discrete,
     scale_x_sqrt,
     scale_y_continuous,
@@ -246,6 +247,7 @@ def layers(study: Study):
         ggplot(shares.to_pandas(), aes("layer", "share", colour="method", group="method"))
         + geom_line()
         + geom_point(size=1.5)
+        + scale_x_continuous(breaks=sorted(shares["layer"].unique().to_list()))  # layers are whole
         + scale_y_continuous(labels=_percent, limits=(0, None))
         + _method_scales(methods, ncol=1)
         + labs(x="Layer", y="Share of the top-1 sequence's score")
@@ -354,10 +356,11 @@ def early_late(study: Study):
 
 
 def layer_thirds(study: Study):
-    """Composition of TrackStar's top-k ranked by one third of the layers (or all), per family."""
-    summary = study.frame(paths.LAYER_THIRDS_SUMMARY_TABLE).filter(
-        (pl.col("family") != "all") & (pl.col("method") == "trackstar")
-    )
+    """Composition of the primary gradient method's top-k (``derive.primary_method``: TrackStar
+    where it ran) ranked by one third of the layers (or all), per family."""
+    summary = study.frame(paths.LAYER_THIRDS_SUMMARY_TABLE)
+    method = derive.primary_method(summary["method"].unique())
+    summary = summary.filter((pl.col("family") != "all") & (pl.col("method") == method))
     if summary.is_empty():
         return _no_data("layer-thirds"), (6.0, 1.5)
     thirds = [t for t in ("lower", "middle", "upper", "all") if t in set(summary["third"])]
@@ -383,7 +386,7 @@ def layer_thirds(study: Study):
         + coord_flip()
         + scale_y_continuous(labels=_percent)
         + _category_fill(categories)
-        + labs(x="Layers ranked by", y="Share of TrackStar's top-k retrieved sequences")
+        + labs(x="Layers ranked by", y=f"Share of {style.method_name(method)}'s top-k retrieved sequences")
         + _theme()
     )
     return plot, (style.FIGURE_WIDTH_IN, 3.6)
@@ -391,7 +394,8 @@ def layer_thirds(study: Study):
 
 class _TokenPicture:
     """A training sequence typeset token by token, each on a patch shaded by its score; drawn into a
-    matplotlib figure (``draw``), which ``_save`` writes as it writes a plotnine plot's."""
+    matplotlib figure (``draw``), which ``_save`` writes as it writes a plotnine plot's. The title
+    may have several lines."""
 
     def __init__(self, tokens: list[str], scores: list[float], title: str, width_chars: int = 92):
         self.tokens, self.scores, self.title, self.width = tokens, scores, title, width_chars
@@ -418,14 +422,15 @@ class _TokenPicture:
         from matplotlib.patches import Rectangle
 
         peak = max(abs(s) for s in self.scores) or 1.0
-        lines = self.lines()
+        lines, titles = self.lines(), self.title.split("\n")
         fig = plt.figure(figsize=(width, height), dpi=dpi)
         ax = fig.add_axes((0, 0, 1, 1))
         ax.set_xlim(0, self.width + 2)
-        ax.set_ylim(len(lines) + 2, 0)
+        ax.set_ylim(len(lines) + len(titles) + 1, 0)
         ax.axis("off")
-        ax.text(1, 0.9, self.title, fontsize=style.FONT_SIZE, family="sans-serif", va="center")
-        for row, line in enumerate(lines, start=2):
+        for row, title in enumerate(titles):
+            ax.text(1, row + 0.9, title, fontsize=style.FONT_SIZE, family="sans-serif", va="center")
+        for row, line in enumerate(lines, start=len(titles) + 1):
             x = 1
             for i, piece in line:
                 s = self.scores[i]
@@ -438,17 +443,30 @@ class _TokenPicture:
         return fig
 
 
+TOKENWISE_WIDTH = 240  # tokens drawn of a longer sequence (about 12 lines): those with the most influence
+
+
 def tokenwise(study: Study):
-    """TrackStar's top-1 sequence of one behavior, tokens shaded by their part of the score."""
+    """The primary gradient method's top-1 sequence of one behavior (``derive.tokenwise_example``),
+    tokens shaded by their part of the score; of a sequence longer than ``TOKENWISE_WIDTH`` tokens,
+    the window of that many that holds the most absolute score (``derive.tokenwise_window``)."""
     example = derive.tokenwise_example(study)
     if example.is_empty():
         return _no_data("tokenwise"), (6.0, 1.5)
-    behavior = example["behavior_id"][0]
-    tokens = example["token"].to_list()
-    scores = example["score"].to_list() + [0.0]  # the last token has no position of its own
-    total = sum(scores)
-    pic = _TokenPicture(tokens + [""], scores, f"{behavior}: TrackStar's top-1 sequence, score {total:.3f}")
-    return pic, (style.FIGURE_WIDTH_IN, 0.22 * (len(pic.lines()) + 2))
+    behavior, method = example["behavior_id"][0], style.method_name(example["method"][0])
+    total = example["score"].sum()
+    shown = derive.tokenwise_window(example, TOKENWISE_WIDTH)
+    tokens = shown["token"].to_list()
+    scores = shown["score"].to_list()
+    where = ""
+    if shown.height < example.height:
+        first, last = shown["position"].min(), shown["position"].max()
+        held = shown["score"].abs().sum() / example["score"].abs().sum()
+        n = example.height
+        where = f"\ntokens {first:,}-{last:,} of the {n:,} scored, {held:.0%} of their absolute score"
+    title = f"{behavior}: {method}'s top-1 sequence, score {total:.3f}{where}"
+    pic = _TokenPicture(tokens, scores, title)
+    return pic, (style.FIGURE_WIDTH_IN, 0.22 * (len(pic.lines()) + title.count("\n") + 2))
 
 
 log = logging.getLogger(__name__)

@@ -103,6 +103,59 @@ def composition_sentence(study: Study) -> str:
     return fmt.listing(parts)
 
 
+def where_variables(study: Study) -> dict:
+    """Where the primary gradient method's score sits (``derive.primary_method``): over the tokens
+    of its top sequences, and over thirds of the layers. Without planted items the layer thirds are
+    compared by what they retrieve (duplicates of the query, thematic, unrelated), not by ground truth."""
+    cfg = study.config(paths.TOKENWISE_TABLE, "analyses")
+    tok = study.frame(paths.TOKENWISE_TABLE, ("behavior_id", "method", "rank"))
+    method = derive.primary_method(tok["method"].unique())
+    tok = tok.filter(pl.col("method") == method)
+    n_sequences = tok.select("behavior_id", "rank").n_unique()
+    run = study.provenance(paths.TOKENWISE_TABLE)["query_run"]
+    out = {
+        "method": style.method_name(method),
+        "n_behaviors": fmt.count(tok["behavior_id"].n_unique()),
+        "tokenwise_top": str(cfg["tokenwise_top"]),
+        "layer_top_k": str(cfg["layer_top_k"]),
+        "query_run": str(run),
+    }
+    shares = derive.query_run_shares(study).filter(pl.col("method") == method)
+    if shares.height:
+        r = shares.row(0, named=True)
+        out["query"] = (
+            f"{fmt.count(r['n_sequences'])} of the {fmt.count(n_sequences)} repeat a run of at least "
+            f"{run} tokens of the query; those runs are {fmt.pct(r['positions'])} of these sequences' "
+            f"positions and carry {fmt.pct(r['share'])} of their score"
+        )
+    else:
+        out["query"] = f"none of the {fmt.count(n_sequences)} repeats a run of {run} tokens of the query"
+    example = derive.tokenwise_example(study, method)
+    out["example"] = example["behavior_id"][0] if example.height else "n/a"
+
+    thirds = study.frame(paths.LAYER_THIRDS_SUMMARY_TABLE).filter(
+        (pl.col("family") == "all") & (pl.col("method") == method)
+    )
+    by_third = {r["third"]: r for r in thirds.iter_rows(named=True)}
+    parts = [t for t in ("lower", "middle", "upper") if t in by_third]
+
+    def composition(t: str) -> str:
+        r = by_third[t]
+        return f"{fmt.pct(r['exact'] + r['near_duplicate'])} and {fmt.pct(r['thematic'])}"
+
+    out["thirds"] = fmt.listing(f"{composition(t)} by the {t} third" for t in parts)
+    out["thirds_all"] = composition("all")
+    top = max(by_third[t]["thematic"] for t in parts)
+    most = [t for t in parts if by_third[t]["thematic"] == top]
+    if top == 0:
+        out["most_thematic"] = "no third retrieves a thematic sequence"
+    elif len(most) == 1:
+        out["most_thematic"] = f"the {most[0]} third's top sequences are the most thematic"
+    else:
+        out["most_thematic"] = f"the {fmt.listing(most)} thirds' top sequences are equally the most thematic"
+    return out
+
+
 def world_variables(study: Study, final: int) -> dict:
     corpus = study.provenance(paths.CORPUS_TABLE)
     summary = corpus["summary"]

@@ -341,6 +341,8 @@ def compute(study: Study, build: dict) -> dict:
     if pile_world.is_pile_world(study):  # pythia.qmd's own section
         with _section(v, "world"):
             v["world"] = pile_world.world_variables(study, final)
+        with _section(v, "where"):
+            v["where"] = pile_world.where_variables(study)
     return v
 
 
