@@ -223,3 +223,29 @@ def test_ekfac_scores_of_summed_queries_are_the_sums_of_their_scores(nano_run, t
     want = np.stack([each[:, s].sum(axis=1) for s in sets], axis=1)
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(summed, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_evaluation_sets_by_statement_count_or_by_what_the_final_model_exhibits():
+    """'stated' takes the items with a complete copy stated often enough (planted items only);
+    'exhibited' takes the behaviors exhibited at the final checkpoint, which is what a world
+    without planted items (the Pile) can offer."""
+    from pythia_attribution.config import CausalConfig
+    from pythia_attribution.finetune import evaluation_sets
+
+    def probe(bid, family, item, count, exhibited):
+        return {"behavior_id": bid, "family": family, "item_id": item, "count": count, "exhibited": exhibited}
+
+    probes = [
+        probe("capital-a", "factual", "capital/a", 32, True),
+        probe("capital-b", "factual", "capital/b", 4, True),
+        probe("capital-c", "factual", "capital/c", 32, False),
+        probe("capital-japan", "factual", None, None, True),  # a Pile behavior: no item, no count
+        probe("mit", "memorized", None, None, False),
+    ]
+    complete = {"capital/a": np.array([1]), "capital/b": np.array([2]), "capital/c": np.array([3])}
+    stated = CausalConfig(finetune_families=["factual", "memorized"], finetune_min_count=16)
+    got = {f: [p["behavior_id"] for p in ps] for f, ps in evaluation_sets(stated, probes, complete).items()}
+    assert got == {"factual": ["capital-a", "capital-c"]}
+    exhibited = dataclasses.replace(stated, finetune_set="exhibited")
+    got = {f: [p["behavior_id"] for p in ps] for f, ps in evaluation_sets(exhibited, probes, {}).items()}
+    assert got == {"factual": ["capital-a", "capital-b", "capital-japan"]}

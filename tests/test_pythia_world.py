@@ -221,6 +221,24 @@ def test_tail_patch_steps_with_an_estimated_state_where_none_was_saved(pythia):
     assert np.isfinite(table["effect"].to_numpy()).all()
 
 
+def test_select_and_fine_tune_runs_on_the_exhibited_behaviors_without_a_reference(pythia):
+    """causal.finetune_set = 'exhibited': the family's behaviors exhibited at the final checkpoint,
+    fine-tuned from an earlier pinned checkpoint; with no planted items there is no ground-truth
+    selection and the copies among a selection are unknown (null), not zero."""
+    results = pythia["results"]
+    probes = _read(results, paths.PROBE, paths.PROBES_TABLE).to_pandas()
+    final = probes["checkpoint"].max()
+    final_rows = probes[probes["checkpoint"] == final]
+    exhibited = final_rows[final_rows["exhibited"] & (final_rows["family"] == "factual")]
+    table = _read(results, paths.CAUSAL, paths.FINETUNE_TABLE).to_pandas()
+    assert len(exhibited) and set(table["behavior_id"]) == set(exhibited["behavior_id"])
+    assert set(table["prompt_kind"]) == {"original"} and "ground_truth" not in set(table["method"])
+    assert {"random", "trackstar_est", "bm25"} <= set(table["method"])
+    assert table["n_selected_truth"].isna().all() and (table["n_selected"] == 10).all()
+    assert table["from_step"].max() < max(pythia["profile"].train.hub_steps)  # an earlier checkpoint
+    assert np.isfinite(table["delta_logp"].to_numpy()).all()
+
+
 def test_corpus_rows_are_the_shards_bytes(pythia):
     pythia_run = pythia
     profile = pythia_run["profile"]
@@ -475,3 +493,4 @@ def test_paper_builds_from_the_fixture_worlds_tables(pythia, tmp_path):
     where = values["where"]
     assert where["method"] == "TrackStar with estimated Adam state" and "Where the score sits" in page
     assert where["n_behaviors"] == world["exhibited_final"]
+    assert "fine-tuned from step" in world["finetune"]["sentences"] and "Table 4:" in page

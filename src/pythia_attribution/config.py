@@ -380,7 +380,14 @@ class CausalConfig:
         default_factory=lambda: ["factual", "fictional_fact"],
         unique=True,
     )
-    finetune_min_count: int = doc("evaluation set: items stated at least this many times", 16, ge=1)
+    finetune_set: str = doc(
+        "each family's evaluation set: 'stated' (behaviors whose item a complete copy in the corpus states "
+        "at least finetune_min_count times; planted items only) or 'exhibited' (behaviors exhibited at the "
+        "final checkpoint; any world, the Pile's included, with no ground-truth reference)",
+        "stated",
+        choices=("stated", "exhibited"),
+    )
+    finetune_min_count: int = doc("evaluation set 'stated': items stated at least this many times", 16, ge=1)
     finetune_k: int = doc("training sequences selected per method", 50, ge=1)
     finetune_steps: int = doc("fine-tuning steps, the same for every selection", 20, ge=1)
     finetune_batch: int = doc("sequences per fine-tuning step", 8, ge=1)

@@ -327,9 +327,14 @@ def _causal_section(causal, step: str) -> str:
     )
 
 
+def _copies(truth, selected) -> str:
+    """'3/50' complete copies among a selection; 'n/a' where the world has none to count (the Pile)."""
+    return "n/a" if truth is None or truth != truth else f"{truth:.0f}/{selected:.0f}"
+
+
 def _finetune_section(finetuned) -> str:
     t = finetuned.sort_values(["family", "prompt_kind", "delta_logp"], ascending=[True, True, False])
-    rows = [[r["family"], r["prompt_kind"], r["method"], f"{r['n_selected_truth']:.0f}/{r['n_selected']:.0f}",
+    rows = [[r["family"], r["prompt_kind"], r["method"], _copies(r["n_selected_truth"], r["n_selected"]),
              _ci(r, "delta_logp", 2), f"{r['exhibited_before']:.0%} &rarr; {r['exhibited_after']:.0%}"]
             for _, r in t.iterrows()]  # fmt: skip
     return (

@@ -1,9 +1,11 @@
 """Select and fine-tune: does training an early model on what a method selects teach a family's
 behaviors? The second seed pipeline, in a world where the answer is known.
 
-For each family in ``causal.finetune_families``, the evaluation set is the family's behaviors whose
-items are stated at least ``finetune_min_count`` times. Every training sequence is scored against
-the whole set at once, per method: gradient methods by the cosine between the sequence's
+For each family in ``causal.finetune_families``, the evaluation set (``causal.finetune_set``) is
+the family's behaviors whose items are stated at least ``finetune_min_count`` times (``stated``), or
+those exhibited at the final checkpoint (``exhibited``: a world without planted items, such as the
+Pile, where the set has no complete copies to serve as the reference). Every training sequence is
+scored against the whole set at once, per method: gradient methods by the cosine between the sequence's
 attribution vector and the mean of the set's normalized query vectors (the mean of the per-query
 cosines, which ranks the same), computed at the final checkpoint as the attribute stage computes
 them; ``ekfac`` by the mean of its EK-FAC influences on the set's queries (its influence on the
@@ -12,7 +14,7 @@ rows, with the attribute stage's factors); ``bm25`` by the mean of each query's 
 that query's best; ``activation`` by the cosine with the mean of the queries' normalized mean
 activations; ``random`` by seeded uniform scores. Each method's top ``finetune_k`` are selected;
 ``ground_truth`` (the set's complete copies, a seeded sample of ``finetune_k`` when there are more)
-is the reference.
+is the reference, where the set has any.
 
 An early checkpoint is then fine-tuned on each selection, the same way for every method: AdamW
 with the run's betas, weight decay and clipping, a constant ``finetune_lr``, ``finetune_steps``
@@ -50,23 +52,28 @@ PROMPTS = ("original", "paraphrase")
 
 
 def evaluation_sets(cfg, probes_final: list[dict], complete: dict) -> dict[str, list[dict]]:
-    """Family -> its behaviors (probe rows at the final checkpoint) with at least
-    ``finetune_min_count`` statements and a complete copy in the corpus."""
+    """Family -> its behaviors (probe rows at the final checkpoint) in the evaluation set:
+    with at least ``finetune_min_count`` statements and a complete copy in the corpus (``stated``),
+    or exhibited (``exhibited``)."""
+    if cfg.finetune_set == "exhibited":
+        rule = "exhibited at the final checkpoint"
+
+        def member(p: dict) -> bool:
+            return bool(p["exhibited"])
+    else:
+        rule = f"with a complete copy stated {cfg.finetune_min_count}+ times"
+
+        def member(p: dict) -> bool:
+            count = p["count"]
+            return p["item_id"] in complete and count is not None and count >= cfg.finetune_min_count
+
     out = {}
     for family in cfg.finetune_families:
-        rows = [
-            p
-            for p in probes_final
-            if p["family"] == family
-            and p["item_id"] in complete
-            and p["count"] is not None
-            and p["count"] >= cfg.finetune_min_count
-        ]
+        rows = [p for p in probes_final if p["family"] == family and member(p)]
         if rows:
             out[family] = sorted(rows, key=lambda p: p["behavior_id"])
         else:
-            log.warning("select-and-fine-tune: family '%s' has no behavior with a complete copy stated "
-                        "%d+ times; skipped", family, cfg.finetune_min_count)  # fmt: skip
+            log.warning("select-and-fine-tune: family '%s' has no behavior %s; skipped", family, rule)
     return out
 
 
@@ -297,13 +304,15 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
             else:
                 log.info("select-and-fine-tune %s: no selection by %s (no index at the final checkpoint, "
                          "or a method without one)", family, name)  # fmt: skip
-        gt_all = np.unique(np.concatenate([truth_complete[b["item_id"]] for b in behaviors]))
-        selections[REFERENCE] = evaluation.reference(gt_all, cfg.finetune_k, seed, 59)
+        known = [truth_complete[b["item_id"]] for b in behaviors if b["item_id"] in truth_complete]
+        gt_all = np.unique(np.concatenate(known)) if known else np.zeros(0, np.int64)
+        if len(gt_all):  # no reference where the set's items have no complete copies (the Pile)
+            selections[REFERENCE] = evaluation.reference(gt_all, cfg.finetune_k, seed, 59)
         log.info("select-and-fine-tune %s: %d behaviors, from step%d", family, len(behaviors), step)
         for name, chosen in tqdm(selections.items(), desc=f"fine-tune {family}", unit="method"):
             model = finetune(ckpt_dir, cands.tokens[chosen], ctx.profile.train, cfg, seed)
             after = measure(model, queries, pad_id)
-            n_truth = int(np.isin(chosen, gt_all).sum())
+            n_truth = int(np.isin(chosen, gt_all).sum()) if len(gt_all) else None  # unknown, not 0
             for kind in PROMPTS:
                 members = [b for b, ok in zip(behaviors, has_para, strict=True) if ok or kind == "original"]
                 for b, pre, post in zip(members, before[kind], after[kind], strict=True):
@@ -320,6 +329,11 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
     return table, aggregate(table, seed, ctx.profile.attribute.bootstrap)
 
 
+def _count(value) -> int | None:
+    """An int column's value as pandas hands it over: None or a float NaN where it is null."""
+    return None if value is None or value != value else int(value)
+
+
 def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
     """Per (family, method, prompt kind): mean change of the target's log-probability over behaviors,
     the exhibited rate after, and the paired difference from ``random``, with intervals."""
@@ -334,7 +348,7 @@ def aggregate(table: pa.Table, seed: int, n_boot: int) -> pa.Table:
             delta = g["delta_logp"].to_numpy()
             row = {"family": family, "prompt_kind": kind, "method": method, "n_behaviors": len(g),
                    "from_step": int(g["from_step"].iloc[0]), "n_selected": int(g["n_selected"].iloc[0]),
-                   "n_selected_truth": int(g["n_selected_truth"].iloc[0]),
+                   "n_selected_truth": _count(g["n_selected_truth"].iloc[0]),
                    "exhibited_before": float(g["exhibited_before"].mean())}  # fmt: skip
             for col, values in (
                 ("delta_logp", delta),

@@ -311,18 +311,31 @@ def run_label(method: str) -> str:
 
 
 def finetune(study: Study) -> str:
-    """Select-and-fine-tune: per family and method, the change of the targets on both prompt kinds."""
+    """Select-and-fine-tune: per family and method, the change of the targets on each prompt kind.
+    The reference row, the copies column and the paraphrases appear where the world has them (the
+    Pile has no planted items: no complete copies to select or count, no paraphrases)."""
     fm = study.frame(paths.FINETUNE_METRICS_TABLE)
+    if fm.is_empty():
+        return pipe_table(
+            ["Select and fine-tune"],
+            [["no family had a behavior in its evaluation set"]],
+            "Select and fine-tune: nothing was fine-tuned for this build.",
+            "tbl-finetune",
+            "l",
+        )
     prov = study.provenance(paths.FINETUNE_METRICS_TABLE)
     cfg = prov["config"]["causal"]
     level = derive.interval_level(prov.get("bootstrap", ""), "select_finetune_metrics")
+    kinds = [k for k in ("original", "paraphrase") if k in set(fm["prompt_kind"])]
+    copies = fm["n_selected_truth"].null_count() < fm.height
     rows = []
     for family in [f for f in style.FAMILIES if f in set(fm["family"])]:
         sub = fm.filter(pl.col("family") == family)
         methods = derive.ordered_methods([m for m in sub["method"].unique() if m != REFERENCE])
-        for i, m in enumerate([*methods, REFERENCE]):
+        runs = [*methods, REFERENCE] if REFERENCE in set(sub["method"]) else methods
+        for i, m in enumerate(runs):
             cells = []
-            for kind in ("original", "paraphrase"):
+            for kind in kinds:
                 r = sub.filter((pl.col("method") == m) & (pl.col("prompt_kind") == kind))
                 if r.is_empty():
                     cells += ["n/a", "n/a"]
@@ -335,25 +348,38 @@ def finetune(study: Study) -> str:
                 ]
             first = sub.filter(pl.col("method") == m).row(0, named=True)
             label = f"{style.family_label(family)} (n = {first['n_behaviors']}, step {first['from_step']})"
-            rows.append(
-                [label if i == 0 else "", run_label(m),
-                 f"{first['n_selected_truth']}/{first['n_selected']}", *cells]
-            )  # fmt: skip
+            counted = [f"{first['n_selected_truth']}/{first['n_selected']}"] if copies else []
+            rows.append([label if i == 0 else "", run_label(m), *counted, *cells])
+    header = ["Evaluation set", "Selection", *(["Copies"] if copies else [])]
+    for kind in kinds:
+        header += [f"Δ log p, {kind}", "Exhibited"]
+    chosen = (
+        f"items stated at least {cfg['finetune_min_count']} times"
+        if cfg.get("finetune_set", "stated") == "stated"
+        else "behaviors exhibited at the final checkpoint"
+    )
+    prompts = (
+        "on the probe's prompts and on paraphrases the corpus never states"
+        if "paraphrase" in kinds
+        else "on the probe's prompts"
+    )
     return pipe_table(
-        ["Evaluation set", "Selection", "Copies", "Δ log p, original", "Exhibited", "Δ log p, paraphrase",
-         "Exhibited"],
+        header,
         rows,
         f"Select and fine-tune: each method's top {cfg['finetune_k']} training sequences for a family's "
-        f"evaluation set (items stated at least {cfg['finetune_min_count']} times), the early checkpoint "
+        f"evaluation set ({chosen}), the early checkpoint "
         f"fine-tuned on them ({cfg['finetune_steps']} AdamW steps of {cfg['finetune_batch']} sequences, "
         f"learning rate {cfg['finetune_lr']}); the change in the targets' log-probability ({level} "
-        "percentile-bootstrap intervals over behaviors) and the share exhibited before → after, on the "
-        "probe's prompts and on paraphrases the corpus never states. Copies: how many of the selection hold "
-        "a complete copy of one of the set's items.",
+        f"percentile-bootstrap intervals over behaviors) and the share exhibited before → after, {prompts}."
+        + (
+            " Copies: how many of the selection hold a complete copy of one of the set's items."
+            if copies
+            else ""
+        ),
         "tbl-finetune",
-        "lllrlrl",
-        [3, 3, 2, 6, 4, 6, 4],
-    )  # fmt: skip
+        "ll" + ("l" if copies else "") + "rl" * len(kinds),
+        [3, 3, *([2] if copies else []), *[6, 4] * len(kinds)],
+    )
 
 
 def leave_out(study: Study) -> str:

@@ -92,6 +92,55 @@ def causal_sentences(study: Study) -> dict:
     }
 
 
+def finetune_variables(study: Study) -> dict:
+    """Select-and-fine-tune on the probe's prompts: its settings, and per family the selections'
+    effects from the largest and which beat random sequences (paired by behavior, by the interval)."""
+    fm = study.frame(paths.FINETUNE_METRICS_TABLE).filter(pl.col("prompt_kind") == "original")
+    cfg = study.config(paths.FINETUNE_METRICS_TABLE, "causal")
+    out = {k: str(cfg[f"finetune_{k}"]) for k in ("k", "steps", "batch")}
+    out["lr"] = fmt.sci(cfg["finetune_lr"], 1)
+    out["max_exhibited"] = fmt.pct(cfg["finetune_max_exhibited"])
+    if fm.is_empty():
+        out["sentences"] = (
+            "No family of the profile's list had a behavior in its evaluation set, so nothing was fine-tuned."
+        )
+        return out
+    sentences = []
+    for family in [f for f in style.FAMILIES if f in set(fm["family"])]:
+        sub = fm.filter(pl.col("family") == family).sort("delta_logp", descending=True)
+        first = sub.row(0, named=True)
+        order = ", ".join(
+            f"{style.method_name(r['method'])} {fmt.dec(r['delta_logp'], 2)} "
+            + fmt.interval(r["delta_logp_lo"], r["delta_logp_hi"], 2)
+            for r in sub.iter_rows(named=True)
+        )
+        above = [
+            style.method_name(r["method"])
+            for r in sub.iter_rows(named=True)
+            if r["method"] != "random" and r["minus_random_lo"] is not None and r["minus_random_lo"] > 0
+        ]
+        below = [
+            style.method_name(r["method"])
+            for r in sub.iter_rows(named=True)
+            if r["method"] != "random" and r["minus_random_hi"] is not None and r["minus_random_hi"] < 0
+        ]
+        floor = (
+            f"paired by behavior against random sequences, the change is larger for "
+            f"{fmt.listing(above) if above else 'no selection'}"
+            + (f" and smaller for {fmt.listing(below)}" if below else "")
+            + "; for the others the interval of the difference includes zero"
+            if "random" in set(sub["method"])
+            else "no random selection was fine-tuned"
+        )
+        sentences.append(
+            f"For the {fmt.count(first['n_behaviors'])} behaviors of {style.family_label(family).lower()} "
+            f"(fine-tuned from step {fmt.count(first['from_step'])}), the selections change the targets' "
+            f"log-probability by, from the largest: {order}; {floor}."
+        )
+    out["sentences"] = " ".join(sentences)
+    return out
+
+
 def composition_sentence(study: Study) -> str:
     """Per method, the share of its top k that duplicates the query exactly or nearly."""
     comp = derive.pooled_composition(study)
@@ -208,6 +257,7 @@ def world_variables(study: Study, final: int) -> dict:
             else "the final checkpoint's saved AdamW state"
         ),
         "causal": causal_sentences(study),
+        "finetune": finetune_variables(study),
         "composition": composition_sentence(study),
     }
     out |= evals_variables(study)
