@@ -56,3 +56,40 @@ def test_large_blocks_come_from_the_heap_and_stay_for_reuse():
     # exactly one block); two blocks leave room for that and still fail without reuse.
     assert all(a["mmap"] == 0 and a["heap_used"] >= size for a in again)
     assert grown <= 2 * size, grown
+
+
+# In a fresh interpreter: the CLI's cap on the kernels' instruction set, then torch's own report.
+ISA_CHILD = """
+import json, os
+from pythia_attribution.cli import hold_cpu_isa
+applied = hold_cpu_isa("avx2")
+import torch
+print(json.dumps({"applied": applied, "capability": torch.backends.cpu.get_cpu_capability()}))
+"""
+
+
+def _isa_child(env: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", ISA_CHILD], capture_output=True, text=True, env=env, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_isa_caps_torchs_kernels_before_torch_loads_and_leaves_the_users_choice(monkeypatch):
+    """runtime.cpu_isa = 'avx2': torch's kernels run with AVX2 at most (on an AVX-512 machine its
+    own choice would be AVX512); a variable the user set wins; once torch is loaded nothing is set."""
+    import os
+
+    from pythia_attribution.cli import CPU_ISA_ENV, hold_cpu_isa
+
+    env = {k: v for k, v in os.environ.items() if k not in CPU_ISA_ENV["avx2"]}
+    got = _isa_child(env)
+    assert got["applied"] == CPU_ISA_ENV["avx2"]
+    assert got["capability"] in ("AVX2", "DEFAULT"), got  # never AVX512, whatever the machine has
+    got = _isa_child({**env, "ATEN_CPU_CAPABILITY": "default"})
+    assert "ATEN_CPU_CAPABILITY" not in got["applied"] and got["capability"] == "DEFAULT"
+    import torch  # noqa: F401  (loaded in this process: too late to choose its kernels)
+
+    environ: dict[str, str] = {}
+    assert hold_cpu_isa("avx2", environ) == {} and environ == {}
+    assert hold_cpu_isa("", environ) == {}

@@ -144,6 +144,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUG
 
 
+# runtime.cpu_isa -> the variables that cap each library's kernels; read when the library loads
+CPU_ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def hold_cpu_isa(isa: str, environ=os.environ) -> dict[str, str]:
+    """Cap the CPU kernels' instruction set (``runtime.cpu_isa``) through the variables torch (ATen),
+    MKL and oneDNN read when they load; a variable the user set is left as it is. Returns what was
+    set; nothing where ``isa`` is '' or torch is already loaded (too late: the kernels are chosen)."""
+    if not isa:
+        return {}
+    if "torch" in sys.modules:
+        logging.getLogger(__name__).info("runtime.cpu_isa = %s not applied: torch was loaded first", isa)
+        return {}
+    applied = {k: v for k, v in CPU_ISA_ENV[isa].items() if k not in environ}
+    environ.update(applied)
+    return applied
+
+
 def _run(args, command: str) -> int:
     from pythia_attribution.lock import profile_lock
 
@@ -153,6 +173,7 @@ def _run(args, command: str) -> int:
             profile, runtime=dataclasses.replace(profile.runtime, threads=args.threads)
         )
     _warn_oversubscribed(profile.runtime.threads)
+    hold_cpu_isa(profile.runtime.cpu_isa)
     # Tokenizers' own thread pool fights torch for the two cores; its output does not depend on it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.stage == "index-shard":  # no lock: shards are written atomically, one folder each

@@ -106,6 +106,15 @@ class RuntimeConfig:
         "torch intra-op threads; on 2 cores 2 is fastest when the machine is quiet", 2, ge=1, le=1024
     )
     seed: int = doc("master seed for every random choice in every stage", 1234, ge=0, le=2**32 - 1)
+    cpu_isa: str = doc(
+        "the widest vector instructions the CPU kernels may use (torch's, MKL's and oneDNN's): 'avx2' "
+        "makes x86 machines with and without AVX-512 train the same weights and write the same tables "
+        "(an AVX-512 machine's differ from the last bits of step 1 on; about 6% slower there); '': each "
+        "library's own choice. Environment variables set by the user win; applied only where the "
+        "process has not loaded torch yet (the CLI)",
+        "avx2",
+        choices=("avx2", ""),
+    )
 
 
 @dataclass(frozen=True)

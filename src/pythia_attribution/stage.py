@@ -18,6 +18,7 @@ import logging
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,6 +187,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; see
+    ``runtime.cpu_isa``), or '' in a process that has not loaded torch (no kernel of it ran)."""
+    torch = sys.modules.get("torch")
+    return torch.backends.cpu.get_cpu_capability() if torch is not None else ""
+
+
 @functools.cache
 def git_state() -> dict[str, str | bool]:
     def git(*args):
@@ -309,6 +317,7 @@ class StageContext:
             "fingerprint": self.fingerprint,
             "inputs": self.input_hashes,
             "versions": package_versions(),
+            "cpu_capability": cpu_capability(),
             **git_state(),
         }
         record.update(extra)
@@ -506,6 +515,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
             "seconds": round(time.perf_counter() - started, 2),
             "peak_rss_mib": _peak_memory_mib() if measure_peak else None,
             "versions": package_versions(),
+            "cpu_capability": cpu_capability(),
             **git_state(),
         }
         (part / paths.STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
