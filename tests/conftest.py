@@ -19,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from pythia_attribution import paths
+from pythia_attribution.cli import hold_cpu_isa
 from pythia_attribution.config import load_profile
+
+# The CLI caps the CPU kernels' instruction set before torch loads (runtime.cpu_isa, default
+# "avx2"); a stage run in this process after torch has loaded cannot, so the tests set the same
+# cap first: runs in this process and in child processes then compute alike on every machine.
+assert "torch" not in sys.modules, "conftest must run before torch is imported"
+hold_cpu_isa(load_profile("nano").runtime.cpu_isa)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NANO_THREADS = load_profile("nano").runtime.threads
