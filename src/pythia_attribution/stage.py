@@ -18,7 +18,6 @@ import logging
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,11 +186,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@functools.cache
 def cpu_capability() -> str:
-    """The vector instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; see
-    ``runtime.cpu_isa``), or '' in a process that has not loaded torch (no kernel of it ran)."""
-    torch = sys.modules.get("torch")
-    return torch.backends.cpu.get_cpu_capability() if torch is not None else ""
+    """The vector instruction set torch's CPU kernels run with in this process ('AVX2', 'AVX512',
+    ...; see ``runtime.cpu_isa``), loading torch if no stage has yet, so that a stage without torch
+    kernels (corpus) records the same as the rest of its run."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @functools.cache
