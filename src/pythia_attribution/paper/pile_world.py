@@ -57,6 +57,22 @@ def learning_sentence(study: Study) -> str:
     )
 
 
+def versus_random(
+    intervals: list[tuple[str, float | None, float | None]], more: str, less: str, nobody: str
+) -> str:
+    """The clause naming which methods beat random sequences, decided by the interval of each
+    method's paired difference from them (``(method, lo, hi)``; None where there is none):
+    'paired by behavior against random sequences, <more> for A and <less> for B; for the others
+    the interval of the difference includes zero'."""
+    above = [style.method_name(m) for m, lo, _ in intervals if lo is not None and lo > 0]
+    below = [style.method_name(m) for m, _, hi in intervals if hi is not None and hi < 0]
+    return (
+        f"paired by behavior against random sequences, {more} for {fmt.listing(above) if above else nobody}"
+        + (f" and {less} for {fmt.listing(below)}" if below else "")
+        + "; for the others the interval of the difference includes zero"
+    )
+
+
 def causal_sentences(study: Study) -> dict:
     """Tail-patch: the methods by effect, the random floor, and which methods beat it (paired by
     behavior, decided by the interval)."""
@@ -68,22 +84,16 @@ def causal_sentences(study: Study) -> dict:
         for r in ranked.iter_rows(named=True)
     )
     methods = ranked["method"].to_list()
-    has_floor = "random" in methods
-    above, below = [], []
-    for m in methods if has_floor else []:
-        paired = derive.causal_paired(study, m, "random") if m != "random" else None
-        if paired and paired["lo"] > 0:
-            above.append(style.method_name(m))
-        elif paired and paired["hi"] < 0:
-            below.append(style.method_name(m))
-    floor = (
-        f"Paired by behavior against random sequences, the step raises the target more for "
-        f"{fmt.listing(above) if above else 'no method'}"
-        + (f" and less for {fmt.listing(below)}" if below else "")
-        + "; for the others the interval of the difference includes zero."
-        if has_floor
-        else "No random floor was run."
-    )
+    if "random" in methods:
+        intervals = []
+        for m in methods:
+            paired = derive.causal_paired(study, m, "random") if m != "random" else None
+            if paired:
+                intervals.append((m, paired["lo"], paired["hi"]))
+        clause = versus_random(intervals, "the step raises the target more", "less", "no method")
+        floor = clause[0].upper() + clause[1:] + "."
+    else:
+        floor = "No random floor was run."
     return {
         "order": order,
         "versus_random": floor,
@@ -114,21 +124,13 @@ def finetune_variables(study: Study) -> dict:
             + fmt.interval(r["delta_logp_lo"], r["delta_logp_hi"], 2)
             for r in sub.iter_rows(named=True)
         )
-        above = [
-            style.method_name(r["method"])
+        intervals = [
+            (r["method"], r["minus_random_lo"], r["minus_random_hi"])
             for r in sub.iter_rows(named=True)
-            if r["method"] != "random" and r["minus_random_lo"] is not None and r["minus_random_lo"] > 0
-        ]
-        below = [
-            style.method_name(r["method"])
-            for r in sub.iter_rows(named=True)
-            if r["method"] != "random" and r["minus_random_hi"] is not None and r["minus_random_hi"] < 0
+            if r["method"] != "random"
         ]
         floor = (
-            f"paired by behavior against random sequences, the change is larger for "
-            f"{fmt.listing(above) if above else 'no selection'}"
-            + (f" and smaller for {fmt.listing(below)}" if below else "")
-            + "; for the others the interval of the difference includes zero"
+            versus_random(intervals, "the change is larger", "smaller", "no selection")
             if "random" in set(sub["method"])
             else "no random selection was fine-tuned"
         )
