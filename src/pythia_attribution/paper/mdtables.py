@@ -378,7 +378,12 @@ def finetune(study: Study) -> str:
         ),
         "tbl-finetune",
         "ll" + ("l" if copies else "") + "rl" * len(kinds),
-        [3, 3, *([2] if copies else []), *[6, 4] * len(kinds)],
+        # one prompt kind leaves the page wide enough for the method's name on one line
+        [
+            *([3, 3] if len(kinds) > 1 else [4, 5]),
+            *([2] if copies else []),
+            *([6, 4] if len(kinds) > 1 else [3, 2]) * len(kinds),
+        ],
     )
 
 
