@@ -62,6 +62,8 @@ def _percent(values):
 
 
 _NO_LEGEND_TITLE = theme(legend_title=element_blank())
+# panels of horizontal 0-100% shares side by side: room between one's "100%" and the next one's "0%"
+_SHARE_PANELS = theme(panel_spacing_x=0.035)
 
 
 def _method_scales(methods: list[str], fill: bool = False, ncol: int = 3):
@@ -216,6 +218,7 @@ def _composition_bars(pdf, facet):
         + _category_fill(categories)
         + labs(x="", y="Share of the top-k retrieved sequences")
         + _theme()
+        + _SHARE_PANELS
     )
 
 
@@ -258,9 +261,9 @@ def layers(study: Study):
     return plot, (style.FIGURE_WIDTH_IN * 0.85, 3.0)
 
 
-CONCENTRATION_METRICS = [
-    ("top1pct_share", "Share of the positive score in the top 1%"),
-    ("tail_exponent", "Hill tail exponent (smaller: heavier tail)"),
+CONCENTRATION_METRICS = [  # two lines each: one is wider than a panel where the method names are long
+    ("top1pct_share", "Share of the positive score\nin the top 1%"),
+    ("tail_exponent", "Hill tail exponent\n(smaller: heavier tail)"),
 ]
 
 
@@ -388,6 +391,7 @@ def layer_thirds(study: Study):
         + _category_fill(categories)
         + labs(x="Layers ranked by", y=f"Share of {style.method_name(method)}'s top-k retrieved sequences")
         + _theme()
+        + _SHARE_PANELS
     )
     return plot, (style.FIGURE_WIDTH_IN, 3.6)
 
