@@ -1,5 +1,5 @@
-"""Every benchmark script (and ``experiments/planted_copy.py`` and ``readme_tables.py``) runs, at
-toy sizes, and prints its figures.
+"""Every benchmark script (and ``experiments/planted_copy.py``, ``finetune_seeds.py`` and
+``readme_tables.py``) runs, at toy sizes, and prints its figures.
 
 A benchmark is run by hand when its figures are wanted, often long after the code it calls last
 changed; ``scale.py`` stopped running when the ranking's interface changed and nothing noticed.
@@ -125,6 +125,18 @@ def test_profile_benchmarks_run_on_nano(nano, script, args, expected):
     if script == "train_options.py":  # the baseline runs whether or not it is asked for
         rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
         assert rows["baseline"][2] == "1.00" and rows["active"][2] != "nan"
+
+
+def test_finetune_seeds_reproduces_the_stage_and_varies_the_order(nano):
+    """The profile seed's order is the causal stage's own fine-tuning, behavior by behavior; the
+    next seed's is another order of the same selections."""
+    profile, env = nano
+    out = _run("finetune_seeds.py", "--profile", profile, "--orders", "2", env=env)
+    assert "order 1234 identical to the causal stage's table, behavior by behavior: yes" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("trackstar ")]
+    assert rows and all(len(row) == 7 for row in rows)  # method, two orders, mean, sd, two ranks
+    assert any(row[1] != row[2] for row in rows)  # a second order is a different run
+    assert "Spearman between two orders' rankings, mean" in out
 
 
 def test_planted_copy_prints_every_methods_rank(nano):

@@ -296,19 +296,26 @@ def estimated_state(second_moments: dict, model, step: int, train) -> dict:
     return {"state": state, "param_groups": [first], "param_groups_by_name": groups}
 
 
+def finetune_inputs(ctx, cands, ground_truth, final_dir) -> tuple[dict, list[dict], dict]:
+    """What select-and-fine-tune reads besides the candidates and checkpoints: each item's complete
+    copies, every probe row, and the paraphrases by item."""
+    encode = encoder(AutoTokenizer.from_pretrained(final_dir))
+    cfg = ctx.config
+    paraphrases = {
+        q.item_id: q
+        for q in (read_variants(paths.resolve_input(cfg.paraphrase_file), ground_truth, encode)
+                  if cfg.paraphrase_file else [])
+        if q.variant == "paraphrase"
+    }  # fmt: skip
+    probes = ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
+    return truth_sets(ground_truth, cands, "complete"), probes, paraphrases
+
+
 def select_and_finetune(ctx, cands, ground_truth, ckpts, final_dir) -> None:
     """The select-and-fine-tune tables (``finetune``), empty when no family is configured."""
     cfg = ctx.config
     if cfg.finetune_families:
-        encode = encoder(AutoTokenizer.from_pretrained(final_dir))
-        paraphrases = {
-            q.item_id: q
-            for q in (read_variants(paths.resolve_input(cfg.paraphrase_file), ground_truth, encode)
-                      if cfg.paraphrase_file else [])
-            if q.variant == "paraphrase"
-        }  # fmt: skip
-        probes = ctx.input_table(paths.PROBE, paths.PROBES_TABLE).to_pylist()
-        complete = truth_sets(ground_truth, cands, "complete")
+        complete, probes, paraphrases = finetune_inputs(ctx, cands, ground_truth, final_dir)
         table, summary = finetune.run(ctx, cands, complete, probes, ckpts, paraphrases)
     else:
         table = pa.Table.from_pylist([], finetune.FINETUNE_SCHEMA)

@@ -268,6 +268,19 @@ def measure(model, queries: dict[str, list], pad_id: int) -> dict[str, list[dict
 
 def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Table, pa.Table]:
     """The select-and-fine-tune tables of the causal stage (see the module doc)."""
+    seed = ctx.profile.runtime.seed
+    rows = finetune_rows(ctx, cands, truth_complete, probes, ckpts, paraphrases, [seed])
+    table = pa.Table.from_pylist(rows, FINETUNE_SCHEMA)  # without the rows' order_seed
+    return table, aggregate(table, seed, ctx.profile.attribute.bootstrap)
+
+
+def finetune_rows(
+    ctx, cands, truth_complete, probes, ckpts, paraphrases, order_seeds: list[int]
+) -> list[dict]:
+    """The select-and-fine-tune table's rows, each selection fine-tuned once per seed of
+    ``order_seeds`` (the batch order and torch's seed; each row names its ``order_seed``). The
+    selections and the reference sample use the profile's seed whatever the order seeds; the stage
+    runs the profile's seed alone, ``experiments/finetune_seeds.py`` several."""
     cfg = ctx.config
     seed = ctx.profile.runtime.seed
     final = max(ckpts, key=lambda c: c["step"])
@@ -309,8 +322,9 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
         if len(gt_all):  # no reference where the set's items have no complete copies (the Pile)
             selections[REFERENCE] = evaluation.reference(gt_all, cfg.finetune_k, seed, 59)
         log.info("select-and-fine-tune %s: %d behaviors, from step%d", family, len(behaviors), step)
-        for name, chosen in tqdm(selections.items(), desc=f"fine-tune {family}", unit="method"):
-            model = finetune(ckpt_dir, cands.tokens[chosen], ctx.profile.train, cfg, seed)
+        runs = [(name, chosen, s) for name, chosen in selections.items() for s in order_seeds]
+        for name, chosen, order_seed in tqdm(runs, desc=f"fine-tune {family}", unit="run"):
+            model = finetune(ckpt_dir, cands.tokens[chosen], ctx.profile.train, cfg, order_seed)
             after = measure(model, queries, pad_id)
             n_truth = int(np.isin(chosen, gt_all).sum()) if len(gt_all) else None  # unknown, not 0
             for kind in PROMPTS:
@@ -322,11 +336,10 @@ def run(ctx, cands, truth_complete, probes, ckpts, paraphrases) -> tuple[pa.Tabl
                          "logp_before": pre["target_logprob"], "logp_after": post["target_logprob"],
                          "delta_logp": post["target_logprob"] - pre["target_logprob"],
                          "exhibited_before": pre["exhibited_teacher_forced"],
-                         "exhibited_after": post["exhibited_teacher_forced"]}
+                         "exhibited_after": post["exhibited_teacher_forced"], "order_seed": order_seed}
                     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)  # the evaluation sets' query gradients
-    table = pa.Table.from_pylist(rows, FINETUNE_SCHEMA)
-    return table, aggregate(table, seed, ctx.profile.attribute.bootstrap)
+    return rows
 
 
 def _count(value) -> int | None:
