@@ -59,11 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(spec.module, dict):
             lines.append(f"  {'':<12} sources ({name}.source): {', '.join(spec.module)}")
     stages = "\n".join(lines)
+    every = f"every stage above but {', '.join(paths.OPTIONAL_STAGES)}, in order"
     parser = argparse.ArgumentParser(
         prog="python -m pythia_attribution",
         description="Run one stage of the training-data attribution study.",
         epilog=(
-            f"stages, in order:\n{stages}\n  all          every stage above, in order\n"
+            f"stages, in order:\n{stages}\n  all          {every}\n"
             "  pin          resolve the profile's Hub revisions and files to commits, sizes and sha256\n"
             "               and write world.manifest (needs the network, or the fixture world's cache);\n"
             "               stops if two revisions serve identical weights (not distinct checkpoints)\n"
