@@ -252,6 +252,16 @@ def test_two_cold_runs_agree_apart_from_volatile_fields(nano_run, tmp_path):
     assert log_a.drop_columns(["tokens_per_s"]).equals(log_b.drop_columns(["tokens_per_s"]))
 
 
+def test_verify_against_takes_a_results_root_or_the_profiles_folder(nano_copy, capsys, tmp_path):
+    profile, reference = nano_copy["profile"], nano_copy["reference"]
+    for against in (reference.parent, reference):  # .../results, or .../results/nano
+        assert main(["verify", "--profile", profile, "--against", str(against), "-q"]) == 0
+        assert f"identical to {reference} apart from the volatile fields" in capsys.readouterr().out
+    assert main(["verify", "--profile", profile, "--against", str(tmp_path / "elsewhere"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "elsewhere/nano is not a results folder of profile 'nano'" in err and err.count("\n") == 1
+
+
 def test_compare_reports_a_changed_value(nano_copy):
     results, reference = nano_copy["results"], nano_copy["reference"]
     path = paths.table_path(results / paths.PROBE, paths.PROBE_SUMMARY_TABLE)

@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="when another run holds the profile's results, wait this long for it (default: exit at once)",
     )
     parser.add_argument("--full", action="store_true", help="verify: hash every file in full")
-    parser.add_argument("--against", type=Path, metavar="DIR", help="verify: compare with DIR/<profile>")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR",
+        help="verify: compare with DIR/<profile> (or DIR, when it is the <profile> folder)",
+    )
     parser.add_argument("--shard", type=int, metavar="I", help="index-shard: which shard (0-based)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return parser
@@ -270,9 +275,13 @@ def _verify(profile: Profile, args) -> int:
         print(line)
     problems = report.problems
     if args.against is not None:
-        other = args.against / profile.name
+        # DIR holding <profile>/ (a results root), or that profile's folder itself
+        other = args.against if args.against.name == profile.name else args.against / profile.name
         if not other.is_dir():
-            raise UserError(f"--against: {other} is not a results folder of profile '{profile.name}'")
+            raise UserError(
+                f"--against: {other} is not a results folder of profile '{profile.name}' (give a results "
+                f"root holding {profile.name}/, or the {profile.name}/ folder itself)"
+            )
         diffs = verify.compare(paths.results_root() / profile.name, other)
         for line in diffs:
             print(f"DIFF    {line}")
