@@ -87,10 +87,12 @@ def main() -> None:
     above: dict[str, int] = {}
     compared = 0
     for (family, kind), sub in sorted(means.group_by("family", "prompt_kind"), key=lambda g: g[0]):
-        wide = sub.pivot(on="order_seed", index="method", values="delta_logp")
-        methods = derive.ordered_methods(wide["method"].to_list())  # the paper's order
-        wide = wide.join(pl.DataFrame({"method": methods}).with_row_index("at"), on="method").sort("at")
-        grid = wide.select([str(s) for s in orders]).to_numpy()  # methods x orders
+        by_method = {
+            r["method"]: [r[str(s)] for s in orders]
+            for r in sub.pivot(on="order_seed", index="method", values="delta_logp").iter_rows(named=True)
+        }
+        methods = derive.ordered_methods(by_method)  # the paper's order
+        grid = np.array([by_method[m] for m in methods])  # methods x orders
         ranks = np.argsort(np.argsort(-grid, axis=0), axis=0) + 1
         n = runs.filter((pl.col("family") == family) & (pl.col("prompt_kind") == kind))[
             "behavior_id"

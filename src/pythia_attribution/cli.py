@@ -275,8 +275,9 @@ def _verify(profile: Profile, args) -> int:
         print(line)
     problems = report.problems
     if args.against is not None:
-        # DIR holding <profile>/ (a results root), or that profile's folder itself
-        other = args.against if args.against.name == profile.name else args.against / profile.name
+        other = args.against / profile.name  # DIR is a results root holding <profile>/ ...
+        if not other.is_dir() and args.against.name == profile.name:
+            other = args.against  # ... or that profile's folder itself
         if not other.is_dir():
             raise UserError(
                 f"--against: {other} is not a results folder of profile '{profile.name}' (give a results "

@@ -350,6 +350,8 @@ def finetune(study: Study) -> str:
             label = f"{style.family_label(family)} (n = {first['n_behaviors']}, step {first['from_step']})"
             counted = [f"{first['n_selected_truth']}/{first['n_selected']}"] if copies else []
             rows.append([label if i == 0 else "", run_label(m), *counted, *cells])
+    # one prompt kind leaves the page wide enough for the method's name on one line
+    label_widths, kind_widths = ([3, 3], [6, 4]) if len(kinds) > 1 else ([4, 5], [3, 2])
     header = ["Evaluation set", "Selection", *(["Copies"] if copies else [])]
     for kind in kinds:
         header += [f"Δ log p, {kind}", "Exhibited"]
@@ -378,12 +380,7 @@ def finetune(study: Study) -> str:
         ),
         "tbl-finetune",
         "ll" + ("l" if copies else "") + "rl" * len(kinds),
-        # one prompt kind leaves the page wide enough for the method's name on one line
-        [
-            *([3, 3] if len(kinds) > 1 else [4, 5]),
-            *([2] if copies else []),
-            *([6, 4] if len(kinds) > 1 else [3, 2]) * len(kinds),
-        ],
+        [*label_widths, *([2] if copies else []), *kind_widths * len(kinds)],
     )
 
 
