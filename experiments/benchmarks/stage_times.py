@@ -14,11 +14,13 @@ stages (the interpreter's start and the CLI's imports) is printed on its own lin
 
 Machine calibration, measured in the same run (before the stages and again after them, since a
 machine's speed drifts): plain forward + backward tokens/s of the profile's model on random
-tokens at the profile's thread count. Each stage's time is also printed in units of that
-calibration (Mtok: the stage costs as much as this many million calibration tokens), which is
-what to compare between machines. Beside it, each stage's peak resident memory in the cold run,
-from its ``_stage.json`` (``peak_rss_mib``: with ``--processes one`` it includes what the process
-held when the stage began).
+tokens at the profile's thread count and under its ``runtime.cpu_isa`` cap (in a process of its
+own, as the stages' kernels; before commit 9ad0694 the calibration ran uncapped in this process,
+about 7% faster than capped on an AVX-512 machine, none on an AVX2 one). Each stage's time is
+also printed in units of that calibration (Mtok: the stage costs as much as this many million
+calibration tokens), which is what to compare between machines. Beside it, each stage's peak
+resident memory in the cold run, from its ``_stage.json`` (``peak_rss_mib``: with ``--processes
+one`` it includes what the process held when the stage began).
 """
 
 from __future__ import annotations
@@ -67,32 +69,45 @@ def timed_together(stages: list[str], profile: str, env: dict) -> tuple[dict[str
     return json.loads(done.stdout.decode().strip().splitlines()[-1]), wall
 
 
-def calibrate(profile_name: str, steps: int = 8) -> float:
-    """Forward + backward tokens/s of the profile's model (random tokens, its batch shape)."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import GPTNeoXForCausalLM
+# Forward + backward tokens/s of the profile's model (random tokens, its batch shape), in a process
+# of its own so that its kernels are those the stages run: the profile's runtime.cpu_isa applied
+# before torch loads, as the CLI does. Prints the tokens/s and the cap applied.
+CALIBRATE = """
+import sys, time
+from pythia_attribution.cli import hold_cpu_isa
+from pythia_attribution.config import load_profile
+profile = load_profile(sys.argv[1])
+applied = hold_cpu_isa(profile.runtime.cpu_isa)
+import torch
+import torch.nn.functional as F
+from transformers import GPTNeoXForCausalLM
+from pythia_attribution.model import pythia_config
+torch.set_num_threads(profile.runtime.threads)
+torch.manual_seed(0)
+model = GPTNeoXForCausalLM(pythia_config(profile.train, profile.corpus.vocab_size))
+shape = (profile.corpus.batch_size, profile.corpus.seq_len + 1)
+tokens = torch.randint(0, profile.corpus.vocab_size, shape)
+def step():
+    logits = model(input_ids=tokens[:, :-1]).logits
+    F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
+    model.zero_grad(set_to_none=True)
+steps = int(sys.argv[2])
+step()  # warm-up
+start = time.perf_counter()
+for _ in range(steps):
+    step()
+rate = steps * shape[0] * (shape[1] - 1) / (time.perf_counter() - start)
+print(rate, profile.runtime.cpu_isa if applied else "none")
+"""
 
-    from pythia_attribution.config import load_profile
-    from pythia_attribution.model import pythia_config
 
-    profile = load_profile(profile_name)
-    torch.set_num_threads(profile.runtime.threads)
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(pythia_config(profile.train, profile.corpus.vocab_size))
-    shape = (profile.corpus.batch_size, profile.corpus.seq_len + 1)
-    tokens = torch.randint(0, profile.corpus.vocab_size, shape)
-
-    def step() -> None:
-        logits = model(input_ids=tokens[:, :-1]).logits
-        F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
-        model.zero_grad(set_to_none=True)
-
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * shape[0] * (shape[1] - 1) / (time.perf_counter() - start)
+def calibrate(profile_name: str, env: dict, steps: int = 8) -> tuple[float, str]:
+    """Forward + backward tokens/s of the profile's model under the stages' kernel settings, and
+    the instruction-set cap applied ('none': the libraries' own choice, or the user's variables)."""
+    command = [sys.executable, "-c", CALIBRATE, profile_name, str(steps)]
+    done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE)
+    rate, isa = done.stdout.decode().split()[-2:]
+    return float(rate), isa
 
 
 def main() -> None:
@@ -128,7 +143,7 @@ def cold_peaks(results: str, profile: str, stages: list[str]) -> dict[str, float
 
 def report(args, results: str) -> None:
     env = {**os.environ, "PYTHIA_ATTRIBUTION_RESULTS": results}
-    before = calibrate(args.profile)
+    before, isa = calibrate(args.profile, env)
     outside = {}
     if args.processes == "one":
         cold, wall = timed_together(args.stages, args.profile, env)
@@ -138,14 +153,15 @@ def report(args, results: str) -> None:
     else:
         cold = {s: timed(s, args.profile, env) for s in args.stages}
         warm = {s: timed(s, args.profile, env) for s in args.stages}
-    after = calibrate(args.profile)
+    after, _ = calibrate(args.profile, env)
     calibration = (before + after) / 2
     how = "one process" if args.processes == "one" else "one process per stage"
     kept = results if args.results else "a temporary folder, removed"
     print(f"profile {args.profile}, results in {kept}, the stages run in {how}")
     print(
         f"calibration: forward+backward {before:,.0f} tokens/s before the stages, {after:,.0f} after "
-        f"(mean {calibration:,.0f}; 1 Mtok = {1e6 / calibration:.1f} s on this machine)"
+        f"(mean {calibration:,.0f}; 1 Mtok = {1e6 / calibration:.1f} s on this machine; "
+        f"kernels capped at: {isa}, as the stages run them)"
     )
     peaks = cold_peaks(results, args.profile, args.stages)
     print(f"{'stage':<12} {'cold (s)':>10} {'cold (Mtok)':>12} {'second run (s)':>15} {'peak (GiB)':>11}")

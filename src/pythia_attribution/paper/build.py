@@ -41,7 +41,7 @@ VARIABLES = "_variables.yml"
 OUTPUT = "_output"
 MANUSCRIPT = "index.qmd"  # micro-Pile's manuscript, and Quarto's default render target
 # which manuscript reports a world, by the corpus source its tables were built from
-MANUSCRIPTS = {"micro-pile": MANUSCRIPT, "pythia-preshuffled": "pythia.qmd"}
+MANUSCRIPTS = {"micro-pile": MANUSCRIPT, pile_world.SOURCE: "pythia.qmd"}
 BIBLIOGRAPHY = "references.bib"
 ANCHORS = "anchors.yml"  # published numbers, hand-curated with their sources
 TYPST_HEADER = "header.typ"  # typst set-up shared by Quarto's typst format and the preview
@@ -65,7 +65,7 @@ def default_paper_dir() -> Path:
 
 def manuscript(study: Study) -> str:
     """The manuscript that reports ``study``'s world (``MANUSCRIPTS``, by its corpus source)."""
-    source = study.config(paths.CORPUS_TABLE, "corpus").get("source", "micro-pile")
+    source = pile_world.corpus_source(study)
     if source not in MANUSCRIPTS:
         raise PaperError(f"no manuscript reports corpus source '{source}' (known: {', '.join(MANUSCRIPTS)})")
     return MANUSCRIPTS[source]

@@ -277,7 +277,7 @@ def concentration(study: Study):
             ss.select("method", "behavior_id", pl.lit(label).alias("metric"), pl.col(col).alias("value"))
             for col, label in CONCENTRATION_METRICS
         ]
-    ).drop_nulls("value")
+    ).filter(pl.col("value").is_finite())  # NaN: undefined, the query has no positive score
     data = long.to_pandas()
     data["method"] = data["method"].astype("category").cat.set_categories(methods[::-1])
     data["metric"] = (

@@ -14,10 +14,19 @@ from pythia_attribution import paths
 from pythia_attribution.paper import derive, fmt, style
 from pythia_attribution.paper.data import Study
 
+# the corpus source whose tables this module and ``pythia.qmd`` report (``build.MANUSCRIPTS``)
+SOURCE = "pythia-preshuffled"
+
+
+def corpus_source(study: Study) -> str:
+    """The profile's ``corpus.source`` the tables were built from: what chooses the manuscript
+    (``build.manuscript``) and this module's sections."""
+    return study.config(paths.CORPUS_TABLE, "corpus").get("source", "micro-pile")
+
 
 def is_pile_world(study: Study) -> bool:
     """Whether the corpus is a selection of a preshuffled dataset's training sequences."""
-    return "dataset" in study.provenance(paths.CORPUS_TABLE).get("summary", {})
+    return corpus_source(study) == SOURCE
 
 
 def share(k: int, n: int) -> str:
