@@ -15,7 +15,9 @@ rank, sequence) rows again with the estimated state, and prints how far the two 
   under each state, and the methods' ranking under each (what the paper reports);
 - the time of the estimated patching.
 
-``--behaviors N`` patches a seeded sample of N of the table's behaviors (0: all of them).
+``--behaviors N`` patches a seeded sample of N of the table's behaviors (0: all of them). The
+script applies the profile's ``runtime.cpu_isa`` cap before torch loads, as the CLI does for the
+causal stage, so that the estimated rows come from the same kernels as the table's.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ import numpy as np
 import pyarrow as pa
 from scipy import stats
 
-from pythia_attribution import causal, evaluation, paths, tables
-from pythia_attribution.attribute import moments
-from pythia_attribution.attribute.candidates import load_candidates
+from pythia_attribution import paths, tables
+from pythia_attribution.cli import hold_cpu_isa
 from pythia_attribution.config import load_profile
-from pythia_attribution.model import load_checkpoint, set_threads
 
 
 def method_means(rows: list[dict], profile) -> dict[str, float]:
     """Per method: the mean over behaviors of each behavior's mean effect, as the causal stage's
     metrics table computes it (``causal.aggregate``, family ``all``)."""
+    from pythia_attribution import causal
+
     table = pa.Table.from_pylist(rows, causal.TAIL_PATCH_SCHEMA)
     metrics = causal.aggregate(table, profile.runtime.seed, profile.attribute.bootstrap).to_pylist()
     return {r["method"]: r["effect"] for r in metrics if r["family"] == "all"}
@@ -52,6 +54,13 @@ def main() -> None:
     parser.add_argument("--behaviors", type=int, default=0, help="seeded sample of behaviors (0: all)")
     args = parser.parse_args()
     profile = load_profile(args.profile)
+    hold_cpu_isa(profile.runtime.cpu_isa)  # the causal stage's kernels, before torch loads
+
+    from pythia_attribution import causal, evaluation
+    from pythia_attribution.attribute import moments
+    from pythia_attribution.attribute.candidates import load_candidates
+    from pythia_attribution.model import load_checkpoint, set_threads
+
     set_threads(profile.runtime.threads)
     root = paths.results_root() / profile.name
 
