@@ -17,7 +17,7 @@ from pythia_attribution import paths, tables, train
 from pythia_attribution.cli import main
 from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, pythia_config
-from pythia_attribution.paper import mdtables, style, variables
+from pythia_attribution.paper import causal_variables, mdtables, style
 from pythia_attribution.paper.data import Study
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -113,7 +113,7 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     text = mdtables.leave_out(study)
     assert "| Random draws |" in text and "random_2" not in text
     assert f"of the {cfg.random_draws} random removals" in text
-    sentence = variables.leave_out_variables(study, {})["sentence"]
+    sentence = causal_variables.leave_out_variables(study, {})["sentence"]
     assert f"over {cfg.random_draws} seeded draws" in sentence and "random_2" not in sentence
     # the paired differences follow the ranking by mean drop, each method against the next one
     mean = {m["run"]: m["delta_logp"] for m in metrics.filter(pc.equal(metrics["family"], "all")).to_pylist()}

@@ -14,7 +14,7 @@ import yaml
 
 from pythia_attribution import paths
 from pythia_attribution.errors import MissingInputError
-from pythia_attribution.paper import build, derive, fmt, style, variables
+from pythia_attribution.paper import build, causal_variables, derive, fmt, style, variables
 from pythia_attribution.paper.data import NEEDED, Study
 
 PAPER = paths.project_root() / "paper"
@@ -138,8 +138,9 @@ def test_split_sentence_is_decided_by_the_paired_interval(monkeypatch):
     ):
         interval = {"mean": (lo + hi) / 2, "lo": lo, "hi": hi}
         monkeypatch.setattr(derive, "causal_paired", lambda study, a, b, d=interval: d)
-        assert claim in variables.split_sentence(None, orders)
-    assert "is also the one" in variables.split_sentence(None, {**orders, "causal": ["bm25", "trackstar"]})
+        assert claim in causal_variables.split_sentence(None, orders)
+    same_first = {**orders, "causal": ["bm25", "trackstar"]}
+    assert "is also the one" in causal_variables.split_sentence(None, same_first)
 
 
 def test_abstract_sentences_follow_the_interval_and_the_tables():
@@ -151,11 +152,11 @@ def test_abstract_sentences_follow_the_interval_and_the_tables():
         (-0.03, -0.01, "a step on one of BM25's top 10 raises"),
     ):
         paired = {"mean": (lo + hi) / 2, "lo": lo, "hi": hi, "n": 5}
-        assert claim in variables.tail_patch_abstract(paired, "10")
-    assert variables.tail_patch_abstract(None, "10") == ""
+        assert claim in causal_variables.tail_patch_abstract(paired, "10")
+    assert causal_variables.tail_patch_abstract(None, "10") == ""
     listed = variables.methods_sentence(["random", "bm25", "trackstar", "grad_cosine"])
     assert listed == "TrackStar, gradient cosine and BM25"
-    assert variables.finetune_abstract({"k": "50", "factual": {"n": "4"}}, ["factual"]) == ""
+    assert causal_variables.finetune_abstract({"k": "50", "factual": {"n": "4"}}, ["factual"]) == ""
 
 
 @pytest.mark.parametrize("manuscript", sorted(set(build.MANUSCRIPTS.values())))
