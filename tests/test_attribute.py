@@ -5,7 +5,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments
+from pythia_attribution.attribute import activations, baselines, ekfac, gradients, metrics, moments
 from pythia_attribution.attribute.candidates import load_candidates
 
 
@@ -105,17 +105,17 @@ def test_ekfac_ranks_a_planted_copy_first_and_is_reproducible(nano_run, final_ch
     _, queries, rows, planted = _planted(nano_run)
     totals = []
     for run in ("a", "b"):
-        store = gradients.ekfac_scores(
+        store = ekfac.scores(
             tmp_path / run, ckpt, rows, [q["prompt_ids"] for q in queries],
             [q["target_ids"] for q in queries], token_batch_size=1024, damping=0.1, seed=7, fit_rows=300,
         )  # fmt: skip
-        totals.append(np.concatenate([b for _, b in gradients.score_store_blocks(store, 100)], axis=1))
+        totals.append(np.concatenate([b for _, b in ekfac.store_blocks(store, 100)], axis=1))
         assert not (tmp_path / run / "train.data").exists()
     assert totals[0].shape == (len(queries), len(rows))
     assert (totals[0].argmax(axis=1) == planted).all()
     np.testing.assert_array_equal(totals[0], totals[1])
     some = np.array([0, len(rows) - 1])
-    np.testing.assert_array_equal(gradients.score_store_totals(store)(some), totals[1][:, some])
+    np.testing.assert_array_equal(ekfac.store_totals(store)(some), totals[1][:, some])
 
 
 def test_an_objective_index_with_bergsons_loss_is_the_query_index(nano_run, final_checkpoint, tmp_path):

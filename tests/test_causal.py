@@ -201,7 +201,7 @@ def test_ekfac_scores_of_summed_queries_are_the_sums_of_their_scores(nano_run, t
     (the attribute stage's factors, scored both ways on a few rows)."""
     from bergson.data import load_scores
 
-    from pythia_attribution.attribute import gradients
+    from pythia_attribution.attribute import ekfac
 
     results = nano_run["results"]
     ckpt, step = _final(results)
@@ -215,9 +215,9 @@ def test_ekfac_scores_of_summed_queries_are_the_sums_of_their_scores(nano_run, t
         "token_batch_size": 1024, "damping": 0.1, "seed": 0, "factors": factors,
     }  # fmt: skip
     rows = cands.tokens[:12]
-    each = np.asarray(load_scores(gradients.ekfac_scores(tmp_path / "each", ckpt, rows, **common)))
+    each = np.asarray(load_scores(ekfac.scores(tmp_path / "each", ckpt, rows, **common)))
     sets = [np.array([0, 1, 2]), np.array([3, 4])]
-    summed = gradients.ekfac_scores(tmp_path / "sets", ckpt, rows, query_sets=sets, **common)
+    summed = ekfac.scores(tmp_path / "sets", ckpt, rows, query_sets=sets, **common)
     summed = np.asarray(load_scores(summed))
     assert summed.shape == (len(rows), 2)
     want = np.stack([each[:, s].sum(axis=1) for s in sets], axis=1)

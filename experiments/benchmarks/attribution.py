@@ -8,7 +8,7 @@ backward over the same batches bergson uses and (b) bergson's gradient collectio
 TrackStar normalizer and projection, and their ratio; the raw index alone, and both from one
 paired pass (``gradients.build_index_pair``) against the two built apart; then the time to build the query
 gradients for every exhibited behavior and score them against the index. Then EK-FAC's steps
-(``gradients.ekfac_scores``: K-FAC factors with eigenvalue correction, full query gradients, the
+(``ekfac.scores``: K-FAC factors with eigenvalue correction, full query gradients, the
 damped inverse, and the scoring pass) on the same sequences and queries, each in units of one
 plain forward + backward pass over the sequences.
 """
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute import gradients
+from pythia_attribution.attribute import ekfac, gradients
 from pythia_attribution.attribute.candidates import load_candidates
 from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, set_threads
@@ -103,7 +103,7 @@ def main() -> None:
 
         steps: dict[str, float] = {}
         if args.ekfac:
-            gradients.ekfac_scores(
+            ekfac.scores(
                 Path(tmp) / "ekfac", ckpt, rows, [q["prompt_ids"] for q in queries],
                 [q["target_ids"] for q in queries], token_batch_size=profile.attribute.token_batch_size,
                 damping=0.1, seed=profile.runtime.seed, timings=steps,

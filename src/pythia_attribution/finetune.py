@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pythia_attribution import evaluation, paths
-from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments
+from pythia_attribution.attribute import activations, baselines, ekfac, gradients, metrics, moments
 from pythia_attribution.attribute.methods import REFERENCE, load_methods
 from pythia_attribution.attribute.stage import method_scorer
 from pythia_attribution.model import load_checkpoint
@@ -118,7 +118,7 @@ class Selector:
                 log.info("select-and-fine-tune: %s skipped (no EK-FAC factors at %s)", name, factors)
                 continue
             timings: dict[str, float] = {}
-            store = gradients.ekfac_scores(
+            store = ekfac.scores(
                 work / name, self.final_dir, self.cands.tokens, [b["prompt_ids"] for b in behaviors],
                 [b["target_ids"] for b in behaviors], token_batch_size=self.acfg.token_batch_size,
                 damping=method.damping, seed=self.seed, factors=factors, query_sets=members,
@@ -126,7 +126,7 @@ class Selector:
             )  # fmt: skip
             log.info("select-and-fine-tune: %s over %d sets: %s", name, len(families),
                      ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))  # fmt: skip
-            scores = gradients.score_store_totals(store)(np.arange(len(self.cands.tokens)))
+            scores = ekfac.store_totals(store)(np.arange(len(self.cands.tokens)))
             for j, family in enumerate(families):
                 set_scores = scores[j].astype(np.float64) / len(sets[family])
                 self._set_scores[_set_key(name, sets[family])] = set_scores

@@ -18,7 +18,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from pythia_attribution import paths
-from pythia_attribution.attribute import activations, baselines, gradients, metrics, moments, shards
+from pythia_attribution.attribute import activations, baselines, ekfac, gradients, metrics, moments, shards
 from pythia_attribution.attribute.candidates import TRUTH_TEXT, TRUTHS, load_candidates, truth_sets
 from pythia_attribution.attribute.methods import Method, load_methods
 from pythia_attribution.attribute.ranking import Ranking, per_query_blocks
@@ -199,7 +199,7 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             all_scores[method.name] = Scored(ranking, scorer.per_module, top.result() if top else None)
         elif method.kind == "ekfac":
             timings: dict[str, float] = {}
-            store = gradients.ekfac_scores(
+            store = ekfac.scores(
                 work / method.name, ckpt_dir, cands.tokens, [p["prompt_ids"] for p in queries],
                 [p["target_ids"] for p in queries], token_batch_size=cfg.token_batch_size,
                 damping=method.damping, seed=seed + step, fit_rows=method.fit_rows, timings=timings,
@@ -207,8 +207,8 @@ def attribute_checkpoint(ctx, step, ckpt, methods, cands, truth, probes, tables,
             if timings:
                 spent = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
                 log.info("%s at step%d: %s", method.name, step, spent)
-            blocks = gradients.score_store_blocks(store, cfg.chunk_rows)
-            ranking = rank(blocks, gradients.score_store_totals(store))
+            blocks = ekfac.store_blocks(store, cfg.chunk_rows)
+            ranking = rank(blocks, ekfac.store_totals(store))
             all_scores[method.name] = Scored(ranking)
         elif method.kind == "bm25":
             texts = [p["prompt"] + p["target"] for p in queries]
