@@ -102,6 +102,12 @@ def learning(study: Study):
     data["family_label"] = (
         data["family_label"].astype("category").cat.set_categories(_family_order(curves["family"]))
     )
+    # without a designed dose (the Pile) there is one curve per family, natural against pooled
+    # says nothing (every behavior is natural text): one colour, and no legend of injected copies
+    designed = any(d.isdigit() for d in curves["dose"].unique())
+    colours = derive.dose_colours(curves)
+    if not designed:
+        colours = dict.fromkeys(colours, style.POOLED_COLOUR)
     plot = (
         ggplot(data, aes("checkpoint", "fraction_exhibited", colour="dose", group="dose"))
         + geom_line(size=0.6)
@@ -109,12 +115,12 @@ def learning(study: Study):
         + facet_wrap("family_label", ncol=3)
         + scale_x_sqrt()
         + scale_y_continuous(labels=_percent, limits=(0, 1))
-        + scale_color_manual(values=derive.dose_colours(curves), name="Injected copies / documents")
+        + scale_color_manual(values=colours, name="Injected copies / documents")
         + labs(x="Training step (checkpoint, square-root scale)", y="Behaviors exhibited")
         + _theme()
         + guides(colour=guide_legend(nrow=2))
     )
-    if set(data["dose"].astype(str)) <= {derive.NATURAL}:  # no designed dose (the Pile): no legend
+    if not designed:
         plot += theme(legend_position="none")
     return plot, (style.FIGURE_WIDTH_IN, 4.2)
 
@@ -298,6 +304,9 @@ def concentration(study: Study):
     return plot, (style.FIGURE_WIDTH_IN, 2.8)
 
 
+MAX_LEVEL_BINS = 7  # duplication bins a half-width panel labels level (micro's 1 to 33-64)
+
+
 def memorization_by_duplication(study: Study):
     """Share of sequences memorized at the final checkpoint against how often their text recurs."""
     dup = study.frame(paths.MEMORIZATION_BY_DUP_TABLE).with_columns(
@@ -323,6 +332,8 @@ def memorization_by_duplication(study: Study):
         + labs(x="Occurrences in the training corpus", y="Memorized at the final checkpoint")
         + _theme()
     )
+    if dup.group_by("kind").agg(pl.col("bin").n_unique())["bin"].max() > MAX_LEVEL_BINS:
+        plot += theme(axis_text_x=element_text(rotation=45, ha="right"))  # wide bins would overlap
     return plot, (style.FIGURE_WIDTH_IN, 2.8)
 
 
