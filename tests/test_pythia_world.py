@@ -494,3 +494,18 @@ def test_paper_builds_from_the_fixture_worlds_tables(pythia, tmp_path):
     assert where["method"] == "TrackStar with estimated Adam state" and "Where the score sits" in page
     assert where["n_behaviors"] == world["exhibited_final"]
     assert "fine-tuned from step" in world["finetune"]["sentences"] and "Table 4:" in page
+
+
+def test_explorer_says_where_the_world_has_no_ground_truth(pythia, tmp_path):
+    """The Pile's world has no planted items: the explorer's tracing and word-order sections say
+    so instead of showing empty tables, undefined values read n/a, and the behaviors' listing has
+    no ground-truth column; every behavior still has its page."""
+    from pythia_attribution.explorer import NO_TRUTH, build
+
+    out = build(pythia["results"], tmp_path / "explorer")
+    index = (out / "index.html").read_text()
+    assert index.count(NO_TRUTH) == 2  # tracing, word order
+    assert "TrackStar top-1" not in index and ">nan<" not in index and "n/a" in index
+    assert "ground_truth: the behavior's own complete copies" not in index  # no reference row
+    exhibited = _read(pythia["results"], paths.ATTRIBUTE, paths.ATTRIBUTIONS_TABLE)["behavior_id"]
+    assert len(list((out / "behavior").glob("*.html"))) == len(set(exhibited.to_pylist())) > 0

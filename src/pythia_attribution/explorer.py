@@ -25,6 +25,7 @@ import numpy as np
 
 from pythia_attribution import derived, paths, tables
 from pythia_attribution.attribute.candidates import TRUTHS, load_candidates, truth_sets
+from pythia_attribution.attribute.methods import REFERENCE
 from pythia_attribution.errors import MissingInputError
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,13 @@ def build(results: Path, out: Path) -> Path:
     page_of = slugs(behaviors)
     by_behavior = {b: g for b, g in probes.groupby("behavior_id")}
     listing = []
+    has_truth = False  # whether any behavior has a ground-truth item (none in the Pile's world)
     for b in behaviors:
         curve = by_behavior[b].sort_values("checkpoint")
         last = curve.iloc[-1]
         rows = attributions[attributions["behavior_id"] == b]
         item = last["item_id"] if isinstance(last["item_id"], str) else None  # null: no ground truth
+        has_truth = has_truth or item is not None
         gt = {name: set(sets[item].tolist()) if item in sets else None for name, sets in truth.items()}
         count = "" if item is None or np.isnan(last["count"]) else f" (stated {int(last['count'])} times)"
         columns, shown = [], set()
@@ -197,6 +200,7 @@ def build(results: Path, out: Path) -> Path:
             n=len(behaviors), step=final, results=html.escape(_shown(results)),
             family_options="".join(f'<option value="{f}">{f}</option>' for f in map(html.escape, families)),
             listing="\n".join(listing), sections="\n".join(sections),
+            top1_header="TrackStar top-1" if has_truth else "",
         )
     )  # fmt: skip
     if out.exists():
@@ -289,9 +293,22 @@ def _table_html(headers: list[str], rows: list[list[str]], cls: str = "") -> str
 
 
 def _ci(row, col: str, digits: int = 3) -> str:
+    """A value with its interval; 'n/a' where it is undefined (NaN: nothing to count it over)."""
+    if row[col] != row[col]:
+        return "n/a"
     return (
         f"{row[col]:.{digits}f} <small>[{row[col + '_lo']:.{digits}f}, {row[col + '_hi']:.{digits}f}]</small>"
     )
+
+
+def _value(x: float, digits: int = 3) -> str:
+    return "n/a" if x != x else f"{x:.{digits}f}"
+
+
+NO_TRUTH = (
+    "Not measured for these tables: no behavior has known sources (a world without planted items, such "
+    "as the Pile's own training sequences, has no ground truth to score against)."
+)
 
 
 def _tracing_section(tracing, final: int, methods: list[str]) -> str:
@@ -304,6 +321,8 @@ def _tracing_section(tracing, final: int, methods: list[str]) -> str:
     ).sort_values(["_truth", "_method", "method"])
     rows = [[r["truth"], r["method"], str(int(r["n_behaviors"])), _ci(r, "mrr"), _ci(r, "recall_at_10"),
              _ci(r, "top1_hit")] for _, r in t.iterrows()]  # fmt: skip
+    if not rows:
+        return f"<h2>Tracing: is a ground-truth sequence retrieved?</h2><p>{NO_TRUTH}</p>"
     return (
         "<h2>Tracing: is a ground-truth sequence retrieved?</h2><p>Every family, final checkpoint, "
         "under each truth definition (complete: the sequence holds the whole item; partial: it touches "
@@ -319,10 +338,11 @@ def _causal_section(causal, step: str) -> str:
     rows = [[r["method"], str(int(r["n_behaviors"])), _ci(r, "effect", 4), _ci(r, "positive")]
             for _, r in t.iterrows()]  # fmt: skip
     how = f" The step: {html.escape(step)}." if step else ""
+    reference = " (ground_truth: the behavior's own complete copies)" if REFERENCE in set(t["method"]) else ""
     return (
         "<h2>Tail-patch: does a step on the retrieved sequence raise the target?</h2>"
         "<p>Mean change in the target's log-probability beyond the same step with a zero gradient, over "
-        f"each method's top k (ground_truth: the behavior's own complete copies).{how}</p>"
+        f"each method's top k{reference}.{how}</p>"
         + _table_html(["method", "behaviors", "effect", "share positive"], rows)
     )
 
@@ -367,7 +387,7 @@ def _leave_out_section(left_out) -> str:
 def _thirds_section(thirds) -> str:
     t = thirds[thirds["family"] == "all"].sort_values(["method", "third"])
     rows = [[r["method"], r["third"], str(int(r["n_behaviors"])), _ci(r, "exact"), _ci(r, "thematic"),
-             _ci(r, "unrelated"), f"{r['mrr_complete']:.3f}"] for _, r in t.iterrows()]  # fmt: skip
+             _ci(r, "unrelated"), _value(r["mrr_complete"])] for _, r in t.iterrows()]  # fmt: skip
     return "<h2>Layer thirds: what each third of the network retrieves</h2>" + _table_html(
         ["method", "third", "behaviors", "exact", "thematic", "unrelated", "MRR (complete)"], rows
     )
@@ -377,6 +397,8 @@ def _word_section(word) -> str:
     t = word.sort_values(["kind", "method", "variant"])
     rows = [[r["kind"], r["order"], r["method"], r["variant"], str(int(r["n_items"])), _ci(r, "gt_score", 4),
              _ci(r, "relative", 2), _ci(r, "mrr")] for _, r in t.iterrows()]  # fmt: skip
+    if not rows:
+        return f"<h2>Word order: the item's own sequences under query variants</h2><p>{NO_TRUTH}</p>"
     return "<h2>Word order: the item's own sequences under query variants</h2>" + _table_html(
         ["items", "order", "method", "variant", "n", "ground-truth score", "relative to original", "MRR"],
         rows,
@@ -453,7 +475,7 @@ Each behavior's page shows every method's top sequences side by side.</p>
 {family_options}</select></label>
 <span><span id="shown">{n}</span> shown</span></div>
 <table class="behaviors"><thead><tr><th>behavior</th><th>family</th><th>count</th><th>prompt</th>
-<th>target</th><th>TrackStar top-1</th></tr></thead><tbody>
+<th>target</th><th>{top1_header}</th></tr></thead><tbody>
 {listing}
 </tbody></table></body></html>
 """
