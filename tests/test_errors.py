@@ -23,9 +23,10 @@ def test_checksum_mismatch_names_artifact(world, capsys, tmp_path):
 
 
 def test_missing_upstream_names_the_session(world, capsys):
+    """... with the profile: a bare `nox -s corpus` would run the default profile's."""
     assert main(["train", "--profile", str(world), "-q"]) == 2
     err = _one_line(capsys)
-    assert "nox -s corpus" in err
+    assert "run `nox -s corpus -- --profile nano` first" in err
 
 
 def test_bad_behavior_file_stops_probe_cleanly(nano_run, tmp_path, capsys, monkeypatch):

@@ -38,7 +38,8 @@ def _table(results: Path, stage: str, table: str, required: bool = True):
     if not path.is_file():
         if required:
             raise MissingInputError(
-                f"the explorer needs {path}, which is missing; run `nox -s {stage}` (or `nox -s all`) first"
+                f"the explorer needs {path}, which is missing; run "
+                f"`{paths.session(stage, results.name)}` (or `{paths.session('all', results.name)}`) first"
             )
         return None
     return tables.read_table(path).to_pandas()

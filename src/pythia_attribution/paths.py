@@ -56,6 +56,12 @@ def expand(template: str, profile: str) -> Path:
     return resolve_input(template.replace("{world}", str(world_dir(profile))))
 
 
+def session(name: str, profile: str) -> str:
+    """The command that runs stage or session ``name`` for ``profile``, as error messages print it
+    (the profile named always: a bare `nox -s probe` would run the default profile's)."""
+    return f"nox -s {name} -- --profile {profile}"
+
+
 # Stages, in pipeline order, and the tables each one writes.
 CORPUS, TRAIN, PROBE, ATTRIBUTE, DUPLICATES = "corpus", "train", "probe", "attribute", "duplicates"
 MEMORIZATION, CAUSAL, ANALYSES = "memorization", "causal", "analyses"

@@ -339,7 +339,7 @@ def fingerprint(profile: Profile, spec: StageSpec) -> tuple[str, dict[str, dict[
         if record is None:
             raise MissingInputError(
                 f"stage '{spec.name}' needs the outputs of stage '{up}' "
-                f"({paths.stage_dir(profile.name, up)}); run `nox -s {up}` first"
+                f"({paths.stage_dir(profile.name, up)}); run `{paths.session(up, profile.name)}` first"
             )
         input_hashes[up] = outputs.digests(record["outputs"])
     files = {f.name: tables.sha256_file(f) for f in spec.files(profile) if f.is_file()}
@@ -472,7 +472,7 @@ def run(profile: Profile, stage: str, force: bool = False) -> Path:
         if up_status.state == "corrupt":
             raise CorruptOutputError(
                 f"stage '{stage}' reads the outputs of '{up}', which no longer match their record: "
-                f"{up_status.problems[0]}; run `nox -s {up}` to recompute them"
+                f"{up_status.problems[0]}; run `{paths.session(up, profile.name)}` to recompute them"
             )
         if up_status.state == "stale":
             log.warning(

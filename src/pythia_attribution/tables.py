@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from pythia_attribution import paths
 from pythia_attribution.errors import CorruptOutputError, MissingInputError
 
 PROVENANCE_KEY = b"pythia_attribution"
@@ -67,7 +68,8 @@ def _open(path: Path, source) -> ipc.RecordBatchFileReader:
 def read_table(path: Path, made_by: str | None = None) -> pa.Table:
     """Read an Arrow IPC table; a missing file names the session that makes it."""
     if not path.is_file():
-        hint = f"; run `nox -s {made_by}` first" if made_by else ""
+        # a table lives in results/<profile>/<stage>/, so its folder's parent names the profile
+        hint = f"; run `{paths.session(made_by, path.parent.parent.name)}` first" if made_by else ""
         raise MissingInputError(f"missing table {path}{hint}")
     with pa.memory_map(str(path), "r") as source:
         return _open(path, source).read_all()

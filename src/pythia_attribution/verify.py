@@ -63,7 +63,7 @@ def _verify_stage(profile: Profile, name: str, full: bool, report: Report) -> No
         if root.exists():
             report.fail(
                 f"{name}: {root} has no readable {paths.STAGE_RECORD} (damaged, or written by an older "
-                f"version of the package); `nox -s {name}` recomputes it"
+                f"version of the package); `{paths.session(name, profile.name)}` recomputes it"
             )
         else:
             report.note(f"{name}: not run")
@@ -86,7 +86,8 @@ def _verify_stage(profile: Profile, name: str, full: bool, report: Report) -> No
         elif record["inputs"].get(up) != outputs.digests(up_record["outputs"]):
             report.fail(
                 f"{name}: the outputs of '{up}' it was computed from are not the current ones "
-                f"('{up}' was recomputed with a different result since); rerun `nox -s {name}`"
+                f"('{up}' was recomputed with a different result since); rerun "
+                f"`{paths.session(name, profile.name)}`"
             )
     try:
         current, _ = stage.fingerprint(profile, spec)
@@ -96,7 +97,7 @@ def _verify_stage(profile: Profile, name: str, full: bool, report: Report) -> No
     if current != record["fingerprint"]:
         report.fail(
             f"{name}: stale: the profile's config, behavior/method files or the stage's code changed "
-            f"since it ran; `nox -s {name}` recomputes it"
+            f"since it ran; `{paths.session(name, profile.name)}` recomputes it"
         )
     if report.problems == before:
         how = "size, sha256" if full else "size, sha256; stamps for files over 64 MiB"

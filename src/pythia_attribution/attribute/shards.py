@@ -182,7 +182,7 @@ def build_for_profile(profile, shard: int) -> list[Path]:
         if stage.status(profile, up).state != "current":
             raise UserError(
                 f"index-shard reads the '{up}' stage's outputs, which are not current: "
-                f"run `nox -s {up}` first"
+                f"run `{paths.session(up, profile.name)}` first"
             )
     set_threads(profile.runtime.threads)
     corpus_dir, train_dir = (paths.stage_dir(profile.name, s) for s in (paths.CORPUS, paths.TRAIN))

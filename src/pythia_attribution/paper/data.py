@@ -79,8 +79,8 @@ class Study:
         path = paths.table_path(self.results / stage, table)
         if not path.is_file():
             raise MissingInputError(
-                f"the paper needs {path}, which is missing; run `nox -s {stage} -- --profile "
-                f"{self.profile}` (or `nox -s all -- --profile {self.profile}`) first"
+                f"the paper needs {path}, which is missing; run `{paths.session(stage, self.profile)}` (or "
+                f"`{paths.session('all', self.profile)}`) first"
             )
         return path
 

@@ -123,7 +123,9 @@ def checkpoint(profile, step: int, manifest: pins.HubManifest | None = None) -> 
     manifest = manifest or world_manifest(profile)
     revision = manifest.revision(f"step{step}")
     if not revision.commit:
-        raise ConfigError(f"{manifest.path}: revision step{step} has no commit; run `nox -s pin`")
+        raise ConfigError(
+            f"{manifest.path}: revision step{step} has no commit; run `{paths.session('pin', profile.name)}`"
+        )
     local = snapshot(profile, manifest.model_repo, revision.commit, allow=MODEL_FILES)
     if revision.weights_size:
         entry = FileEntry(revision.weights_size, revision.weights_sha256)
