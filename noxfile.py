@@ -181,17 +181,19 @@ def paper(session: nox.Session) -> None:
 
 @nox.session
 def explorer(session: nox.Session) -> None:
-    """Write results/<profile>/explorer/: a static HTML site of every behavior's top sequences by
-    method, from the tables (run `nox -s all` first; `nox -s paper` builds it too). Open its
-    index.html in a browser. Skipped when made from the same tables and code and still whole;
-    `-- --force` rebuilds it."""
+    """Write the explorer, a static HTML site of each behavior's top sequences, to results/<profile>/.
+
+    Made from the tables (run `nox -s all` first; `nox -s paper` builds it too); open its
+    explorer/index.html in a browser. Skipped when made from the same tables and code and still
+    whole; `-- --force` rebuilds it."""
     _stage(session, "explorer")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite offline (includes the nano pipeline end to end), in two pytest-xdist
-    workers where two CPUs are usable (`-- -n N` chooses another count, `-- -n 0` none)."""
+    """Run the test suite offline, the nano pipeline end to end included (pytest-xdist workers).
+
+    Two workers where two CPUs are usable (`-- -n N` chooses another count, `-- -n 0` none)."""
     args = list(session.posargs)
     if not any(a.startswith(("-n", "--numprocesses")) for a in args):
         args = ["-n", str(_test_workers()), *args]
@@ -209,8 +211,10 @@ def _test_workers() -> int:
 
 @nox.session
 def image(session: nox.Session) -> None:
-    """Check the CUDA image without a Docker engine: hadolint, then replay its install steps in a
-    fresh venv (.ci/replay-image-install: the lock resolves with every hash, the project installs)."""
+    """Check the CUDA image without a Docker engine: hadolint, and its install steps replayed.
+
+    The replay (.ci/replay-image-install) runs the Dockerfile's pip steps in a fresh venv: the lock
+    resolves with every hash, and the project installs."""
     python = _python(session)
     session.run(str(Path(python).parent / "hadolint"), "Dockerfile", external=True)
     session.run(python, str(ROOT / ".ci" / "replay-image-install"), external=True)
