@@ -15,7 +15,7 @@ stages (the interpreter's start and the CLI's imports) is printed on its own lin
 Machine calibration, measured in the same run (before the stages and again after them, since a
 machine's speed drifts): plain forward + backward tokens/s of the profile's model on random
 tokens at the profile's thread count and under its ``runtime.cpu_isa`` cap (in a process of its
-own, as the stages' kernels; before commit 9ad0694 the calibration ran uncapped in this process,
+own, as the stages' kernels; before commit 4d82e54 the calibration ran uncapped in this process,
 about 7% faster than capped on an AVX-512 machine, none on an AVX2 one). Each stage's time is
 also printed in units of that calibration (Mtok: the stage costs as much as this many million
 calibration tokens), which is what to compare between machines. Beside it, each stage's peak
