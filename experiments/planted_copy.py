@@ -9,7 +9,8 @@ state (raw gradients, autocorrelation Hessian), gradient cosine, BM25, activatio
 the two activation-space methods (``residual_diff``, ``residual_change``; controls drawn as the
 attribute stage draws them). Prints the planted copy's rank (1 = first) of every query. The test
 suite checks rank 1 for the gradient methods and BM25 (``tests/test_attribute.py``); this prints
-what the activation-space methods do. Run the pipeline through ``probe`` first.
+what the activation-space methods do. Run the pipeline through ``probe`` first. Like the CLI, the
+script applies the profile's ``runtime.cpu_isa`` cap before torch loads.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from pythia_attribution import paths, tables
-from pythia_attribution.attribute import activations, baselines, gradients
-from pythia_attribution.attribute.candidates import load_candidates
+from pythia_attribution.cli import hold_cpu_isa
 from pythia_attribution.config import load_profile
-from pythia_attribution.model import load_checkpoint, set_threads
 
 
 def main() -> None:
@@ -32,6 +31,12 @@ def main() -> None:
     parser.add_argument("--profile", default="nano")
     args = parser.parse_args()
     profile = load_profile(args.profile)
+    hold_cpu_isa(profile.runtime.cpu_isa)  # the attribute stage's kernels, before torch loads
+
+    from pythia_attribution.attribute import activations, baselines, gradients
+    from pythia_attribution.attribute.candidates import load_candidates
+    from pythia_attribution.model import load_checkpoint, set_threads
+
     set_threads(profile.runtime.threads)
     results = paths.results_root() / profile.name
     ckpts = tables.read_table(paths.table_path(results / paths.TRAIN, paths.CHECKPOINTS_TABLE)).to_pylist()

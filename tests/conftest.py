@@ -70,6 +70,15 @@ def nano_torch_threads():
 
 
 @pytest.fixture(autouse=True)
+def profile_files():
+    """Each test starts with no profile file remembered for error hints (paths.session): the
+    record is per process, and a CLI process loads one profile."""
+    from pythia_attribution import paths
+
+    paths._PROFILE_FILES.clear()
+
+
+@pytest.fixture(autouse=True)
 def offline_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

@@ -23,10 +23,13 @@ def test_checksum_mismatch_names_artifact(world, capsys, tmp_path):
 
 
 def test_missing_upstream_names_the_session(world, capsys):
-    """... with the profile: a bare `nox -s corpus` would run the default profile's."""
+    """... with the profile: a bare `nox -s corpus` would run the default profile's, and a
+    profile loaded from its own file is named by its path (`--profile nano` is the shipped one)."""
     assert main(["train", "--profile", str(world), "-q"]) == 2
     err = _one_line(capsys)
-    assert "run `nox -s corpus -- --profile nano` first" in err
+    assert f"run `nox -s corpus -- --profile {world.resolve()}` first" in err
+    assert main(["train", "--profile", "nano", "-q"]) == 2
+    assert "run `nox -s corpus -- --profile nano` first" in _one_line(capsys)
 
 
 def test_bad_behavior_file_stops_probe_cleanly(nano_run, tmp_path, capsys, monkeypatch):

@@ -630,6 +630,7 @@ def load_profile(name_or_path: str) -> Profile:
     profile = from_dict(Profile, data, str(path))
     for key, why in cross_rules(profile):
         raise ConfigError(f"{path}: key '{key}' {why}")
+    paths.remember_profile_file(profile.name, path)
     return profile
 
 

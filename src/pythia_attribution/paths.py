@@ -56,10 +56,24 @@ def expand(template: str, profile: str) -> Path:
     return resolve_input(template.replace("{world}", str(world_dir(profile))))
 
 
+# Profiles this process loaded from a file outside experiments/profiles: name -> that file, the
+# argument that selects them again (`--profile nano` would load the shipped nano, not this one).
+_PROFILE_FILES: dict[str, str] = {}
+
+
+def remember_profile_file(name: str, path: Path) -> None:
+    """Record that profile ``name`` was loaded from ``path``, for the commands errors print."""
+    if path.parent.resolve() == profiles_dir().resolve():
+        _PROFILE_FILES.pop(name, None)
+    else:
+        _PROFILE_FILES[name] = str(path)
+
+
 def session(name: str, profile: str) -> str:
     """The command that runs stage or session ``name`` for ``profile``, as error messages print it
-    (the profile named always: a bare `nox -s probe` would run the default profile's)."""
-    return f"nox -s {name} -- --profile {profile}"
+    (the profile named always: a bare `nox -s probe` would run the default profile's; a profile
+    loaded from its own file is named by that file's path)."""
+    return f"nox -s {name} -- --profile {_PROFILE_FILES.get(profile, profile)}"
 
 
 # Stages, in pipeline order, and the tables each one writes.
