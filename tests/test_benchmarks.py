@@ -1,5 +1,5 @@
-"""Every benchmark script (and ``experiments/planted_copy.py``, ``finetune_seeds.py`` and
-``readme_tables.py``) runs, at toy sizes, and prints its figures.
+"""Every benchmark script (and ``experiments/planted_copy.py``, ``finetune_seeds.py``,
+``replicate.py`` and ``readme_tables.py``) runs, at toy sizes, and prints its figures.
 
 A benchmark is run by hand when its figures are wanted, often long after the code it calls last
 changed; ``scale.py`` stopped running when the ranking's interface changed and nothing noticed.
@@ -137,6 +137,36 @@ def test_finetune_seeds_reproduces_the_stage_and_varies_the_order(nano):
     assert rows and all(len(row) == 7 for row in rows)  # method, two orders, mean, sd, two ranks
     assert any(row[1] != row[2] for row in rows)  # a second order is a different run
     assert "Spearman between two orders' rankings, mean" in out
+
+
+def test_replicate_of_one_folder_with_itself_agrees_everywhere(nano, nano_run):
+    """The same tables twice: every criterion's two method orders are one (Spearman 1.00), and a
+    printed figure is the table's own."""
+    import polars as pl
+
+    from pythia_attribution import paths, tables
+
+    _, env = nano
+    folder = str(nano_run["results"])
+    out = _run("replicate.py", "--profiles", "nano", "nano", "--folders", folder, folder, env=env)
+    summary = out.split("method orders, by criterion:")[1].strip().splitlines()
+    rhos = {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in summary}
+    assert {"tracing (complete)", "tail-patch"} <= rhos.keys()
+    assert set(rhos.values()) == {"1.00"}, rhos
+    metrics = pl.from_arrow(
+        tables.read_table(
+            paths.table_path(nano_run["results"] / paths.ATTRIBUTE, paths.TRACING_METRICS_TABLE)
+        )
+    )
+    final = metrics["checkpoint"].max()
+    row = metrics.filter(
+        (pl.col("method") == "trackstar")
+        & (pl.col("truth") == "complete")
+        & (pl.col("family") == "all")
+        & (pl.col("checkpoint") == final)
+    ).row(0, named=True)
+    line = next(x for x in out.splitlines() if x.split()[:2] == ["trackstar", "complete"])
+    assert f"{row['mrr']:.3f} [{row['mrr_lo']:.3f}, {row['mrr_hi']:.3f}]" in line
 
 
 def test_planted_copy_prints_every_methods_rank(nano):

@@ -1,0 +1,237 @@
+"""Do the offline study's findings replicate under another seed? Two profiles' tables side by side.
+
+    python experiments/replicate.py                                  # micro against micro-seed1235
+    python experiments/replicate.py --profiles micro micro-seed1235 --folders A B
+
+``micro-seed1235`` is micro with another ``runtime.seed`` (a test holds every other key equal): a
+second draw of the synthetic world, the training order, the model's initialization and every
+seeded sample. Run ``nox -s all -- --profile micro-seed1235`` (and micro's) first. The script reads
+the two profiles' tables (``--folders``: their results folders, default ``results/<profile>``)
+and prints, for each, the figures the README's "What the study finds" rests on: the behaviors
+exhibited at the final checkpoint, tracing MRR by truth definition, the tail-patch effect of each
+method's top k and the paired TrackStar - BM25 difference, select-and-fine-tune's change of the
+targets' log-probability, memorization by duplication, where TrackStar's tokenwise score sits, and
+the word-order ratios. For every criterion that ranks the methods it prints both orders and their
+Spearman correlation (over the methods both profiles ran; the ground-truth reference and the
+random floor included where the table has them). It computes nothing new: every figure is a table
+row or the paper's own derivation (``paper/derive.py``) of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import polars as pl
+from scipy import stats
+
+from pythia_attribution import paths
+from pythia_attribution.paper import derive
+from pythia_attribution.paper.data import Study
+
+
+def _ci(row: dict, column: str, digits: int = 3) -> str:
+    return f"{row[column]:.{digits}f} [{row[column + '_lo']:.{digits}f}, {row[column + '_hi']:.{digits}f}]"
+
+
+def _side_by_side(title: str, names: list[str], rows: dict[tuple, list[str]], key_header: str) -> None:
+    print(f"\n{title}")
+    width = max([len(key_header)] + [len(" ".join(map(str, k))) for k in rows])
+    cells = [max([len(n)] + [len(v[i]) for v in rows.values()]) for i, n in enumerate(names)]
+    print(f"  {key_header:<{width}}  " + "  ".join(f"{n:<{w}}" for n, w in zip(names, cells, strict=True)))
+    for key, values in rows.items():
+        label = " ".join(str(k) for k in key)
+        print(f"  {label:<{width}}  " + "  ".join(f"{v:<{w}}" for v, w in zip(values, cells, strict=True)))
+
+
+def _orders(label: str, names: list[str], orders: list[list[str]]) -> float | None:
+    """Print each profile's order (best first) and the Spearman correlation over the common methods."""
+    common = [m for m in orders[0] if m in orders[1]]
+    print(f"  order by {label}:")
+    for name, order in zip(names, orders, strict=True):
+        print(f"    {name}: {' > '.join(order)}")
+    if len(common) < 3:
+        return None
+    rho = stats.spearmanr([orders[0].index(m) for m in common], [orders[1].index(m) for m in common])[0]
+    print(f"    Spearman over {len(common)} methods: {rho:.2f}")
+    return float(rho)
+
+
+def _methods(frames: list[pl.DataFrame]) -> list[str]:
+    """The methods of either profile's table, in the paper's order."""
+    return derive.ordered_methods({m for f in frames for m in f["method"].to_list()})
+
+
+def _value(frames: list[pl.DataFrame], key: dict, render) -> list[str]:
+    out = []
+    for frame in frames:
+        sub = frame
+        for column, value in key.items():
+            sub = sub.filter(pl.col(column).is_null() if value is None else pl.col(column) == value)
+        out.append(render(sub.row(0, named=True)) if sub.height else "-")
+    return out
+
+
+def behaviors(studies: list[Study], names: list[str]) -> None:
+    """Exhibited/n per family and count; a family whose counts differ between the profiles (the
+    stereotype's mentions per template are drawn by the seed) is shown as its total."""
+    frames = []
+    for study in studies:
+        final = derive.final_checkpoint(study)
+        frame = study.frame(paths.PROBE_SUMMARY_TABLE).filter(pl.col("checkpoint") == final)
+        frames.append(frame.with_columns(pl.col("count").cast(pl.Utf8).fill_null("natural")))
+    counts = [{f: set(g["count"]) for (f,), g in frame.group_by("family")} for frame in frames]
+    rows = {}
+    for family in sorted(set(counts[0]) | set(counts[1])):
+        if counts[0].get(family) == counts[1].get(family):
+            for count in sorted(
+                counts[0][family], key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0)
+            ):
+                rows[(family, count)] = _value(
+                    frames, {"family": family, "count": count}, lambda x: f"{x['n_exhibited']}/{x['n']}"
+                )
+        else:
+            totals = [f.filter(pl.col("family") == family).select(pl.sum("n_exhibited", "n")) for f in frames]
+            rows[(family, "all")] = [f"{t['n_exhibited'][0]}/{t['n'][0]}" for t in totals]
+    _side_by_side("Behaviors exhibited at the final checkpoint (family, count: exhibited/n)", names, rows, "")
+
+
+def tracing(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+    frames = [
+        s.frame(paths.TRACING_METRICS_TABLE).filter(
+            (pl.col("family") == "all") & (pl.col("checkpoint") == derive.final_checkpoint(s))
+        )
+        for s in studies
+    ]
+    n = [f["n_behaviors"].max() for f in frames]
+    rows = {}
+    for truth in derive.TRUTH_ORDER:
+        for method in _methods(frames):
+            rows[(method, truth)] = _value(
+                frames, {"truth": truth, "method": method}, lambda x: _ci(x, "mrr")
+            )
+    _side_by_side(f"Tracing MRR, family all (behaviors with sources: {n[0]} and {n[1]})", names, rows, "")
+    rhos = {}
+    for truth in derive.TRUTH_ORDER:
+        orders = [
+            f.filter(pl.col("truth") == truth).sort("mrr", descending=True)["method"].to_list()
+            for f in frames
+        ]
+        rhos[f"tracing ({truth})"] = _orders(f"MRR ({truth})", names, orders)
+    return rhos
+
+
+def tail_patch(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+    frames = [s.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all") for s in studies]
+    rows = {(m,): _value(frames, {"method": m}, lambda x: _ci(x, "effect")) for m in _methods(frames)}
+    _side_by_side("Tail-patch: effect of one step on each method's top k, family all", names, rows, "")
+    rhos = {
+        "tail-patch": _orders(
+            "tail-patch effect", names, [derive.causal_orders(s)["causal"] for s in studies]
+        )
+    }
+    for a, b in (("trackstar", "bm25"), ("ekfac", "bm25"), ("trackstar", "ground_truth")):
+        out = []
+        for study in studies:
+            d = derive.causal_paired(study, a, b)
+            out.append(
+                "-"
+                if d is None
+                else f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}], ahead for {d['ahead']:.0%}"
+            )
+        print(f"  paired {a} - {b}: " + "; ".join(f"{n}: {o}" for n, o in zip(names, out, strict=True)))
+    return rhos
+
+
+def finetune(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+    frames = [s.frame(paths.FINETUNE_METRICS_TABLE) for s in studies]
+    keys = (
+        pl.concat([f.select("family", "prompt_kind") for f in frames]).unique().sort("family", "prompt_kind")
+    )
+    rows = {}
+    rhos = {}
+    for key in keys.iter_rows(named=True):
+        for m in _methods(frames):
+            rows[(key["family"], key["prompt_kind"], m)] = _value(
+                frames, {**key, "method": m}, lambda x: _ci(x, "delta_logp", 2)
+            )
+    _side_by_side("Select-and-fine-tune: change of the targets' log-probability", names, rows, "")
+    for key in keys.iter_rows(named=True):
+        orders = [
+            f.filter((pl.col("family") == key["family"]) & (pl.col("prompt_kind") == key["prompt_kind"]))
+            .sort("delta_logp", descending=True)["method"]
+            .to_list()
+            for f in frames
+        ]
+        label = f"fine-tune ({key['family']}, {key['prompt_kind']})"
+        rhos[label] = _orders(label, names, orders)
+    return rhos
+
+
+def memorization(studies: list[Study], names: list[str]) -> None:
+    frames = [
+        s.frame(paths.MEMORIZATION_BY_DUP_TABLE).filter(pl.col("duplication") == "exact_window")
+        for s in studies
+    ]
+    bins = sorted({b for f in frames for b in f["bin"].to_list()}, key=derive.bin_lower)
+    rows = {
+        (b,): _value(frames, {"bin": b}, lambda x: f"{x['n_memorized']}/{x['n']} ({x['fraction']:.1%})")
+        for b in bins
+    }
+    _side_by_side("Memorized 64-token windows by exact copies in the corpus", names, rows, "copies")
+
+
+def analyses(studies: list[Study], names: list[str]) -> None:
+    shares = [derive.query_run_shares(s) for s in studies]
+    rows = {
+        (m,): _value(
+            shares, {"method": m}, lambda x: f"{x['share']:.0%} of the score on {x['positions']:.0%}"
+        )
+        for m in _methods(shares)
+    }
+    _side_by_side(
+        "Tokenwise: in sequences repeating part of the query, the repeated positions' share", names, rows, ""
+    )
+    words = [s.frame(paths.WORD_ORDER_METRICS_TABLE).filter(pl.col("method") == "trackstar") for s in studies]
+    rows = {
+        (r["kind"], r["variant"]): _value(words, r, lambda x: _ci(x, "relative", 2))
+        for r in pl.concat([w.select("kind", "variant") for w in words])
+        .unique()
+        .sort("kind", "variant")
+        .iter_rows(named=True)
+    }
+    _side_by_side(
+        "Word order (TrackStar): the own sources' score relative to the original query's", names, rows, ""
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profiles", nargs=2, default=["micro", "micro-seed1235"])
+    parser.add_argument(
+        "--folders", nargs=2, type=Path, help="the two results folders (default results/<profile>)"
+    )
+    args = parser.parse_args()
+    folders = args.folders or [paths.results_root() / p for p in args.profiles]
+    studies = [Study(f, p) for f, p in zip(folders, args.profiles, strict=True)]
+    for study in studies:
+        study.check_all()
+    names = list(args.profiles)
+    for study, name in zip(studies, names, strict=True):
+        seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
+        print(f"{name}: seed {seed}, final checkpoint step {derive.final_checkpoint(study)}, {study.results}")
+    behaviors(studies, names)
+    rhos = tracing(studies, names)
+    rhos |= tail_patch(studies, names)
+    rhos |= finetune(studies, names)
+    memorization(studies, names)
+    analyses(studies, names)
+    print("\nSpearman correlation of the two profiles' method orders, by criterion:")
+    for label, rho in rhos.items():
+        print(f"  {label:<40} {'n/a' if rho is None else f'{rho:.2f}'}")
+
+
+if __name__ == "__main__":
+    main()
