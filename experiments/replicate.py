@@ -10,7 +10,8 @@ the two profiles' tables (``--folders``: their results folders, default ``result
 and prints, for each, the figures the README's "What the study finds" rests on: the behaviors
 exhibited at the final checkpoint, tracing MRR by truth definition, the tail-patch effect of each
 method's top k and the paired TrackStar - BM25 difference, select-and-fine-tune's change of the
-targets' log-probability, memorization by duplication, where TrackStar's tokenwise score sits, and
+targets' log-probability, leave-k-out retraining's where a profile has run it (``nox -s
+leave_out``), memorization by duplication, where TrackStar's tokenwise score sits, and
 the word-order ratios. For every criterion that ranks the methods it prints both orders and their
 Spearman correlation (over the methods both profiles ran; the ground-truth reference and the
 random floor included where the table has them). It computes nothing new: every figure is a table
@@ -114,7 +115,9 @@ def tracing(studies: list[Study], names: list[str]) -> dict[str, float | None]:
     rhos = {}
     for truth in derive.TRUTH_ORDER:
         orders = [
-            f.filter(pl.col("truth") == truth).sort("mrr", descending=True)["method"].to_list()
+            f.filter(pl.col("truth") == truth)
+            .sort(["mrr", "method"], descending=[True, False])["method"]
+            .to_list()
             for f in frames
         ]
         rhos[f"tracing ({truth})"] = _orders(f"MRR ({truth})", names, orders)
@@ -159,13 +162,60 @@ def finetune(studies: list[Study], names: list[str]) -> dict[str, float | None]:
     for key in keys.iter_rows(named=True):
         orders = [
             f.filter((pl.col("family") == key["family"]) & (pl.col("prompt_kind") == key["prompt_kind"]))
-            .sort("delta_logp", descending=True)["method"]
+            .sort(["delta_logp", "method"], descending=[True, False])["method"]
             .to_list()
             for f in frames
         ]
         label = f"fine-tune ({key['family']}, {key['prompt_kind']})"
         rhos[label] = _orders(label, names, orders)
     return rhos
+
+
+def leave_out(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+    """Leave-k-out retraining (``nox -s leave_out``, outside ``all``), where a profile has run it."""
+    ran = [s.has(paths.LEAVE_OUT_METRICS_TABLE) for s in studies]
+    title = (
+        "Leave-k-out: change of the sampled behaviors' target log-probability after retraining without\n"
+        "each run's removals (mean [interval], median, exhibited behaviors lost)"
+    )
+    if not any(ran):
+        print(f"\n{title}\n  not run for either profile (`nox -s leave_out -- --profile P`)")
+        return {}
+    empty = pl.DataFrame(schema={"run": pl.Utf8, "family": pl.Utf8})
+    metrics = [
+        s.frame(paths.LEAVE_OUT_METRICS_TABLE).filter(pl.col("family") == "all") if r else empty
+        for s, r in zip(studies, ran, strict=True)
+    ]
+    medians = [
+        s.frame(paths.LEAVE_OUT_TABLE).group_by("run").agg(pl.col("delta_logp").median().alias("median"))
+        if r
+        else pl.DataFrame(schema={"run": pl.Utf8, "median": pl.Float64})
+        for s, r in zip(studies, ran, strict=True)
+    ]
+    frames = [
+        m.join(d, on="run", how="left") if m.height else m for m, d in zip(metrics, medians, strict=True)
+    ]
+    runs = sorted({r for f in frames for r in f["run"].to_list()})
+
+    def render(x: dict) -> str:
+        return f"{_ci(x, 'delta_logp', 2)}, median {x['median']:.2f}, lost {x['lost']:.0%}"
+
+    rows = {(run,): _value(frames, {"run": run}, render) for run in runs}
+    _side_by_side(title, names, rows, "removed")
+    for a, b in (("trackstar", "bm25"), ("ekfac", "bm25")):
+        out = []
+        for study, r in zip(studies, ran, strict=True):
+            d = derive.leave_out_paired(study, a, b) if r else None
+            out.append(
+                "-"
+                if d is None
+                else f"{d['mean']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}], further for {d['further']:.0%}"
+            )
+        print(f"  paired {a} - {b}: " + "; ".join(f"{n}: {o}" for n, o in zip(names, out, strict=True)))
+    if not all(ran):
+        return {}
+    orders = [f.sort(["delta_logp", "run"])["run"].to_list() for f in frames]  # the costliest removal first
+    return {"leave-k-out": _orders("the cost of the removal", names, orders)}
 
 
 def memorization(studies: list[Study], names: list[str]) -> None:
@@ -226,6 +276,7 @@ def main() -> None:
     rhos = tracing(studies, names)
     rhos |= tail_patch(studies, names)
     rhos |= finetune(studies, names)
+    rhos |= leave_out(studies, names)
     memorization(studies, names)
     analyses(studies, names)
     print("\nSpearman correlation of the two profiles' method orders, by criterion:")
