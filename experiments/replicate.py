@@ -27,6 +27,7 @@ import polars as pl
 from scipy import stats
 
 from pythia_attribution import paths
+from pythia_attribution.errors import MissingInputError
 from pythia_attribution.paper import derive
 from pythia_attribution.paper.data import Study
 
@@ -265,9 +266,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     folders = args.folders or [paths.results_root() / p for p in args.profiles]
-    studies = [Study(f, p) for f, p in zip(folders, args.profiles, strict=True)]
-    for study in studies:
-        study.check_all()
+    try:
+        studies = [Study(f, p) for f, p in zip(folders, args.profiles, strict=True)]
+        for study in studies:
+            study.check_all()
+    except MissingInputError as exc:
+        raise SystemExit(f"error: {exc}") from None
     names = list(args.profiles)
     for study, name in zip(studies, names, strict=True):
         seed = study.config(paths.TRACING_METRICS_TABLE, "runtime")["seed"]
