@@ -4,6 +4,8 @@ contributes nothing, and the stage retrains once per run and reuses the models i
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +139,18 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     changed = row.replace(f" | {median} | ", f" | {float(median) + 0.01:.2f} | ", 1)
     check = readme_tables.leave_out(readme.replace(row, changed), *frames)
     assert [m.split(" (")[0] for m in check.misses] == [f"{row.split(' | ')[0].lstrip('| ')}, column 4"]
+
+    # experiments/replicate.py's leave-k-out section, the folder against itself: one order, the means
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "replicate.py"), "--profiles", "nano", "nano",
+         "--folders", str(results), str(results)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "  leave-k-out " in done.stdout and done.stdout.split("  leave-k-out ")[1].split()[0] == "1.00"
+    section = done.stdout.split("\nLeave-k-out:")[1].split("\n\n")[0]
+    line = next(x for x in section.splitlines() if x.split()[:1] == [first])
+    assert line.count(f"{mean[first]:.2f} [") == 2, line
 
     assert main(["leave_out", "--profile", str(profile), "--force", "-q"]) == 0
     again = _read(results, paths.LEAVE_OUT, paths.LEAVE_OUT_RUNS_TABLE).to_pylist()
