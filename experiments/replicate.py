@@ -69,9 +69,22 @@ def _value(frames: list[pl.DataFrame], key: dict, render) -> list[str]:
     for frame in frames:
         sub = frame
         for column, value in key.items():
-            sub = sub.filter(pl.col(column).is_null() if value is None else pl.col(column) == value)
+            sub = sub.filter(pl.col(column) == value)
         out.append(render(sub.row(0, named=True)) if sub.height else "-")
     return out
+
+
+def _paired(a: str, b: str, names: list[str], results: list[dict | None], digits: int, share: str) -> None:
+    """One line: each profile's paired difference ``a`` - ``b`` (``derive.paired``'s dict, or None)
+    with its interval and the share of behaviors named by ``share`` ('ahead' or 'further')."""
+    out = [
+        "-"
+        if d is None
+        else f"{d['mean']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}], "
+        f"{share} for {d[share]:.0%}"
+        for d in results
+    ]
+    print(f"  paired {a} - {b}: " + "; ".join(f"{n}: {o}" for n, o in zip(names, out, strict=True)))
 
 
 def behaviors(studies: list[Study], names: list[str]) -> None:
@@ -135,15 +148,7 @@ def tail_patch(studies: list[Study], names: list[str]) -> dict[str, float | None
         )
     }
     for a, b in (("trackstar", "bm25"), ("ekfac", "bm25"), ("trackstar", "ground_truth")):
-        out = []
-        for study in studies:
-            d = derive.causal_paired(study, a, b)
-            out.append(
-                "-"
-                if d is None
-                else f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}], ahead for {d['ahead']:.0%}"
-            )
-        print(f"  paired {a} - {b}: " + "; ".join(f"{n}: {o}" for n, o in zip(names, out, strict=True)))
+        _paired(a, b, names, [derive.causal_paired(s, a, b) for s in studies], 3, "ahead")
     return rhos
 
 
@@ -204,15 +209,8 @@ def leave_out(studies: list[Study], names: list[str]) -> dict[str, float | None]
     rows = {(run,): _value(frames, {"run": run}, render) for run in runs}
     _side_by_side(title, names, rows, "removed")
     for a, b in (("trackstar", "bm25"), ("ekfac", "bm25")):
-        out = []
-        for study, r in zip(studies, ran, strict=True):
-            d = derive.leave_out_paired(study, a, b) if r else None
-            out.append(
-                "-"
-                if d is None
-                else f"{d['mean']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}], further for {d['further']:.0%}"
-            )
-        print(f"  paired {a} - {b}: " + "; ".join(f"{n}: {o}" for n, o in zip(names, out, strict=True)))
+        pairs = [derive.leave_out_paired(s, a, b) if r else None for s, r in zip(studies, ran, strict=True)]
+        _paired(a, b, names, pairs, 2, "further")
     if not all(ran):
         return {}
     orders = [f.sort(["delta_logp", "run"])["run"].to_list() for f in frames]  # the costliest removal first
