@@ -1,21 +1,23 @@
-"""Do the offline study's findings replicate under another seed? Two profiles' tables side by side.
+"""Do the offline study's findings replicate under another seed? Profiles' tables side by side.
 
     python experiments/replicate.py                                  # micro against micro-seed1235
+    python experiments/replicate.py --profiles micro micro-seed1235 micro-seed1236
     python experiments/replicate.py --profiles micro micro-seed1235 --folders A B
 
-``micro-seed1235`` is micro with another ``runtime.seed`` (a test holds every other key equal): a
-second draw of the synthetic world, the training order, the model's initialization and every
-seeded sample. Run ``nox -s all -- --profile micro-seed1235`` (and micro's) first. The script reads
-the two profiles' tables (``--folders``: their results folders, default ``results/<profile>``)
-and prints, for each, the figures the README's "What the study finds" rests on: the behaviors
-exhibited at the final checkpoint, tracing MRR by truth definition, the tail-patch effect of each
-method's top k and the paired TrackStar - BM25 difference, select-and-fine-tune's change of the
-targets' log-probability, leave-k-out retraining's where a profile has run it (``nox -s
-leave_out``), memorization by duplication, where TrackStar's tokenwise score sits, and
-the word-order ratios. For every criterion that ranks the methods it prints both orders and their
-Spearman correlation (over the methods both profiles ran; the ground-truth reference and the
-random floor included where the table has them). It computes nothing new: every figure is a table
-row or the paper's own derivation (``paper/derive.py``) of one.
+``micro-seed1235`` and ``micro-seed1236`` are micro with another ``runtime.seed`` (a test holds
+every other key equal): other draws of the synthetic world, the training order, the model's
+initialization and every seeded sample. Run ``nox -s all -- --profile micro-seed1235`` (and the
+others') first. The script reads two or more profiles' tables (``--folders``: their results
+folders, default ``results/<profile>``) and prints, for each, the figures the README's "What the
+study finds" rests on: the behaviors exhibited at the final checkpoint, tracing MRR by truth
+definition, the tail-patch effect of each method's top k and the paired TrackStar - BM25
+difference, select-and-fine-tune's change of the targets' log-probability, leave-k-out retraining's
+where a profile has run it (``nox -s leave_out``), memorization by duplication, where TrackStar's
+tokenwise score sits, and the word-order ratios. For every criterion that ranks the methods it
+prints each profile's order and the Spearman correlation of every pair of profiles (over the
+methods both ran; the ground-truth reference and the random floor included where the table has
+them). It computes nothing new: every figure is a table row or the paper's own derivation
+(``paper/derive.py``) of one.
 """
 
 from __future__ import annotations
@@ -46,17 +48,28 @@ def _side_by_side(title: str, names: list[str], rows: dict[tuple, list[str]], ke
         print(f"  {label:<{width}}  " + "  ".join(f"{v:<{w}}" for v, w in zip(values, cells, strict=True)))
 
 
-def _orders(label: str, names: list[str], orders: list[list[str]]) -> float | None:
-    """Print each profile's order (best first) and the Spearman correlation over the common methods."""
-    common = [m for m in orders[0] if m in orders[1]]
+def _pairs(names: list[str]) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+
+
+def _orders(label: str, names: list[str], orders: list[list[str] | None]) -> list[float | None]:
+    """Print each profile's order (best first; None: not run) and, for every pair of profiles, the
+    Spearman correlation over the methods both ran (None where fewer than three or one not run)."""
     print(f"  order by {label}:")
     for name, order in zip(names, orders, strict=True):
-        print(f"    {name}: {' > '.join(order)}")
-    if len(common) < 3:
-        return None
-    rho = stats.spearmanr([orders[0].index(m) for m in common], [orders[1].index(m) for m in common])[0]
-    print(f"    Spearman over {len(common)} methods: {rho:.2f}")
-    return float(rho)
+        print(f"    {name}: {'not run' if order is None else ' > '.join(order)}")
+    rhos = []
+    for i, j in _pairs(names):
+        a, b = orders[i], orders[j]
+        common = [m for m in a if m in b] if a is not None and b is not None else []
+        if len(common) < 3:
+            rhos.append(None)
+            continue
+        rho = float(stats.spearmanr([a.index(m) for m in common], [b.index(m) for m in common])[0])
+        prefix = f"{names[i]} ~ {names[j]}: " if len(names) > 2 else ""
+        print(f"    Spearman {prefix}over {len(common)} methods: {rho:.2f}")
+        rhos.append(rho)
+    return rhos
 
 
 def _methods(frames: list[pl.DataFrame]) -> list[str]:
@@ -88,7 +101,7 @@ def _paired(a: str, b: str, names: list[str], results: list[dict | None], digits
 
 
 def behaviors(studies: list[Study], names: list[str]) -> None:
-    """Exhibited/n per family and count; a family whose counts differ between the profiles (the
+    """Exhibited/n per family and count; a family whose counts differ among the profiles (the
     stereotype's mentions per template are drawn by the seed) is shown as its total."""
     frames = []
     for study in studies:
@@ -97,8 +110,8 @@ def behaviors(studies: list[Study], names: list[str]) -> None:
         frames.append(frame.with_columns(pl.col("count").cast(pl.Utf8).fill_null("natural")))
     counts = [{f: set(g["count"]) for (f,), g in frame.group_by("family")} for frame in frames]
     rows = {}
-    for family in sorted(set(counts[0]) | set(counts[1])):
-        if counts[0].get(family) == counts[1].get(family):
+    for family in sorted(set().union(*counts)):
+        if all(c.get(family) == counts[0].get(family) for c in counts):
             for count in sorted(
                 counts[0][family], key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0)
             ):
@@ -111,7 +124,10 @@ def behaviors(studies: list[Study], names: list[str]) -> None:
     _side_by_side("Behaviors exhibited at the final checkpoint (family, count: exhibited/n)", names, rows, "")
 
 
-def tracing(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+Rhos = dict[str, list[float | None]]
+
+
+def tracing(studies: list[Study], names: list[str]) -> Rhos:
     frames = [
         s.frame(paths.TRACING_METRICS_TABLE).filter(
             (pl.col("family") == "all") & (pl.col("checkpoint") == derive.final_checkpoint(s))
@@ -125,7 +141,8 @@ def tracing(studies: list[Study], names: list[str]) -> dict[str, float | None]:
             rows[(method, truth)] = _value(
                 frames, {"truth": truth, "method": method}, lambda x: _ci(x, "mrr")
             )
-    _side_by_side(f"Tracing MRR, family all (behaviors with sources: {n[0]} and {n[1]})", names, rows, "")
+    sources = ", ".join(map(str, n))
+    _side_by_side(f"Tracing MRR, family all (behaviors with sources: {sources})", names, rows, "")
     rhos = {}
     for truth in derive.TRUTH_ORDER:
         orders = [
@@ -138,7 +155,7 @@ def tracing(studies: list[Study], names: list[str]) -> dict[str, float | None]:
     return rhos
 
 
-def tail_patch(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+def tail_patch(studies: list[Study], names: list[str]) -> Rhos:
     frames = [s.frame(paths.TAIL_PATCH_METRICS_TABLE).filter(pl.col("family") == "all") for s in studies]
     rows = {(m,): _value(frames, {"method": m}, lambda x: _ci(x, "effect")) for m in _methods(frames)}
     _side_by_side("Tail-patch: effect of one step on each method's top k, family all", names, rows, "")
@@ -152,7 +169,7 @@ def tail_patch(studies: list[Study], names: list[str]) -> dict[str, float | None
     return rhos
 
 
-def finetune(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+def finetune(studies: list[Study], names: list[str]) -> Rhos:
     frames = [s.frame(paths.FINETUNE_METRICS_TABLE) for s in studies]
     keys = (
         pl.concat([f.select("family", "prompt_kind") for f in frames]).unique().sort("family", "prompt_kind")
@@ -177,7 +194,7 @@ def finetune(studies: list[Study], names: list[str]) -> dict[str, float | None]:
     return rhos
 
 
-def leave_out(studies: list[Study], names: list[str]) -> dict[str, float | None]:
+def leave_out(studies: list[Study], names: list[str]) -> Rhos:
     """Leave-k-out retraining (``nox -s leave_out``, outside ``all``), where a profile has run it."""
     ran = [s.has(paths.LEAVE_OUT_METRICS_TABLE) for s in studies]
     title = (
@@ -185,7 +202,7 @@ def leave_out(studies: list[Study], names: list[str]) -> dict[str, float | None]
         "each run's removals (mean [interval], median, exhibited behaviors lost)"
     )
     if not any(ran):
-        print(f"\n{title}\n  not run for either profile (`nox -s leave_out -- --profile P`)")
+        print(f"\n{title}\n  not run for any of the profiles (`nox -s leave_out -- --profile P`)")
         return {}
     empty = pl.DataFrame(schema={"run": pl.Utf8, "family": pl.Utf8})
     metrics = [
@@ -211,9 +228,10 @@ def leave_out(studies: list[Study], names: list[str]) -> dict[str, float | None]
     for a, b in (("trackstar", "bm25"), ("ekfac", "bm25")):
         pairs = [derive.leave_out_paired(s, a, b) if r else None for s, r in zip(studies, ran, strict=True)]
         _paired(a, b, names, pairs, 2, "further")
-    if not all(ran):
-        return {}
-    orders = [f.sort(["delta_logp", "run"])["run"].to_list() for f in frames]  # the costliest removal first
+    orders = [  # the costliest removal first
+        f.sort(["delta_logp", "run"])["run"].to_list() if r else None
+        for f, r in zip(frames, ran, strict=True)
+    ]
     return {"leave-k-out": _orders("the cost of the removal", names, orders)}
 
 
@@ -258,11 +276,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--profiles", nargs=2, default=["micro", "micro-seed1235"])
+    parser.add_argument("--profiles", nargs="+", default=["micro", "micro-seed1235"])
     parser.add_argument(
-        "--folders", nargs=2, type=Path, help="the two results folders (default results/<profile>)"
+        "--folders", nargs="+", type=Path, help="the profiles' results folders (default results/<profile>)"
     )
     args = parser.parse_args()
+    if len(args.profiles) < 2:
+        parser.error("--profiles: name at least two profiles to compare")
+    if args.folders is not None and len(args.folders) != len(args.profiles):
+        parser.error(f"--folders: {len(args.folders)} given for {len(args.profiles)} profiles")
     folders = args.folders or [paths.results_root() / p for p in args.profiles]
     try:
         studies = [Study(f, p) for f, p in zip(folders, args.profiles, strict=True)]
@@ -281,9 +303,17 @@ def main() -> None:
     rhos |= leave_out(studies, names)
     memorization(studies, names)
     analyses(studies, names)
-    print("\nSpearman correlation of the two profiles' method orders, by criterion:")
-    for label, rho in rhos.items():
-        print(f"  {label:<40} {'n/a' if rho is None else f'{rho:.2f}'}")
+    pairs = [f"{names[i]} ~ {names[j]}" for i, j in _pairs(names)]
+    print(
+        "\nSpearman correlation of the profiles' method orders, by criterion"
+        + (":" if len(names) == 2 else "")
+    )
+    if len(names) > 2:
+        print(f"  {'':<40} " + "  ".join(pairs))
+    for label, values in rhos.items():
+        cells = ["n/a" if r is None else f"{r:.2f}" for r in values]
+        line = "  ".join(f"{c:<{len(p)}}" for c, p in zip(cells, pairs, strict=True))
+        print(f"  {label:<40} {line}".rstrip())
 
 
 if __name__ == "__main__":

@@ -168,6 +168,15 @@ def test_replicate_of_one_folder_with_itself_agrees_everywhere(nano, nano_run):
     line = next(x for x in out.splitlines() if x.split()[:2] == ["trackstar", "complete"])
     assert f"{row['mrr']:.3f} [{row['mrr_lo']:.3f}, {row['mrr_hi']:.3f}]" in line
 
+    # three profiles: one column per profile, one Spearman per pair
+    three = _run("replicate.py", "--profiles", "a", "b", "c", "--folders", folder, folder, folder, env=env)
+    line = next(x for x in three.splitlines() if x.split()[:2] == ["trackstar", "complete"])
+    assert line.count(f"{row['mrr']:.3f} [") == 3, line
+    summary = three.split("method orders, by criterion\n")[1].strip().splitlines()
+    assert summary[0].split() == ["a", "~", "b", "a", "~", "c", "b", "~", "c"]
+    tail_patch = next(x for x in summary if x.strip().startswith("tail-patch"))
+    assert tail_patch.split()[1:] == ["1.00"] * 3, tail_patch
+
 
 def test_planted_copy_prints_every_methods_rank(nano):
     profile, env = nano

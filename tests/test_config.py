@@ -15,10 +15,11 @@ def test_shipped_profiles_load():
         assert profile.name == name
 
 
-def test_the_replicate_profile_is_micro_but_for_its_seed():
-    """micro-seed1235 exists to test whether micro's findings survive another seed: any other
-    difference would confound the comparison (experiments/replicate.py)."""
-    micro, replicate = load_profile("micro"), load_profile("micro-seed1235")
+@pytest.mark.parametrize("name", ["micro-seed1235", "micro-seed1236"])
+def test_the_replicate_profiles_are_micro_but_for_their_seeds(name):
+    """micro-seed1235 and -1236 exist to test whether micro's findings survive other seeds: any
+    other difference would confound the comparison (experiments/replicate.py)."""
+    micro, replicate = load_profile("micro"), load_profile(name)
     assert replicate.runtime.seed != micro.runtime.seed
     runtime = dataclasses.replace(replicate.runtime, seed=micro.runtime.seed)
     same = dataclasses.replace(replicate, name=micro.name, description=micro.description, runtime=runtime)
