@@ -26,6 +26,41 @@ def test_the_replicate_profiles_are_micro_but_for_their_seeds(name):
     assert same == micro
 
 
+def test_a_base_profile_is_inherited_table_by_table(tmp_path):
+    """A file naming a base is that profile with its own keys on top: a key it sets replaces the
+    base's, the keys beside it in the same table stay the base's, its name is its own."""
+    (tmp_path / "deeper.toml").write_text('base = "nano"\n[train]\nlayers = 3\n')
+    (tmp_path / "deeper-seed9.toml").write_text('base = "deeper.toml"\n[runtime]\nseed = 9\n')
+    nano, child = load_profile("nano"), load_profile(str(tmp_path / "deeper-seed9.toml"))
+    assert (child.name, child.runtime.seed, child.train.layers) == ("deeper-seed9", 9, 3)
+    assert child.train.hidden == nano.train.hidden and child.runtime.threads == nano.runtime.threads
+    train = dataclasses.replace(child.train, layers=nano.train.layers)
+    runtime = dataclasses.replace(child.runtime, seed=nano.runtime.seed)
+    assert dataclasses.replace(child, name="nano", train=train, runtime=runtime) == nano
+
+
+@pytest.mark.parametrize(
+    ("files", "shown"),
+    [
+        ({"a": 'base = "no-such-profile"'}, r"a\.toml: key 'base' = 'no-such-profile': unknown profile"),
+        ({"a": 'base = "gone.toml"'}, r"a\.toml: key 'base' = 'gone\.toml': no such file"),
+        ({"a": "base = 3"}, r"a\.toml: key 'base' must be str .*got 3"),
+        (
+            {"a": 'base = "b.toml"', "b": 'base = "a.toml"'},
+            r"b\.toml: key 'base' makes a cycle of profiles: a -> b -> a",
+        ),
+        # the base is checked as a profile of its own: its bad key is named in its own file
+        ({"a": 'base = "b.toml"', "b": "[train]\nlayerz = 3"}, r"b\.toml: unknown key 'train\.layerz'"),
+    ],
+)
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, shown):
+    for stem, text in files.items():
+        (tmp_path / f"{stem}.toml").write_text(text + "\n")
+    with pytest.raises(ConfigError, match=shown) as caught:
+        load_profile(str(tmp_path / "a.toml"))
+    assert "\n" not in str(caught.value)
+
+
 def test_unknown_profile_lists_known_ones(capsys):
     assert main(["corpus", "--profile", "no-such-profile"]) == 2
     err = capsys.readouterr().err.strip()

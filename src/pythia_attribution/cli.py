@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
             "failed check, an operating-system error or an unreachable Hub, 3 another run holds the\n"
             "profile's results (see --wait)\n\n"
             "profile keys (experiments/profiles/*.toml), with defaults and allowed values:\n"
+            "  base = (none): a profile (its name, or a .toml path from this file's folder) whose keys\n"
+            "    this file inherits, its own on top table by table (e.g. micro-seed1235.toml)\n"
             + "\n".join(describe(Profile))
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -606,24 +606,51 @@ def known_profiles() -> list[str]:
 
 def load_profile(name_or_path: str) -> Profile:
     """Load ``experiments/profiles/<name>.toml``, or a profile file given by path. A path that is
-    neither (a missing .toml file, another kind of file) is named as such, not looked up as a name."""
+    neither (a missing .toml file, another kind of file) is named as such, not looked up as a name.
+
+    A profile may name another as its ``base`` (a profile name, or a .toml path relative to its own
+    folder): it is then that profile with this file's keys on top, table by table and key by key
+    (a list or a value replaces the base's whole). The base must be a valid profile itself; its
+    ``name`` is not inherited, its ``description`` is unless the file states its own."""
+    return _load(_locate(name_or_path), ())[0]
+
+
+def _locate(name_or_path: str, named_in: Path | None = None) -> Path:
+    """The file of a profile given by name or path, from ``--profile`` or from the ``base`` key of
+    the profile file ``named_in`` (whose folder a relative path starts from)."""
+    what = f"{named_in}: key 'base' = {name_or_path!r}" if named_in else f"--profile {name_or_path}"
+    known = ", ".join(known_profiles())
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" or len(candidate.parts) > 1:  # a name has no folder (it may hold a dot)
+        if named_in is not None and not candidate.is_absolute():
+            candidate = named_in.parent / candidate
         if candidate.suffix == ".toml" and candidate.is_file():
-            path = candidate.resolve()
-        else:
-            why = "not a .toml file" if candidate.suffix != ".toml" else "no such file"
-            raise ConfigError(
-                f"--profile {name_or_path}: {why}; a profile is one of {', '.join(known_profiles())} "
-                "or the path of a .toml file"
-            )
-    else:
-        path = paths.profiles_dir() / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown profile '{name_or_path}'; known profiles: {', '.join(known_profiles())}"
-            )
+            return candidate.resolve()
+        why = "not a .toml file" if candidate.suffix != ".toml" else "no such file"
+        raise ConfigError(f"{what}: {why}; a profile is one of {known} or the path of a .toml file")
+    path = paths.profiles_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        prefix = f"{what}: " if named_in else ""
+        raise ConfigError(f"{prefix}unknown profile '{name_or_path}'; known profiles: {known}")
+    return path.resolve()
+
+
+def _load(path: Path, chain: tuple[Path, ...]) -> tuple[Profile, dict]:
+    """The profile in ``path`` and its resolved keys (its base's with its own on top). ``chain``:
+    the files whose ``base`` led here, to refuse a cycle."""
+    if path in chain:
+        cycle = " -> ".join(p.stem for p in (*chain, path))
+        raise ConfigError(f"{chain[-1]}: key 'base' makes a cycle of profiles: {cycle}")
     data = read_toml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(
+                f"{path}: key 'base' must be str (a profile's name or path), got {_short(base)}"
+            )
+        _, inherited = _load(_locate(base, named_in=path), (*chain, path))
+        inherited.pop("name")
+        data = _overlay(inherited, data)
     data.setdefault("name", path.stem)
     if data["name"] != path.stem:
         raise ConfigError(f"{path}: key 'name' must match the file name '{path.stem}'")
@@ -631,7 +658,18 @@ def load_profile(name_or_path: str) -> Profile:
     for key, why in cross_rules(profile):
         raise ConfigError(f"{path}: key '{key}' {why}")
     paths.remember_profile_file(profile.name, path)
-    return profile
+    return profile, data
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    """``top``'s keys over ``base``'s: tables merged key by key, anything else replaced whole."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def cross_rules(p: Profile) -> list[tuple[str, str]]:
