@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
+import subprocess
 import sys
 import tarfile
 import zipfile
@@ -29,6 +31,7 @@ assert "torch" not in sys.modules, "conftest must run before torch is imported"
 hold_cpu_isa(load_profile("nano").runtime.cpu_isa)
 
 FIXTURES = Path(__file__).parent / "fixtures"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NANO_THREADS = load_profile("nano").runtime.threads
 
 
@@ -83,6 +86,25 @@ def offline_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_experiment(
+    script: str, *args: str, env: dict | None = None, returncode: int = 0, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``experiments/<script>`` in a child process, offline (``HF_HUB_OFFLINE=1``, ``env`` on
+    top of this process's environment), and check that it exits with ``returncode``; the finished
+    process, its output as text."""
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / script), *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == returncode, (
+        f"{script} exited {done.returncode}, not {returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    )
+    return done
 
 
 def _tar_gz(path: Path, members: dict[str, bytes]) -> None:

@@ -12,28 +12,18 @@ usage checked.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import EXPERIMENTS, run_experiment
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 BENCHMARKS = EXPERIMENTS / "benchmarks"
 
 
-def _run(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> str:
-    """Run ``experiments/<script>``; its stdout."""
-    done = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / script), *args],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
-    return done.stdout
+def _run(script: str, *args: str, env: dict | None = None) -> str:
+    """Run ``experiments/<script>``, which must succeed; its stdout."""
+    return run_experiment(script, *args, env=env).stdout
 
 
 @pytest.fixture(scope="module")
@@ -257,12 +247,8 @@ def test_readme_tables_checks_every_figure_and_names_a_changed_one(nano, tmp_pat
     bad = text.replace(first, first.replace(f"| {value} [", f"| {changed} [", 1), 1)
     bad = bad.replace("| bm25 | partial |", "| bm25_typo | partial |", 1)
     readme.write_text(bad, encoding="utf-8")
-    script = str(EXPERIMENTS / "readme_tables.py")
-    done = subprocess.run(
-        [sys.executable, script, "--results", str(results), "--readme", str(readme)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 1, done.stdout + done.stderr
+    args = ("--results", str(results), "--readme", str(readme))
+    done = run_experiment("readme_tables.py", *args, env=env, returncode=1)
     label = f"{cells[0].strip('| ')} / {cells[1]}"
     assert f"MISMATCH tracing, {label}, column 3 ('{changed} [" in done.stdout, done.stdout
     assert "MISMATCH tracing, bm25_typo / partial: no such row in the results" in done.stdout, done.stdout

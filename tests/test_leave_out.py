@@ -4,15 +4,13 @@ contributes nothing, and the stage retrains once per run and reuses the models i
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow.compute as pc
 import pytest
 import torch
+from conftest import EXPERIMENTS, run_experiment
 from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
 from pythia_attribution import paths, tables, train
@@ -21,8 +19,6 @@ from pythia_attribution.config import load_profile
 from pythia_attribution.model import load_checkpoint, pythia_config
 from pythia_attribution.paper import causal_variables, mdtables, style
 from pythia_attribution.paper.data import Study
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _read(results, stage_name, table):
@@ -141,12 +137,9 @@ def test_the_stage_retrains_once_per_run_and_reuses_its_models(nano_run, tmp_pat
     assert [m.split(" (")[0] for m in check.misses] == [f"{row.split(' | ')[0].lstrip('| ')}, column 4"]
 
     # experiments/replicate.py's leave-k-out section, the folder against itself: one order, the means
-    done = subprocess.run(
-        [sys.executable, str(EXPERIMENTS / "replicate.py"), "--profiles", "nano", "nano",
-         "--folders", str(results), str(results)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_experiment(
+        "replicate.py", "--profiles", "nano", "nano", "--folders", str(results), str(results)
+    )
     assert "  leave-k-out " in done.stdout and done.stdout.split("  leave-k-out ")[1].split()[0] == "1.00"
     section = done.stdout.split("\nLeave-k-out:")[1].split("\n\n")[0]
     line = next(x for x in section.splitlines() if x.split()[:1] == [first])
