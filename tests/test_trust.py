@@ -286,6 +286,26 @@ def test_compare_reports_a_changed_value(nano_copy):
     ]
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        # an undefined statistic is NaN in every run: the same NaN in the same place is no difference
+        ([1.5, float("nan"), None], [1.5, float("nan"), None], True),
+        ([1.5, float("nan")], [1.5, 2.0], False),
+        ([1.5, float("nan")], [1.5, None], False),  # NaN is a value, null its absence
+        ([[1.0, float("nan")], [], None], [[1.0, float("nan")], [], None], True),
+        ([[1.0, float("nan")], [2.0]], [[1.0], [float("nan"), 2.0]], False),  # same values, other rows
+        ([[1.0], None], [[1.0], []], False),
+        ([1, 2], [1, 3], False),
+    ],
+)
+def test_compare_counts_the_same_nan_as_the_same_value(a, b, same):
+    """Arrow's equality says NaN != NaN; `verify --against` reported a second seed's identical
+    score summary (one tail exponent NaN in both runs) as differing."""
+    ta, tb = pa.table({"x": a}), pa.table({"x": b})
+    assert verify._value_difference(ta, tb) == (None if same else "values differ in x")
+
+
 # ---- bad input: one line, non-zero, nothing half-written ------------------------------------
 
 

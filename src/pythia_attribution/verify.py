@@ -15,7 +15,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pythia_attribution import derived, outputs, paths, stage, tables
 from pythia_attribution.config import Profile
@@ -179,5 +181,25 @@ def _value_difference(ta: pa.Table, tb: pa.Table) -> str | None:
         return "schemas differ"
     if len(ta) != len(tb):
         return f"{len(ta)} rows against {len(tb)}"
-    cols = [c for c in ta.column_names if not ta[c].equals(tb[c])]
+    cols = [c for c in ta.column_names if not _same_values(ta[c], tb[c])]
     return f"values differ in {', '.join(cols)}" if cols else None
+
+
+def _same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Two columns of one type hold the same values, a NaN equal to a NaN in the same place (Arrow's
+    own equality says NaN != NaN, so an undefined statistic, e.g. a tail exponent fitted to one
+    score, made two identical runs differ); nulls must fall in the same places. Lists are compared
+    by their lengths and then their values, so NaNs inside them count the same way."""
+    if a.equals(b):
+        return True
+    if not a.is_null().equals(b.is_null()):
+        return False
+    kind = a.type
+    if pa.types.is_floating(kind):
+        x, y = (c.to_numpy(zero_copy_only=False) for c in (a, b))  # a null reads as NaN, in both
+        return bool(np.array_equal(x, y, equal_nan=True))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        if not pc.list_value_length(a).equals(pc.list_value_length(b)):
+            return False
+        return _same_values(pc.list_flatten(a), pc.list_flatten(b))
+    return False
