@@ -619,7 +619,6 @@ def _locate(name_or_path: str, named_in: Path | None = None) -> Path:
     """The file of a profile given by name or path, from ``--profile`` or from the ``base`` key of
     the profile file ``named_in`` (whose folder a relative path starts from)."""
     what = f"{named_in}: key 'base' = {name_or_path!r}" if named_in else f"--profile {name_or_path}"
-    known = ", ".join(known_profiles())
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" or len(candidate.parts) > 1:  # a name has no folder (it may hold a dot)
         if named_in is not None and not candidate.is_absolute():
@@ -627,10 +626,13 @@ def _locate(name_or_path: str, named_in: Path | None = None) -> Path:
         if candidate.suffix == ".toml" and candidate.is_file():
             return candidate.resolve()
         why = "not a .toml file" if candidate.suffix != ".toml" else "no such file"
-        raise ConfigError(f"{what}: {why}; a profile is one of {known} or the path of a .toml file")
+        raise ConfigError(
+            f"{what}: {why}; a profile is one of {', '.join(known_profiles())} or the path of a .toml file"
+        )
     path = paths.profiles_dir() / f"{name_or_path}.toml"
     if not path.is_file():
         prefix = f"{what}: " if named_in else ""
+        known = ", ".join(known_profiles())
         raise ConfigError(f"{prefix}unknown profile '{name_or_path}'; known profiles: {known}")
     return path.resolve()
 
