@@ -536,6 +536,27 @@ def test_outputs_set_aside_by_an_interrupted_swap_are_put_back(nano_copy, capsys
     assert main(["verify", "--profile", nano_copy["profile"], "-q"]) == 0
 
 
+def test_compare_names_a_folder_one_run_lacks_once(tmp_path):
+    """A stage run in one results folder only (leave_out and its retrained models, dozens of
+    files) is one line with its count of files; a file missing inside a folder both have is
+    still named on its own."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        (root / "probe").mkdir(parents=True)
+        (root / "probe" / "x.bin").write_bytes(b"same")
+    (a / "probe" / "extra.bin").write_bytes(b"only here")
+    for key in ("k1", "k2"):
+        (b / "retrained" / key).mkdir(parents=True)
+        (b / "retrained" / key / "model.safetensors").write_bytes(b"w")
+    (b / "leave_out").mkdir()
+    (b / "leave_out" / "leave_out.arrow").write_bytes(b"t")
+    assert verify.compare(a, b) == [
+        f"leave_out/: only in {b} (1 file)",
+        f"probe/extra.bin: only in {a}",
+        f"retrained/: only in {b} (2 files)",
+    ]
+
+
 def test_compare_takes_the_explorer_stamp_by_what_it_lists(tmp_path):
     """The explorer's build stamp holds a key over the code and the commit, so two runs of different
     commits differ there by design: ``compare`` (``verify --against``) reads it for the files it

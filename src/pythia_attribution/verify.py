@@ -129,8 +129,7 @@ def compare(a: Path, b: Path, stages: tuple[str, ...] | None = None) -> list[str
         for p in map(Path, files_a | files_b)
         if _ignored(p) or (stages is not None and p.parts[0] not in stages)
     }
-    for rel in sorted((files_a ^ files_b) - ignored):
-        diffs.append(f"{rel}: only in {a if rel in files_a else b}")
+    diffs += _only_in_one(a, files_a, b, files_b, ignored)
     for rel in sorted((files_a & files_b) - ignored):
         pa_, pb_ = a / rel, b / rel
         parts = Path(rel).parts
@@ -154,6 +153,25 @@ def compare(a: Path, b: Path, stages: tuple[str, ...] | None = None) -> list[str
         elif tables.sha256_file(pa_) != tables.sha256_file(pb_):
             diffs.append(f"{rel}: bytes differ")
     return diffs
+
+
+def _only_in_one(a: Path, files_a: set[str], b: Path, files_b: set[str], ignored: set[str]) -> list[str]:
+    """The files one folder has and the other lacks; a top-level folder the other lacks entirely
+    (a stage run in one only, e.g. leave_out and its retrained models) is one line with its count
+    of files, not a line per file."""
+    tops_a, tops_b = ({Path(r).parts[0] for r in files} for files in (files_a, files_b))
+    lines: dict[str, str] = {}
+    whole: dict[tuple[str, Path], int] = {}
+    for rel in sorted((files_a ^ files_b) - ignored):
+        side, other_tops = (a, tops_b) if rel in files_a else (b, tops_a)
+        top = Path(rel).parts[0]
+        if top != rel and top not in other_tops:
+            whole[(top, side)] = whole.get((top, side), 0) + 1
+        else:
+            lines[rel] = f"{rel}: only in {side}"
+    for (top, side), count in whole.items():
+        lines[top + "/"] = f"{top}/: only in {side} ({count} file{'s' if count > 1 else ''})"
+    return [lines[key] for key in sorted(lines)]
 
 
 def _ignored(rel: Path) -> bool:
