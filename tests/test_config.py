@@ -148,6 +148,24 @@ def test_help_lists_stages_and_options(capsys):
 
 
 @pytest.mark.parametrize(
+    ("argv", "option", "owner"),
+    [
+        (["all", "--against", "elsewhere"], "--against", "verify"),
+        (["probe", "--full"], "--full", "verify"),
+        (["explorer", "--shard", "1"], "--shard", "index-shard"),
+    ],
+)
+def test_an_option_of_another_command_is_refused(capsys, argv, option, owner):
+    """`all --against DIR` once ran every stage and compared nothing: an option that belongs to
+    one command is an error elsewhere, before anything runs."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: {option} applies to {owner} only, not to {argv[0]}"), err
+
+
+@pytest.mark.parametrize(
     ("given", "why"),
     [("missing.toml", "no such file"), ("notes/README.md", "not a .toml file")],
 )

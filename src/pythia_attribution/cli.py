@@ -116,8 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options that belong to one command: given to another, they would be ignored without a word
+COMMAND_OPTIONS = {"--full": ("verify",), "--against": ("verify",), "--shard": ("index-shard",)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option, commands in COMMAND_OPTIONS.items():
+        if getattr(args, option[2:]) not in (None, False) and args.stage not in commands:
+            parser.error(f"{option} applies to {' and '.join(commands)} only, not to {args.stage}")
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
