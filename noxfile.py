@@ -168,8 +168,10 @@ def paper(session: nox.Session) -> None:
     profile, rest = _profile_and_rest(session)
     force = ["--force"] if "--force" in rest else []
     python = _python(session)
+    # the rest goes to the explorer's command line, whose parser refuses a misspelt option (nox -s
+    # all paper shares its arguments, so what `all` takes, e.g. --threads, is taken here too)
     session.run(
-        python, "-m", "pythia_attribution", "explorer", "--profile", profile, "-q", *force, external=True
+        python, "-m", "pythia_attribution", "explorer", "--profile", profile, "-q", *rest, external=True
     )
     renderer = "quarto" if shutil.which("quarto") else "preview"
     if renderer == "preview":
